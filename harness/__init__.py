@@ -1,0 +1,3 @@
+"""harness: a benchmark harness for continual-learning methods on language models."""
+
+__version__ = "0.1.0"

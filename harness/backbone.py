@@ -1,0 +1,139 @@
+"""Backbones: a model plus its tokenizer, loaded from a local path, and the embedded default.
+
+The embedded default is built offline: a tokenizer trained with the `tokenizers` library on the
+benchmark's training text, and a small `T5ForConditionalGeneration` initialised from a `T5Config`
+with a fixed seed. Both are saved with `save_pretrained` into the cache and then loaded through the
+same code path as any `--model path/to/t5-large` or LLaMA-family checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
+                          PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast,
+                          T5Config, T5ForConditionalGeneration)
+
+from harness.errors import HarnessError
+from harness.paths import cache_dir
+
+EMBEDDED_PREFIX = "embedded:"
+
+
+@dataclass
+class Backbone:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    is_seq2seq: bool
+    path: str
+
+
+def load_backbone(path: str | Path, dtype: torch.dtype = torch.float32) -> Backbone:
+    """Load a seq2seq (T5) or causal (LLaMA-family) model and its tokenizer from a local folder."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise HarnessError(f"{path}: not a model folder (no config.json); give a local checkpoint path")
+    config = AutoConfig.from_pretrained(path)
+    is_seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    auto = AutoModelForSeq2SeqLM if is_seq2seq else AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not is_seq2seq:
+        # Decoder-only evaluation pads on the left so generation continues the prompt (§2.3).
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return Backbone(model=model, tokenizer=tokenizer, is_seq2seq=is_seq2seq, path=str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded default
+
+
+@dataclass(frozen=True)
+class EmbeddedSpec:
+    """Shape of the embedded T5; a few million parameters, T5's own architecture."""
+
+    d_model: int = 128
+    d_ff: int = 512
+    num_heads: int = 4
+    d_kv: int = 32
+    num_layers: int = 2
+    num_decoder_layers: int = 2
+    vocab_size: int = 4000
+    init_seed: int = 0
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "EmbeddedSpec":
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise HarnessError(f"unknown embedded-model settings {sorted(unknown)}")
+        return cls(**raw)
+
+
+def _train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A T5-style tokenizer (metaspace pieces; pad=0, eos=1, unk=2; `</s>` appended).
+
+    BPE rather than T5's unigram model: on a corpus of a few thousand short texts the unigram
+    trainer prunes its vocabulary to a few hundred pieces and splits common words into letters.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, \
+        trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    # Like T5's SentencePiece model, newlines and runs of spaces become one space.
+    tok.normalizer = normalizers.Replace(Regex(r"\s+"), " ")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=512)
+
+
+def embedded_backbone_dir(corpus: list[str], spec: EmbeddedSpec) -> Path:
+    """Build (once) and return the folder of the embedded default for this corpus and spec.
+
+    The folder name is a hash of the corpus and the spec, so another data dir gets its own
+    tokenizer; the folder is written to a temporary name and renamed, so it is never half-built.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps(spec.__dict__, sort_keys=True).encode())
+    for text in corpus:
+        digest.update(text.encode())
+        digest.update(b"\0")
+    target = cache_dir() / "backbones" / f"t5-embedded-{digest.hexdigest()[:16]}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
+    try:
+        tokenizer = _train_tokenizer(corpus, spec.vocab_size)
+        config = T5Config(
+            vocab_size=len(tokenizer), d_model=spec.d_model, d_ff=spec.d_ff, d_kv=spec.d_kv,
+            num_heads=spec.num_heads, num_layers=spec.num_layers,
+            num_decoder_layers=spec.num_decoder_layers, feed_forward_proj="relu",
+            dropout_rate=0.1, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+            tie_word_embeddings=True)
+        torch.manual_seed(spec.init_seed)
+        model = T5ForConditionalGeneration(config)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process built it first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

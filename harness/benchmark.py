@@ -1,0 +1,65 @@
+"""The benchmark definition: tasks (name, category, label set) and task orders.
+
+Tasks are data, not code: they are read from `CL_Benchmark/benchmark.toml`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from harness.errors import HarnessError
+from harness.paths import BENCHMARK_DIR
+
+DEFINITION_FILE = BENCHMARK_DIR / "benchmark.toml"
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    category: str
+    labels: tuple[str, ...]
+
+    @property
+    def folder(self) -> str:
+        """Sub-folder of the data dir, O-LoRA layout: <Category>/<name>."""
+        return f"{self.category}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    tasks: dict[str, Task]
+    orders: dict[int, tuple[str, ...]]
+
+    def task(self, name: str) -> Task:
+        if name not in self.tasks:
+            raise HarnessError(f"unknown task {name!r}; known tasks: {', '.join(self.tasks)}")
+        return self.tasks[name]
+
+    def order(self, k: int) -> tuple[str, ...]:
+        if k not in self.orders:
+            raise HarnessError(f"unknown order {k}; known orders: {', '.join(map(str, self.orders))}")
+        return self.orders[k]
+
+    def sequence(self, names: list[str]) -> tuple[Task, ...]:
+        return tuple(self.task(n) for n in names)
+
+
+@lru_cache(maxsize=None)
+def load_benchmark(path: Path = DEFINITION_FILE) -> Benchmark:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise HarnessError(f"{path}: cannot read the benchmark definition: {exc}") from exc
+    tasks = {
+        name: Task(name=name, category=spec["category"], labels=tuple(spec["labels"]))
+        for name, spec in raw["tasks"].items()
+    }
+    orders = {int(k): tuple(v) for k, v in raw["orders"].items()}
+    for k, seq in orders.items():
+        unknown = [n for n in seq if n not in tasks]
+        if unknown:
+            raise HarnessError(f"{path}: order {k} names unknown tasks {unknown}")
+    return Benchmark(tasks=tasks, orders=orders)

@@ -1,0 +1,193 @@
+"""Command line: `python -m harness {run,list,table,generate}`.
+
+Any bad input ends with exit code 2 and one line that names the argument or file and the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+log = logging.getLogger("harness")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit code 2
+        raise HarnessError(f"{self.prog}: {message}")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="harness", description="Continual-learning benchmark harness")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="train and evaluate methods on task sequences")
+    what = run.add_mutually_exclusive_group()
+    what.add_argument("--method", help="one method (see `list methods`)")
+    what.add_argument("--all", action="store_true", help="every method x order x seed of the sweep")
+    run.add_argument("--methods", type=_str_list, help="with --all: methods (default: all registered)")
+    seq = run.add_mutually_exclusive_group()
+    seq.add_argument("--order", type=int, help="task order 1-6")
+    seq.add_argument("--tasks", type=_str_list, help="custom task sequence, e.g. dbpedia,amazon")
+    run.add_argument("--orders", type=_int_list, help="with --all: orders (default: 1-6)")
+    run.add_argument("--seed", type=int, help="seed (default 0)")
+    run.add_argument("--seeds", type=_int_list, help="with --all: seeds (default: 0)")
+    run.add_argument("--profile", default="default", help="profile (see `list profiles`)")
+    run.add_argument("--data-dir", type=Path, help="data in the O-LoRA layout (default: synthetic; "
+                     "or $HARNESS_DATA_DIR)")
+    run.add_argument("--model", help="local checkpoint folder (default: the profile's model)")
+    run.add_argument("--results", type=Path, default=Path("results"), help="results root")
+    run.add_argument("--train-per-task", type=_positive, help="training examples per task")
+    run.add_argument("--test-per-task", type=_positive, help="test examples per task")
+    run.add_argument("--drop-unlabelled", action="store_true",
+                     help="drop records whose label is not in labels.json (default: keep, scored wrong)")
+    run.add_argument("--force", action="store_true", help="re-run complete runs from scratch")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    lst = sub.add_parser("list", help="print tasks, orders, methods or profiles")
+    lst.add_argument("what", choices=["tasks", "orders", "methods", "profiles"])
+
+    table = sub.add_parser("table", help="leaderboard from a results tree")
+    table.add_argument("--results", type=Path, default=Path("results"))
+    table.add_argument("--profile", help="only this profile")
+    table.add_argument("--format", choices=["github", "latex", "csv"], default="github")
+
+    gen = sub.add_parser("generate", help="write the synthetic benchmark")
+    gen.add_argument("--out", type=Path, help="output folder (default: CL_Benchmark/synthetic)")
+    gen.add_argument("--train", type=_positive, default=1000, help="train records per task")
+    gen.add_argument("--test", type=_positive, default=200, help="test records per task")
+    gen.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def cmd_list(args) -> None:
+    from tabulate import tabulate
+
+    from harness.benchmark import load_benchmark
+    from harness.profiles import available, load_profile
+    from methods import registry
+
+    bench = load_benchmark()
+    if args.what == "tasks":
+        rows = [(t.name, t.category, t.folder, len(t.labels), ", ".join(t.labels))
+                for t in bench.tasks.values()]
+        print(tabulate(rows, headers=["task", "category", "folder", "#labels", "labels"]))
+    elif args.what == "orders":
+        print(tabulate([(k, len(v), " -> ".join(v)) for k, v in bench.orders.items()],
+                       headers=["order", "#tasks", "sequence"]))
+    elif args.what == "methods":
+        rows = []
+        for name, ep in registry.available().items():
+            cls = registry.method_class(name)
+            doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+            rows.append((name, ep.value, doc[0] if doc else ""))
+        print(tabulate(rows, headers=["method", "plugin", "description"]))
+    else:
+        print(tabulate([(n, load_profile(n).description) for n in available()],
+                       headers=["profile", "description"]))
+
+
+def cmd_run(args) -> int:
+    from harness.benchmark import load_benchmark
+    from harness.runner import Options, RunSpec, runner_for
+    from methods import registry
+
+    bench = load_benchmark()
+    if args.all:
+        methods = args.methods or list(registry.available())
+        orders = args.orders or sorted(bench.orders)
+        seeds = args.seeds or [0 if args.seed is None else args.seed]
+        if args.tasks:
+            sequences = [(None, tuple(args.tasks))]
+        else:
+            sequences = [(k, bench.order(k)) for k in orders]
+    else:
+        if not args.method:
+            raise HarnessError("run: give --method NAME or --all")
+        if args.order is None and not args.tasks:
+            raise HarnessError("run: give --order K or --tasks a,b,c")
+        methods = [args.method]
+        seeds = [0 if args.seed is None else args.seed]
+        sequences = [(args.order, bench.order(args.order))] if args.order is not None \
+            else [(None, tuple(args.tasks))]
+    for name in methods:
+        registry.method_class(name)  # unknown names fail before any work
+    for _, seq in sequences:
+        bench.sequence(list(seq))
+    options = Options(results=args.results, data_dir=args.data_dir, model=args.model,
+                      train_per_task=args.train_per_task, test_per_task=args.test_per_task,
+                      drop_unlabelled=args.drop_unlabelled, progress=not args.no_progress)
+    runner = runner_for(args.profile, options)
+    specs = [RunSpec(method=m, tasks=tuple(seq), seed=s, profile=args.profile, order=k)
+             for (k, seq) in sequences for m in methods for s in seeds]
+    print(f"benchmark: {runner.data_kind} ({runner.data_dir}); profile: {args.profile}; "
+          f"{len(specs)} run(s) -> {args.results}", flush=True)
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    for spec in tqdm(specs, desc="runs", unit="run", disable=args.no_progress or len(specs) == 1):
+        summary = runner.run(spec, force=args.force)
+        m = summary["metrics"]
+        tqdm.write(f"{spec.method:10s} {spec.sequence_name:12s} seed{spec.seed}  "
+                   f"AA {m['AA']:.2f}  BWT {m.get('BWT') if m.get('BWT') is None else round(m['BWT'], 2)}  "
+                   f"({summary['wall_seconds']:.1f}s)")
+    print(f"done: {len(specs)} run(s) in {time.perf_counter() - start:.1f}s", flush=True)
+    return 0
+
+
+def cmd_table(args) -> None:
+    from harness.table import leaderboard
+
+    print(leaderboard(args.results, profile=args.profile, fmt=args.format))
+
+
+def cmd_generate(args) -> None:
+    from harness.paths import synthetic_data_dir
+    from harness.synthetic import generate
+
+    out = generate(args.out or synthetic_data_dir(), n_train=args.train, n_test=args.test,
+                   seed=args.seed)
+    print(f"synthetic benchmark written to {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "datasets", "transformers", "peft", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        args = build_parser().parse_args(argv)
+        handler = {"run": cmd_run, "list": cmd_list, "table": cmd_table,
+                   "generate": cmd_generate}[args.command]
+        return handler(args) or 0
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: complete stages are kept; run the same command again to resume",
+              file=sys.stderr)
+        return 130

@@ -1,0 +1,184 @@
+"""Loading and validating task data in the O-LoRA folder layout, and building the prompts.
+
+Layout: `<data-dir>/<Category>/<task>/{train,dev,test}.json` (JSON arrays of
+`{"sentence": str, "label": str}`), `<Category>/<task>/labels.json`, and
+`<data-dir>/instruction_config.json`. Every problem is reported as a `HarnessError` that names the
+file and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from harness.benchmark import Task
+from harness.errors import HarnessError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """The reference prompt (METHODS.md §2.1); both prefixes are on in every reference script."""
+
+    add_task_name: bool = True
+    add_dataset_name: bool = True
+
+
+def build_source(task: Task, sentence: str, instruction: str | None,
+                 fmt: PromptFormat = PromptFormat()) -> str:
+    """The model input, byte-exact with the reference format.
+
+    COPA carries its own question and options in `sentence`, so it gets no instruction and no
+    option list.
+    """
+    parts = []
+    if fmt.add_task_name:
+        parts.append(f"Task:{task.category}\n")
+    if fmt.add_dataset_name:
+        parts.append(f"Dataset:{task.name}\n")
+    if task.category == "COPA":
+        parts.append(sentence)
+    else:
+        parts.append(f"{instruction}Option: {', '.join(task.labels)} \n{sentence}")
+    parts.append("\nAnswer:")
+    return "".join(parts)
+
+
+def _read_json(path: Path):
+    if not path.exists():
+        raise HarnessError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise HarnessError(
+            f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+    except UnicodeDecodeError as exc:
+        raise HarnessError(f"{path}: not UTF-8 text at byte {exc.start}") from exc
+
+
+def load_instructions(data_dir: Path) -> dict[str, str]:
+    """Category -> instruction text (the first entry of each list, as `instruction_strategy single`)."""
+    path = Path(data_dir) / "instruction_config.json"
+    raw = _read_json(path)
+    if not isinstance(raw, dict):
+        raise HarnessError(f"{path}: expected a JSON object mapping category to instructions")
+    out = {}
+    for category, entries in raw.items():
+        if not entries or not isinstance(entries, list) or "instruction" not in entries[0]:
+            raise HarnessError(f"{path}: category {category!r} has no instruction entry")
+        out[category] = entries[0]["instruction"]
+    return out
+
+
+def check_labels_file(data_dir: Path, task: Task) -> None:
+    """The data's labels.json must list the benchmark's label set, in the same order (the prompt's)."""
+    path = Path(data_dir) / task.folder / "labels.json"
+    labels = _read_json(path)
+    if list(labels) != list(task.labels):
+        raise HarnessError(
+            f"{path}: label set {labels} differs from the benchmark definition {list(task.labels)}")
+
+
+def read_split(data_dir: Path, task: Task, split: str) -> list[dict]:
+    """Validated records of one split: a non-empty JSON array of objects with string sentence/label."""
+    path = Path(data_dir) / task.folder / f"{split}.json"
+    records = _read_json(path)
+    if not isinstance(records, list):
+        raise HarnessError(f"{path}: expected a JSON array of records")
+    if not records:
+        raise HarnessError(f"{path}: the {split} split is empty")
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict) or "sentence" not in rec or "label" not in rec:
+            raise HarnessError(f"{path}: record {i} lacks a 'sentence' or 'label' field")
+        if not isinstance(rec["sentence"], str) or not isinstance(rec["label"], str):
+            raise HarnessError(f"{path}: record {i} has a non-string 'sentence' or 'label'")
+    return [{"sentence": r["sentence"], "label": r["label"]} for r in records]
+
+
+def stratified_sample(records: list[dict], n: int | None, seed: int) -> list[dict]:
+    """At most `n` records, label proportions kept (largest remainder), seeded; None keeps all.
+
+    Written here rather than with `datasets.train_test_split(stratify_by_column=...)`, which needs
+    a ClassLabel column and at least two members per class, and does not keep file order.
+    Sampled records keep their file order, so a prefix of the data is never favoured.
+    """
+    if n is None or n >= len(records):
+        return list(records)
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for i, rec in enumerate(records):
+        by_label[rec["label"]].append(i)
+    labels = sorted(by_label)
+    exact = {lab: n * len(by_label[lab]) / len(records) for lab in labels}
+    quota = {lab: int(exact[lab]) for lab in labels}
+    for lab in sorted(labels, key=lambda la: (quota[la] - exact[la], la))[: n - sum(quota.values())]:
+        quota[lab] += 1
+    rng = random.Random(seed)
+    chosen = sorted(i for lab in labels for i in rng.sample(by_label[lab], quota[lab]))
+    return [records[i] for i in chosen]
+
+
+@dataclass
+class TaskData:
+    task: Task
+    train: datasets.Dataset   # columns: source, target, label, index
+    test: datasets.Dataset
+    unlabelled_in_test: int   # test records whose label is outside the label set (kept or dropped)
+
+
+def load_task(data_dir: Path, task: Task, instructions: dict[str, str], *,
+              train_per_task: int | None = None, test_per_task: int | None = None,
+              seed: int = 0, drop_unlabelled: bool = False,
+              fmt: PromptFormat = PromptFormat()) -> TaskData:
+    """Read, validate, sub-sample and format one task.
+
+    Labels outside labels.json: in the test split they are kept by default, as the reference does
+    (they then count as errors; the real MNLI test has 131 records labelled `-`), and reported once;
+    `drop_unlabelled` removes them. In the train split they are an error unless dropped.
+    """
+    data_dir = Path(data_dir)
+    check_labels_file(data_dir, task)
+    if task.category != "COPA" and task.category not in instructions:
+        raise HarnessError(
+            f"{data_dir / 'instruction_config.json'}: no instruction for category {task.category!r}")
+    instruction = instructions.get(task.category)
+    label_set = set(task.labels)
+
+    def prepare(split: str, cap: int | None, split_seed: int) -> tuple[datasets.Dataset, int]:
+        records = read_split(data_dir, task, split)
+        outside = [r for r in records if r["label"] not in label_set]
+        if outside:
+            path = data_dir / task.folder / f"{split}.json"
+            seen = sorted({r["label"] for r in outside})[:5]
+            if split == "train" and not drop_unlabelled:
+                raise HarnessError(
+                    f"{path}: {len(outside)} records have labels outside labels.json "
+                    f"(e.g. {seen}); fix the data or pass --drop-unlabelled")
+            action = "dropped (--drop-unlabelled)" if drop_unlabelled else \
+                "kept and scored as errors, as the reference does"
+            log.warning("%s: %d records with labels outside labels.json %s: %s",
+                        path, len(outside), seen, action)
+            if drop_unlabelled:
+                records = [r for r in records if r["label"] in label_set]
+                if not records:
+                    raise HarnessError(f"{path}: no records left after dropping unlabelled ones")
+        records = [dict(r, index=i) for i, r in enumerate(records)]
+        records = stratified_sample(records, cap, split_seed)
+        rows = {
+            "source": [build_source(task, r["sentence"], instruction, fmt) for r in records],
+            "target": [r["label"] for r in records],
+            "index": [r["index"] for r in records],
+        }
+        return datasets.Dataset.from_dict(rows), len(outside)
+
+    train, _ = prepare("train", train_per_task, seed)
+    test, n_outside = prepare("test", test_per_task, seed + 1)
+    return TaskData(task=task, train=train, test=test, unlabelled_in_test=n_outside)

@@ -1,0 +1,269 @@
+"""One run (a method on a task sequence with a seed and a profile), and sweeps of runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from harness import metrics
+from harness.backbone import EmbeddedSpec, embedded_backbone_dir, load_backbone
+from harness.benchmark import Task, load_benchmark
+from harness.data import TaskData, load_instructions, load_task
+from harness.errors import HarnessError
+from harness.evaluator import evaluate_task
+from harness.paths import synthetic_data_dir
+from harness.profiles import Profile, load_profile
+from harness.store import RunDir, read_json, stage_name, write_atomic, write_json
+from harness.synthetic import ensure_synthetic, is_synthetic
+from harness.textio import Batcher
+from harness.trainer import fit
+from methods import registry
+from methods.base import Context
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    tasks: tuple[str, ...]
+    seed: int
+    profile: str
+    order: int | None = None          # None for a custom --tasks sequence
+
+    @property
+    def sequence_name(self) -> str:
+        if self.order is not None:
+            return f"order{self.order}"
+        return "tasks-" + "+".join(self.tasks)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Run-wide settings from the command line (the same for every run of a sweep)."""
+
+    results: Path = Path("results")
+    data_dir: Path | None = None
+    model: str | None = None
+    train_per_task: int | None = None
+    test_per_task: int | None = None
+    drop_unlabelled: bool = False
+    progress: bool = True
+
+
+def resolve_data_dir(options: Options) -> tuple[Path, str]:
+    """The data dir to use, and what it is ("synthetic" or "real")."""
+    data_dir = options.data_dir or (Path(os.environ["HARNESS_DATA_DIR"])
+                                    if os.environ.get("HARNESS_DATA_DIR") else None)
+    if data_dir is None:
+        return ensure_synthetic(synthetic_data_dir()), "synthetic"
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise HarnessError(f"--data-dir {data_dir}: no such directory")
+    return data_dir.resolve(), "synthetic" if is_synthetic(data_dir) else "real"
+
+
+def stage_seed(seed: int, stage: int) -> int:
+    """Each stage reseeds from (run seed, stage), so a resumed stage replays exactly."""
+    return int(hashlib.sha256(f"{seed}:{stage}".encode()).hexdigest()[:8], 16)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Runner:
+    """Holds what runs of one sweep share: profile, data, backbone folder."""
+
+    def __init__(self, profile: Profile, options: Options):
+        self.profile = profile
+        self.options = options
+        self.benchmark = load_benchmark()
+        self.data_dir, self.data_kind = resolve_data_dir(options)
+        self.instructions = load_instructions(self.data_dir)
+        self._data: dict[str, TaskData] = {}
+        self._model_path: str | None = None
+
+    # -- shared pieces -------------------------------------------------------------------------
+    def task_data(self, task: Task) -> TaskData:
+        if task.name not in self._data:
+            self._data[task.name] = load_task(
+                self.data_dir, task, self.instructions,
+                train_per_task=self.options.train_per_task or self.profile.train_per_task,
+                test_per_task=self.options.test_per_task or self.profile.test_per_task,
+                seed=self.profile.data_seed, drop_unlabelled=self.options.drop_unlabelled)
+            if self._data[task.name].unlabelled_in_test:
+                log.warning("%s: %d test records carry no label from labels.json",
+                            task.name, self._data[task.name].unlabelled_in_test)
+        return self._data[task.name]
+
+    def model_path(self) -> str:
+        """The backbone folder: --model, the profile's model, or the embedded default."""
+        if self._model_path is None:
+            model = self.options.model or self.profile.model
+            if not model:
+                raise HarnessError(f"profile {self.profile.name!r} needs --model PATH (a local checkpoint)")
+            if model == "embedded":
+                # The tokenizer is trained on every task's (sub-sampled) training text.
+                corpus = []
+                for task in self.benchmark.tasks.values():
+                    data = self.task_data(task)
+                    corpus += list(data.train["source"]) + list(data.train["target"])
+                spec = EmbeddedSpec.from_dict(self.profile.embedded)
+                model = str(embedded_backbone_dir(corpus, spec))
+            self._model_path = model
+        return self._model_path
+
+    def run_config(self, spec: RunSpec, method_config: dict) -> dict:
+        config = {
+            "run": asdict(spec),
+            "profile": self.profile.as_dict(),
+            "method_config": method_config,
+            "model": self.options.model or self.profile.model,
+            "benchmark": {"kind": self.data_kind, "data_dir": str(self.data_dir)},
+            "train_per_task": self.options.train_per_task or self.profile.train_per_task,
+            "test_per_task": self.options.test_per_task or self.profile.test_per_task,
+            "drop_unlabelled": self.options.drop_unlabelled,
+        }
+        config["fingerprint"] = hashlib.sha256(
+            json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        config["versions"] = {p: version(p) for p in ("torch", "transformers", "peft", "datasets")}
+        config["versions"]["python"] = platform.python_version()
+        return config
+
+    def run_dir(self, spec: RunSpec) -> RunDir:
+        return RunDir(self.options.results / spec.profile / spec.method / spec.sequence_name /
+                      f"seed{spec.seed}")
+
+    # -- one run -------------------------------------------------------------------------------
+    def run(self, spec: RunSpec, force: bool = False) -> dict:
+        run_dir = self.run_dir(spec)
+        if run_dir.is_complete() and not force:
+            log.info("%s: complete, skipped", run_dir.path)
+            return read_json(run_dir.summary_path)
+        method = registry.create(spec.method, self.profile.name)
+        config = self.run_config(spec, method.config)
+        if force and run_dir.path.exists():
+            import shutil
+            shutil.rmtree(run_dir.path)
+        run_dir.check_config(config)
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir.config_path, config)
+
+        tasks = self.benchmark.sequence(list(spec.tasks))
+        data = {t.name: self.task_data(t) for t in tasks}
+        seed_everything(spec.seed)
+        backbone = load_backbone(self.model_path())
+        batcher = Batcher(backbone, self.profile.max_source_length, self.profile.max_target_length)
+        ctx = Context(model=backbone.model, backbone=backbone, tasks=tasks, data=data,
+                      profile=self.profile, config=method.config, seed=spec.seed)
+        method.setup(ctx)
+
+        done = run_dir.completed_stages()
+        if len(done) > 1:  # resume after the last complete training stage
+            model_state, method_state = RunDir.load_checkpoint(done[-1])
+            method.load_state_dict(method_state, ctx, completed_stages=len(done) - 1)
+            missing = set(model_state) - set(ctx.model.state_dict())
+            if missing:
+                raise HarnessError(f"{done[-1]}: checkpoint tensors do not fit the model "
+                                   f"({sorted(missing)[:3]}...)")
+            ctx.model.load_state_dict(model_state, strict=False)
+            log.info("%s: resuming after stage %d", run_dir.path, len(done) - 1)
+        rows = [read_json(d / "metrics.json")["accuracy"] for d in done]
+        touched: set[str] = set(read_json(done[-1] / "metrics.json").get("saved_tensors", [])) \
+            if len(done) > 1 else set()
+
+        def evaluate_all() -> tuple[dict[str, float], list[dict], float]:
+            start = time.perf_counter()
+            accuracy, predictions = {}, []
+            for task in tasks:
+                acc, preds = evaluate_task(ctx.model, batcher, data[task.name],
+                                           batch_size=self.profile.eval_batch_size,
+                                           max_new_tokens=self.profile.max_new_tokens)
+                accuracy[task.name] = acc
+                predictions += preds
+            return accuracy, predictions, time.perf_counter() - start
+
+        if not done:  # stage 0: the untrained model, the baseline FWT needs
+            accuracy, predictions, seconds = evaluate_all()
+            run_dir.write_stage(stage_name(0, "base"), {"stage": 0, "task": None,
+                                "accuracy": accuracy, "eval_seconds": seconds}, predictions)
+            rows.append(accuracy)
+
+        bar = tqdm(total=len(tasks), initial=len(rows) - 1, desc=f"{spec.method} {spec.sequence_name} "
+                   f"seed{spec.seed}", leave=False, disable=not self.options.progress, unit="task")
+        for stage in range(len(rows) - 1, len(tasks)):
+            ctx.stage = stage
+            seed_everything(stage_seed(spec.seed, stage))
+            method.before_task(ctx)
+            touched |= {n for n, p in ctx.model.named_parameters() if p.requires_grad}
+            result = fit(ctx, method, batcher, batch_size=self.profile.batch_size,
+                         grad_accum=self.profile.grad_accum, epochs=self.profile.epochs,
+                         max_grad_norm=self.profile.max_grad_norm, seed=stage_seed(spec.seed, stage),
+                         progress=self.options.progress, desc=tasks[stage].name)
+            method.after_task(ctx)
+            accuracy, predictions, eval_seconds = evaluate_all()
+            # The checkpoint holds every tensor any stage has trained so far: enough to rebuild the
+            # model from the backbone plus the method's own state.
+            params = dict(ctx.model.named_parameters())
+            checkpoint = {n: params[n] for n in sorted(touched)}
+            stage_dir = run_dir.write_stage(
+                stage_name(stage + 1, tasks[stage].name),
+                {"stage": stage + 1, "task": tasks[stage].name, "accuracy": accuracy,
+                 "train": asdict(result), "eval_seconds": eval_seconds,
+                 "saved_tensors": sorted(touched)},
+                predictions, checkpoint=checkpoint, method_state=method.state_dict())
+            previous = run_dir.completed_stages()
+            for older in previous[1:-1]:
+                if older != stage_dir:
+                    RunDir.drop_checkpoint(older)
+            rows.append(accuracy)
+            bar.update(1)
+            bar.set_postfix(acc=f"{accuracy[tasks[stage].name]:.1f}")
+        bar.close()
+        return self.finish(spec, run_dir, tasks, config)
+
+    def finish(self, spec: RunSpec, run_dir: RunDir, tasks, config: dict) -> dict:
+        stages = run_dir.completed_stages()
+        names = [t.name for t in tasks]
+        rows = [read_json(d / "metrics.json") for d in stages]
+        R = np.array([[row["accuracy"].get(n, np.nan) for n in names] for row in rows], dtype=float)
+        lines = ["stage," + ",".join(names)]
+        for row, values in zip(rows, R):
+            label = "base" if row["stage"] == 0 else f"{row['stage']}-{row['task']}"
+            lines.append(label + "," + ",".join(f"{v:.2f}" for v in values))
+        write_atomic(run_dir.path / "accuracy_matrix.csv", "\n".join(lines) + "\n")
+        train_seconds = sum(r.get("train", {}).get("seconds", 0.0) for r in rows)
+        eval_seconds = sum(r.get("eval_seconds", 0.0) for r in rows)
+        summary = {
+            "method": spec.method, "sequence": spec.sequence_name, "order": spec.order,
+            "tasks": names, "seed": spec.seed, "profile": spec.profile,
+            "benchmark": config["benchmark"], "model": config["model"],
+            "metrics": {k: (None if np.isnan(v) else round(v, 4))
+                        for k, v in metrics.summarize(R).items()},
+            "accuracy_matrix": [[None if np.isnan(v) else v for v in row] for row in R.tolist()],
+            "row_labels": ["base"] + names,
+            "train_seconds": round(train_seconds, 3), "eval_seconds": round(eval_seconds, 3),
+            "wall_seconds": round(train_seconds + eval_seconds, 3),
+            "fingerprint": config["fingerprint"],
+        }
+        write_json(run_dir.summary_path, summary)
+        return summary
+
+
+def runner_for(profile_name: str, options: Options) -> Runner:
+    return Runner(load_profile(profile_name), options)

@@ -1,0 +1,131 @@
+"""The results store: `results/<profile>/<method>/<sequence>/seed<s>/`.
+
+A run folder holds `config.json`, one folder per stage (`stage_00-base` is the untrained model,
+`stage_01-<task>` ... the stages), `accuracy_matrix.csv` and `summary.json`. Every file is written to
+a temporary name and renamed; a stage folder is built under a temporary name and renamed when
+complete, so a folder with a final name is always complete. Nothing here is ever unpickled:
+tensors go through safetensors, everything else through JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from harness.errors import HarnessError
+
+STAGE_FILES = ("metrics.json", "predictions.jsonl")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise HarnessError(f"{path}: unreadable result file: {exc}") from exc
+
+
+def stage_name(stage: int, task: str) -> str:
+    return f"stage_{stage:02d}-{task}"
+
+
+@dataclass
+class RunDir:
+    path: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    def is_complete(self) -> bool:
+        return self.summary_path.exists()
+
+    def check_config(self, config: dict[str, Any]) -> None:
+        """Refuse to mix results of two different configurations in one folder."""
+        if not self.config_path.exists():
+            return
+        found = read_json(self.config_path)
+        if found.get("fingerprint") != config["fingerprint"]:
+            raise HarnessError(
+                f"{self.config_path}: this run folder holds results of another configuration "
+                f"(fingerprint {found.get('fingerprint')} != {config['fingerprint']}); "
+                "use another --results folder or remove it")
+
+    def completed_stages(self) -> list[Path]:
+        """Complete stage folders, in order; stops at the first gap."""
+        done = []
+        for folder in sorted(self.path.glob("stage_[0-9][0-9]-*")):
+            if folder.is_dir() and all((folder / f).exists() for f in STAGE_FILES):
+                done.append(folder)
+        expected = [f for i, f in enumerate(done) if f.name.startswith(f"stage_{i:02d}-")]
+        return expected
+
+    def write_stage(self, name: str, metrics: dict, predictions: list[dict],
+                    checkpoint: dict[str, torch.Tensor] | None = None,
+                    method_state: dict[str, Any] | None = None) -> Path:
+        """Build the stage folder under a temporary name, then rename it into place."""
+        final = self.path / name
+        tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f".{name}."))
+        try:
+            with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as fh:
+                for rec in predictions:
+                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            if checkpoint is not None:
+                save_file({k: v.detach().contiguous().cpu() for k, v in checkpoint.items()},
+                          str(tmp / "model.safetensors"))
+            if method_state is not None:
+                tensors = {k: v for k, v in method_state.items() if isinstance(v, torch.Tensor)}
+                plain = {k: v for k, v in method_state.items() if not isinstance(v, torch.Tensor)}
+                if tensors:
+                    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                              str(tmp / "method_state.safetensors"))
+                (tmp / "method_state.json").write_text(json.dumps(plain, indent=2))
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))  # written last
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    @staticmethod
+    def load_checkpoint(stage_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        model = load_file(str(stage_dir / "model.safetensors"))
+        state: dict[str, Any] = json.loads((stage_dir / "method_state.json").read_text())
+        if (stage_dir / "method_state.safetensors").exists():
+            state.update(load_file(str(stage_dir / "method_state.safetensors")))
+        return model, state
+
+    @staticmethod
+    def drop_checkpoint(stage_dir: Path) -> None:
+        """Only the latest stage's checkpoint is needed to resume; earlier ones are removed."""
+        for name in ("model.safetensors", "method_state.safetensors", "method_state.json"):
+            (stage_dir / name).unlink(missing_ok=True)

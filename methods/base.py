@@ -1,0 +1,105 @@
+"""The method plugin interface: a fixed training loop calls these hooks, and a method overrides
+only the ones it needs. The engine (`harness/`) knows methods only through this class."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    import datasets
+
+    from harness.backbone import Backbone
+    from harness.benchmark import Task
+    from harness.data import TaskData
+    from harness.profiles import Profile
+
+
+@dataclass
+class Context:
+    """What a hook sees. `model` is the model being trained and evaluated; `setup` may replace it
+    (for example with a peft-wrapped one)."""
+
+    model: torch.nn.Module
+    backbone: "Backbone"
+    tasks: tuple["Task", ...]            # the task sequence of the run
+    data: dict[str, "TaskData"]          # task name -> its data
+    profile: "Profile"
+    config: dict[str, Any]               # this method's hyperparameters for the profile
+    seed: int
+    stage: int = 0                       # 0-based index of the current task in `tasks`
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def task(self) -> "Task":
+        return self.tasks[self.stage]
+
+    @property
+    def task_data(self) -> "TaskData":
+        return self.data[self.task.name]
+
+
+class Method:
+    """Base class of every method plugin. Subclasses set `name` and override hooks.
+
+    Hook order per run: `setup` once; then per stage `before_task`, `training_data`,
+    `trainable_parameters`, `make_optimizer`, training steps (`step` wraps a closure that runs
+    forward and backward, adding `penalty`), `after_task`; evaluation follows each stage.
+    `state_dict`/`load_state_dict` carry what a resumed run needs beyond the model's tensors.
+    """
+
+    name: str = ""
+
+    def __init__(self, config: dict[str, Any] | None = None):
+        self.config = dict(config or {})
+
+    # -- structure ---------------------------------------------------------------------------
+    def setup(self, ctx: Context) -> None:
+        """Wrap or prepare the backbone, once per run (before stage 0 is evaluated)."""
+
+    def before_task(self, ctx: Context) -> None:
+        """Prepare the stage: add a branch, freeze what must not move, snapshot a teacher."""
+
+    def training_data(self, ctx: Context) -> "datasets.Dataset":
+        """The examples to train on at this stage (columns `source`, `target`)."""
+        return ctx.task_data.train
+
+    def trainable_parameters(self, ctx: Context) -> list[torch.nn.Parameter]:
+        return [p for p in ctx.model.parameters() if p.requires_grad]
+
+    def make_optimizer(self, ctx: Context, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """A fresh optimizer per stage, as in the reference code (Adam moments reset per task)."""
+        return torch.optim.AdamW(params, lr=float(ctx.config["lr"]), betas=(0.9, 0.999), eps=1e-8,
+                                 weight_decay=float(ctx.config.get("weight_decay", 0.0)))
+
+    # -- the step ------------------------------------------------------------------------------
+    def penalty(self, ctx: Context, batch: dict, outputs: Any) -> torch.Tensor | None:
+        """Extra loss added to the task loss of every micro-batch; None for none."""
+        return None
+
+    def step(self, ctx: Context, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Leave in `.grad` the gradient the optimizer should apply; return the loss.
+
+        `closure` zeroes nothing: it runs forward and backward over the micro-batches of one
+        optimizer step and returns their mean loss. Two-pass methods call it more than once.
+        """
+        return closure()
+
+    # -- consolidation and reporting ----------------------------------------------------------------
+    def after_task(self, ctx: Context) -> None:
+        """Consolidate after training a stage (merge, Fisher, memory, buffer)."""
+
+    def task_deltas(self, ctx: Context) -> dict[str, torch.Tensor]:
+        """Per-task weight updates dW_t of the stage just trained, for the parameter metrics."""
+        return {}
+
+    # -- resume ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Method state after a stage: tensors and JSON-able values (no pickling)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: Context, completed_stages: int) -> None:
+        """Rebuild the state (and any model structure) that `completed_stages` stages produced,
+        so that the stage checkpoint's tensors can be loaded into `ctx.model`."""

@@ -1,0 +1,40 @@
+"""IncLoRA: a new LoRA branch per task; earlier branches and the backbone frozen; inference uses the
+sum of all branches (METHODS.md §5.3). It is O-LoRA with both regularisers at zero."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from methods.base import Context, Method
+from methods.lora import add_branch
+
+
+def branch_name(stage: int) -> str:
+    return f"task{stage + 1}"
+
+
+class IncLoRA(Method):
+    name = "inclora"
+
+    def __init__(self, config: dict[str, Any] | None = None):
+        super().__init__(config)
+        self.branches: list[str] = []
+
+    def _grow(self, ctx: Context, stage: int) -> None:
+        name = branch_name(stage)
+        model = add_branch(ctx, name)
+        self.branches.append(name)
+        # Activate every branch (their outputs add up), then train the newest one only.
+        model.base_model.set_adapter(self.branches)
+        for param_name, param in model.named_parameters():
+            param.requires_grad_(f".{name}." in param_name)
+
+    def before_task(self, ctx: Context) -> None:
+        self._grow(ctx, ctx.stage)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"branches": list(self.branches)}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: Context, completed_stages: int) -> None:
+        for stage in range(completed_stages):
+            self._grow(ctx, stage)

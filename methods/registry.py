@@ -1,0 +1,66 @@
+"""Finding method plugins by name, through Python entry points (group `harness.methods`).
+
+Built-in methods are registered in this project's `pyproject.toml` exactly like a third-party
+package registers its own, so `pip install some-package` adds methods without editing this repo.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from functools import lru_cache
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HarnessError
+from methods.base import Method
+
+GROUP = "harness.methods"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@lru_cache(maxsize=None)
+def available() -> dict[str, Any]:
+    """Method name -> entry point (loaded lazily, so a broken plugin only fails when used)."""
+    found = {ep.name: ep for ep in entry_points(group=GROUP)}
+    if not found:
+        raise HarnessError(
+            f"no method plugins registered under entry-point group {GROUP!r}; "
+            "install the project (pip install -e .) so its entry points exist")
+    return dict(sorted(found.items()))
+
+
+def method_class(name: str) -> type[Method]:
+    methods = available()
+    if name not in methods:
+        close = difflib.get_close_matches(name, methods, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise HarnessError(f"unknown method {name!r}{hint}; known methods: {', '.join(methods)}")
+    cls = methods[name].load()
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise HarnessError(f"entry point {name!r} ({methods[name].value}) is not a Method subclass")
+    return cls
+
+
+def method_config(name: str, profile: str, cls: type[Method] | None = None) -> dict[str, Any]:
+    """Hyperparameters of a method for a profile: the `[default]` table of its config file
+    (`methods/configs/<name>.toml`, or the class's `config_file`), overlaid with `[<profile>]`."""
+    cls = cls or method_class(name)
+    path = Path(getattr(cls, "config_file", None) or CONFIG_DIR / f"{name}.toml")
+    if not path.exists():
+        raise HarnessError(f"{path}: config file of method {name!r} not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise HarnessError(f"{path}: invalid TOML: {exc}") from exc
+    config = dict(raw.get("default", {}))
+    config.update(raw.get(profile, {}))
+    return config
+
+
+def create(name: str, profile: str) -> Method:
+    cls = method_class(name)
+    method = cls(method_config(name, profile, cls))
+    method.name = name
+    return method
