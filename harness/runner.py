@@ -174,6 +174,10 @@ class Runner:
         method.setup(ctx)
 
         done = run_dir.completed_stages()
+        # Resume from the last complete stage that holds a checkpoint; stages after it (possible only
+        # if folders were removed by hand) are trained again.
+        while len(done) > 1 and not (done[-1] / "model.safetensors").exists():
+            done.pop()
         if len(done) > 1:  # resume after the last complete training stage
             model_state, method_state = RunDir.load_checkpoint(done[-1])
             method.load_state_dict(method_state, ctx, completed_stages=len(done) - 1)

@@ -1,0 +1,28 @@
+# Two commands do all the set-up on a machine with only Python 3.11:
+#   make run    creates/reuses .venv, installs, runs every method x order on the embedded default
+#   make test   creates/reuses .venv, installs with test extras, runs the test suite
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: run test install clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install torch==2.13.0            # the CPU build; must come before DeepSpeed
+	$(PIP) install --no-build-isolation deepspeed
+	$(PIP) install -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) -m harness run --all
+
+test: install
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .cache CL_Benchmark/synthetic

@@ -1,0 +1,41 @@
+"""Small real pieces for method tests: the embedded T5 on two synthetic tasks."""
+
+from pathlib import Path
+
+import torch
+
+from harness.backbone import EmbeddedSpec, embedded_backbone_dir, load_backbone
+from harness.benchmark import load_benchmark
+from harness.data import load_instructions, load_task
+from harness.profiles import load_profile
+from harness.textio import Batcher
+from harness.trainer import fit
+from methods import registry
+from methods.base import Context
+
+TINY = EmbeddedSpec(d_model=32, d_ff=64, num_heads=2, d_kv=16, num_layers=1, num_decoder_layers=1,
+                    vocab_size=600)
+
+
+def make_context(data_dir: Path, method_name: str, tasks=("agnews", "yahoo"), n_train=32):
+    bench = load_benchmark()
+    instructions = load_instructions(data_dir)
+    seq = bench.sequence(list(tasks))
+    data = {t.name: load_task(data_dir, t, instructions, train_per_task=n_train, test_per_task=8)
+            for t in seq}
+    corpus = [s for d in data.values() for s in list(d.train["source"]) + list(d.train["target"])]
+    backbone = load_backbone(embedded_backbone_dir(corpus, TINY))
+    profile = load_profile("default")
+    method = registry.create(method_name, profile.name)
+    torch.manual_seed(0)
+    ctx = Context(model=backbone.model, backbone=backbone, tasks=seq, data=data, profile=profile,
+                  config=method.config, seed=0)
+    return ctx, method, Batcher(backbone, 512, 50)
+
+
+def train_stage(ctx, method, batcher, stage):
+    ctx.stage = stage
+    method.before_task(ctx)
+    fit(ctx, method, batcher, batch_size=8, grad_accum=1, epochs=1, max_grad_norm=1.0, seed=stage,
+        progress=False)
+    method.after_task(ctx)

@@ -1,0 +1,111 @@
+import json
+import logging
+
+import pytest
+
+from harness.benchmark import Task, load_benchmark
+from harness.data import build_source, load_instructions, load_task, stratified_sample
+from harness.errors import HarnessError
+from harness.evaluator import normalize
+from tests.conftest import SHARED_DATA, write_task
+
+SC = Task("amazon", "SC", ("very negative", "negative", "neutral", "positive", "very positive"))
+COPA = Task("COPA", "COPA", ("A", "B"))
+
+
+def test_prompt_is_byte_exact():
+    got = build_source(SC, "Title: t\nText: x", "What is it?\n")
+    assert got == ("Task:SC\nDataset:amazon\nWhat is it?\nOption: very negative, negative, neutral, "
+                   "positive, very positive \nTitle: t\nText: x\nAnswer:")
+
+
+def test_copa_has_no_instruction_and_no_options():
+    got = build_source(COPA, "Which? A or B.\nA: a\nB: b", None)
+    assert got == "Task:COPA\nDataset:COPA\nWhich? A or B.\nA: a\nB: b\nAnswer:"
+
+
+def test_normaliser_keeps_articles():
+    assert normalize("The Sports.") == "the sports"
+    assert normalize("Society & Culture") == "society culture"
+    assert normalize("  very \n positive ") == "very positive"
+
+
+def _instr(root):
+    (root / "instruction_config.json").write_text(json.dumps(
+        {"SC": [{"instruction_type": "zero-shot", "instruction": "Feel?\n"}]}))
+
+
+def _records(labels, n):
+    return [{"sentence": f"s{i}", "label": labels[i % len(labels)]} for i in range(n)]
+
+
+def test_missing_file_is_named(tmp_path):
+    _instr(tmp_path)
+    with pytest.raises(HarnessError, match=r"SC/amazon/labels.json: file not found"):
+        load_task(tmp_path, SC, load_instructions(tmp_path))
+
+
+def test_malformed_json_reports_file_and_position(tmp_path):
+    _instr(tmp_path)
+    folder = write_task(tmp_path, "SC", "amazon", list(SC.labels), _records(SC.labels, 5),
+                        _records(SC.labels, 5))
+    (folder / "train.json").write_text('[{"sentence": "a", "label": "neutral"},\n {"sentence": }]')
+    with pytest.raises(HarnessError, match=r"train.json: malformed JSON at line 2, column"):
+        load_task(tmp_path, SC, load_instructions(tmp_path))
+
+
+@pytest.mark.parametrize("records, message", [
+    ([{"sentence": "a"}], "record 0 lacks a 'sentence' or 'label'"),
+    ([], "the train split is empty"),
+    ([{"sentence": "a", "label": 3}], "non-string"),
+])
+def test_bad_records(tmp_path, records, message):
+    _instr(tmp_path)
+    write_task(tmp_path, "SC", "amazon", list(SC.labels), records, _records(SC.labels, 5))
+    with pytest.raises(HarnessError, match=message):
+        load_task(tmp_path, SC, load_instructions(tmp_path))
+
+
+def test_labels_outside_the_set(tmp_path, caplog):
+    _instr(tmp_path)
+    test = _records(SC.labels, 10) + [{"sentence": "x", "label": "-"}] * 3
+    write_task(tmp_path, "SC", "amazon", list(SC.labels), _records(SC.labels, 10), test)
+    with caplog.at_level(logging.WARNING):
+        kept = load_task(tmp_path, SC, load_instructions(tmp_path))
+    assert kept.unlabelled_in_test == 3 and len(kept.test) == 13
+    assert sum("3 records with labels outside" in r.message for r in caplog.records) == 1
+    dropped = load_task(tmp_path, SC, load_instructions(tmp_path), drop_unlabelled=True)
+    assert len(dropped.test) == 10
+    # In training data an unknown label is an error unless dropped.
+    write_task(tmp_path, "SC", "amazon", list(SC.labels), _records(SC.labels, 5) +
+               [{"sentence": "x", "label": "positve"}], test)
+    with pytest.raises(HarnessError, match=r"train.json: 1 records have labels outside"):
+        load_task(tmp_path, SC, load_instructions(tmp_path))
+
+
+def test_label_file_must_match_definition(tmp_path):
+    _instr(tmp_path)
+    write_task(tmp_path, "SC", "amazon", ["positive", "negative"], _records(SC.labels, 5),
+               _records(SC.labels, 5))
+    with pytest.raises(HarnessError, match="differs from the benchmark definition"):
+        load_task(tmp_path, SC, load_instructions(tmp_path))
+
+
+def test_stratified_sample_keeps_proportions_and_is_seeded():
+    records = [{"label": "a"}] * 60 + [{"label": "b"}] * 30 + [{"label": "c"}] * 10
+    records = [dict(r, i=i) for i, r in enumerate(records)]
+    sample = stratified_sample(records, 20, seed=1)
+    counts = {lab: sum(r["label"] == lab for r in sample) for lab in "abc"}
+    assert counts == {"a": 12, "b": 6, "c": 2}
+    assert sample == stratified_sample(records, 20, seed=1)
+    assert sample != stratified_sample(records, 20, seed=2)
+    assert [r["i"] for r in sample] == sorted(r["i"] for r in sample)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "NLI" / "MNLI" / "test.json").exists(), reason="no real data")
+def test_real_mnli_unlabelled_records_are_counted():
+    bench = load_benchmark()
+    data = load_task(SHARED_DATA, bench.task("MNLI"), load_instructions(SHARED_DATA),
+                     train_per_task=10)
+    assert data.unlabelled_in_test == 131
+    assert data.test[0]["source"].startswith("Task:NLI\nDataset:MNLI\nWhat is the logical")

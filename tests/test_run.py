@@ -1,0 +1,142 @@
+"""End to end through the CLI: results layout, determinism, resume, skip, bad arguments."""
+
+import json
+import shutil
+
+import pytest
+
+from harness.cli import main
+
+
+def run(synthetic_dir, results, *extra):
+    return main(["run", "--data-dir", str(synthetic_dir), "--results", str(results),
+                 "--train-per-task", "32", "--test-per-task", "8", "--no-progress", *extra])
+
+
+def final_tensors(results, method="seqlora", seq="tasks-agnews+SST-2"):
+    from safetensors.torch import load_file
+
+    run_dir = results / "default" / method / seq / "seed0"
+    last = sorted(run_dir.glob("stage_*"))[-1]
+    return load_file(str(last / "model.safetensors"))
+
+
+def same_tensors(a, b):
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def matrix(results, method="seqlora", seq="tasks-agnews+SST-2", seed=0):
+    return (results / "default" / method / seq / f"seed{seed}" / "accuracy_matrix.csv").read_text()
+
+
+@pytest.fixture(scope="module")
+def first_run(synthetic_dir, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    assert run(synthetic_dir, results, "--method", "seqlora", "--tasks", "agnews,SST-2") == 0
+    return results
+
+
+def test_results_layout(first_run):
+    run_dir = first_run / "default" / "seqlora" / "tasks-agnews+SST-2" / "seed0"
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert names == ["accuracy_matrix.csv", "config.json", "stage_00-base", "stage_01-agnews",
+                     "stage_02-SST-2", "summary.json"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["benchmark"]["kind"] == "synthetic"
+    assert len(summary["accuracy_matrix"]) == 3 and len(summary["accuracy_matrix"][0]) == 2
+    assert set(summary["metrics"]) >= {"AA", "BWT", "FWT", "forgetting"}
+    preds = (run_dir / "stage_02-SST-2" / "predictions.jsonl").read_text().splitlines()
+    assert len(preds) == 16 and set(json.loads(preds[0])) >= {"task", "index", "gold", "prediction",
+                                                              "correct"}
+    # Only the latest stage keeps a checkpoint.
+    assert (run_dir / "stage_02-SST-2" / "model.safetensors").exists()
+    assert not (run_dir / "stage_01-agnews" / "model.safetensors").exists()
+
+
+def test_same_seed_same_matrix_and_resume_after_a_crash(first_run, synthetic_dir, tmp_path,
+                                                        monkeypatch):
+    expected = matrix(first_run)
+    assert run(synthetic_dir, tmp_path / "again", "--method", "seqlora", "--tasks", "agnews,SST-2") == 0
+    assert matrix(tmp_path / "again") == expected
+
+    # Crash in the middle of stage 2's training: stage 1 is complete, stage 2 never appears.
+    import harness.runner
+
+    real_fit, calls = harness.runner.fit, []
+
+    def crashing_fit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(harness.runner, "fit", crashing_fit)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(synthetic_dir, tmp_path, "--method", "seqlora", "--tasks", "agnews,SST-2")
+    run_dir = tmp_path / "default" / "seqlora" / "tasks-agnews+SST-2" / "seed0"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "stage_00-base",
+                                                          "stage_01-agnews"]
+    stage1 = (run_dir / "stage_01-agnews" / "metrics.json").stat().st_mtime_ns
+    monkeypatch.setattr(harness.runner, "fit", real_fit)
+    assert run(synthetic_dir, tmp_path, "--method", "seqlora", "--tasks", "agnews,SST-2") == 0
+    assert (run_dir / "stage_01-agnews" / "metrics.json").stat().st_mtime_ns == stage1  # not re-run
+    assert matrix(tmp_path) == expected
+    assert same_tensors(final_tensors(tmp_path), final_tensors(first_run))
+
+
+def test_complete_runs_are_skipped(first_run, synthetic_dir):
+    summary = first_run / "default" / "seqlora" / "tasks-agnews+SST-2" / "seed0" / "summary.json"
+    stamp = summary.stat().st_mtime_ns
+    assert run(synthetic_dir, first_run, "--method", "seqlora", "--tasks", "agnews,SST-2") == 0
+    assert summary.stat().st_mtime_ns == stamp
+
+
+def test_inclora_resumes_with_its_branches(synthetic_dir, tmp_path, monkeypatch):
+    import harness.runner
+
+    args = ("--method", "inclora", "--tasks", "agnews,SST-2,CB")
+    assert run(synthetic_dir, tmp_path / "whole", *args) == 0
+    expected = matrix(tmp_path / "whole", "inclora", "tasks-agnews+SST-2+CB")
+    real_fit, calls = harness.runner.fit, []
+
+    def crashing_fit(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real_fit(*a, **k)
+
+    monkeypatch.setattr(harness.runner, "fit", crashing_fit)
+    with pytest.raises(RuntimeError):
+        run(synthetic_dir, tmp_path, *args)
+    monkeypatch.setattr(harness.runner, "fit", real_fit)
+    assert run(synthetic_dir, tmp_path, *args) == 0  # rebuilds branches 1-2, trains branch 3
+    assert matrix(tmp_path, "inclora", "tasks-agnews+SST-2+CB") == expected
+    seq = "tasks-agnews+SST-2+CB"
+    assert same_tensors(final_tensors(tmp_path, "inclora", seq),
+                        final_tensors(tmp_path / "whole", "inclora", seq))
+
+
+def test_table_prints_leaderboard(first_run, capsys):
+    assert main(["table", "--results", str(first_run)]) == 0
+    out = capsys.readouterr().out
+    assert "seqlora" in out and "tasks-agnews+SST-2" in out and "synthetic" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--method", "nosuch", "--order", "1"], "unknown method 'nosuch'"),
+    (["run", "--method", "seqlora", "--order", "9"], "unknown order 9"),
+    (["run", "--method", "seqlora", "--tasks", "agnews,nosuch"], "unknown task 'nosuch'"),
+    (["run", "--method", "seqlora"], "give --order K or --tasks"),
+    (["run", "--method", "seqlora", "--order", "1", "--profile", "nosuch"], "unknown profile"),
+    (["run", "--method", "seqlora", "--order", "1", "--train-per-task", "-3"], "positive integer"),
+    (["run", "--method", "seqlora", "--order", "1", "--data-dir", "/no/such/dir"], "no such directory"),
+    (["run", "--method", "seqlora", "--order", "x"], "invalid int value"),
+    (["table", "--results", "/no/such/results"], "no such directory"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path):
+    assert main(argv + (["--results", str(tmp_path)] if argv[0] == "run" else [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # nothing written
