@@ -68,6 +68,7 @@ class EmbeddedSpec:
     num_layers: int = 2
     num_decoder_layers: int = 2
     vocab_size: int = 4000
+    dropout_rate: float = 0.0
     init_seed: int = 0
 
     @classmethod
@@ -123,7 +124,7 @@ def embedded_backbone_dir(corpus: list[str], spec: EmbeddedSpec) -> Path:
             vocab_size=len(tokenizer), d_model=spec.d_model, d_ff=spec.d_ff, d_kv=spec.d_kv,
             num_heads=spec.num_heads, num_layers=spec.num_layers,
             num_decoder_layers=spec.num_decoder_layers, feed_forward_proj="relu",
-            dropout_rate=0.1, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+            dropout_rate=spec.dropout_rate, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
             tie_word_embeddings=True)
         torch.manual_seed(spec.init_seed)
         model = T5ForConditionalGeneration(config)

@@ -44,7 +44,7 @@ def method_class(name: str) -> type[Method]:
 
 
 def method_config(name: str, profile: str, cls: type[Method] | None = None) -> dict[str, Any]:
-    """Hyperparameters of a method for a profile: the `[default]` table of its config file
+    """Hyperparameters of a method for a profile: the `[common]` table of its config file
     (`methods/configs/<name>.toml`, or the class's `config_file`), overlaid with `[<profile>]`."""
     cls = cls or method_class(name)
     path = Path(getattr(cls, "config_file", None) or CONFIG_DIR / f"{name}.toml")
@@ -54,7 +54,7 @@ def method_config(name: str, profile: str, cls: type[Method] | None = None) -> d
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise HarnessError(f"{path}: invalid TOML: {exc}") from exc
-    config = dict(raw.get("default", {}))
+    config = dict(raw.get("common", {}))
     config.update(raw.get(profile, {}))
     return config
 
