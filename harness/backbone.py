@@ -126,8 +126,9 @@ def embedded_backbone_dir(corpus: list[str], spec: EmbeddedSpec) -> Path:
             num_decoder_layers=spec.num_decoder_layers, feed_forward_proj="relu",
             dropout_rate=spec.dropout_rate, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
             tie_word_embeddings=True)
-        torch.manual_seed(spec.init_seed)
-        model = T5ForConditionalGeneration(config)
+        with torch.random.fork_rng():  # building must not disturb the caller's random state
+            torch.manual_seed(spec.init_seed)
+            model = T5ForConditionalGeneration(config)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:

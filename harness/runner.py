@@ -166,11 +166,11 @@ class Runner:
 
         tasks = self.benchmark.sequence(list(spec.tasks))
         data = {t.name: self.task_data(t) for t in tasks}
-        seed_everything(spec.seed)
         backbone = load_backbone(self.model_path())
         batcher = Batcher(backbone, self.profile.max_source_length, self.profile.max_target_length)
         ctx = Context(model=backbone.model, backbone=backbone, tasks=tasks, data=data,
                       profile=self.profile, config=method.config, seed=spec.seed)
+        seed_everything(spec.seed)  # after the backbone is in place, whether built or cached
         method.setup(ctx)
 
         done = run_dir.completed_stages()
