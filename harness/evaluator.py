@@ -39,7 +39,7 @@ def evaluate_task(model: torch.nn.Module, batcher: Batcher, data: TaskData, *, b
         chunk = order[start:start + batch_size]
         batch = batcher.eval_batch([sources[i] for i in chunk])
         out = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False,
-                             repetition_penalty=1.0)
+                             repetition_penalty=1.0, pad_token_id=batcher.tok.pad_token_id)
         for i, text in zip(chunk, batcher.decode(out, batch["input_ids"].shape[1])):
             predictions[i] = text
     model.train(was_training)

@@ -29,8 +29,12 @@ class Batcher:
         # Causal: BOS + source + label + EOS, loss on the label and EOS only (METHODS.md §2.3).
         rows, label_rows = [], []
         for src, tgt in zip(sources, targets):
-            s = self.tok(src, add_special_tokens=False).input_ids[: self.max_source_length]
-            t = self.tok(" " + tgt, add_special_tokens=False).input_ids[: self.max_target_length]
+            # Tokenise source and label together (a label alone can split differently), and
+            # take the label's tokens as what follows the source's own tokens.
+            s = self.tok(src, add_special_tokens=False).input_ids
+            full = self.tok(src + " " + tgt, add_special_tokens=False).input_ids
+            t = full[len(s):][: self.max_target_length]
+            s = s[: self.max_source_length]
             bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
             ids = bos + s + t + [self.tok.eos_token_id]
             rows.append(ids)
@@ -43,15 +47,24 @@ class Batcher:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
     def eval_batch(self, sources: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tok(sources, max_length=self.max_source_length, truncation=True, padding=True,
-                       return_tensors="pt")
-        return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
+        if self.is_seq2seq:
+            enc = self.tok(sources, max_length=self.max_source_length, truncation=True,
+                           padding=True, return_tensors="pt")
+            return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
+        # Causal: BOS + source, no EOS (generation continues the prompt), padded on the left.
+        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
+        rows = [bos + self.tok(s, add_special_tokens=False).input_ids[: self.max_source_length]
+                for s in sources]
+        width = max(map(len, rows))
+        pad = self.tok.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        return {"input_ids": input_ids, "attention_mask": mask}
 
     def decode(self, generated: torch.Tensor, prompt_width: int) -> list[str]:
         if self.is_seq2seq:
-            return self.tok.batch_decode(generated, skip_special_tokens=True,
-                                         clean_up_tokenization_spaces=True)
+            return self.tok.batch_decode(generated, skip_special_tokens=True)
         # Causal: keep the continuation after the last "Answer:"; empty if it was truncated away.
         texts = self.tok.batch_decode(generated, skip_special_tokens=True,
-                                      clean_up_tokenization_spaces=True)
+                                      clean_up_tokenization_spaces=False)
         return [t.rsplit("Answer:", 1)[1].strip() if "Answer:" in t else "" for t in texts]

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from harness.errors import HarnessError
 from methods.base import Context
 
 
 def lora_config(ctx: Context) -> LoraConfig:
     """The profile's LoRA shape (rank, alpha, dropout, target modules); a method's config may
-    override any of them under the same keys prefixed `lora_`."""
+    override any of them under the same keys prefixed `lora_`. Seq2seq backbones use `targets`,
+    causal ones `causal_targets` (T5 names its projections q/v, LLaMA q_proj/v_proj)."""
     spec = {**ctx.profile.lora, **{k[5:]: v for k, v in ctx.config.items() if k.startswith("lora_")}}
+    key = "targets" if ctx.backbone.is_seq2seq else "causal_targets"
+    if key not in spec:
+        raise HarnessError(f"profile {ctx.profile.name!r}: [lora] has no {key} for this backbone")
+    targets = list(spec[key])
+    names = {n.rsplit(".", 1)[-1] for n, _ in ctx.model.named_modules()}
+    if not names & set(targets):
+        raise HarnessError(f"profile {ctx.profile.name!r}: LoRA {key} {targets} match no module "
+                           f"of {ctx.backbone.path}")
     return LoraConfig(r=int(spec["r"]), lora_alpha=int(spec["alpha"]),
-                      lora_dropout=float(spec["dropout"]), target_modules=list(spec["targets"]),
-                      bias="none")
+                      lora_dropout=float(spec["dropout"]), target_modules=targets, bias="none")
 
 
 def add_branch(ctx: Context, name: str) -> PeftModel:
