@@ -118,6 +118,17 @@ def cmd_run(args) -> int:
     from methods import registry
 
     bench = load_benchmark()
+    for seed in (args.seeds or []) + ([args.seed] if args.seed is not None else []):
+        if not 0 <= seed < 2**63:
+            raise HarnessError(f"run: --seed {seed} is out of range (0 <= seed < 2**63)")
+    if not args.all:
+        extra = [f"--{n}" for n in ("methods", "orders", "seeds") if getattr(args, n)]
+        if extra:
+            raise HarnessError(f"run: {', '.join(extra)} only apply with --all")
+    if args.tasks and args.orders:
+        raise HarnessError("run: give --orders or --tasks, not both")
+    if args.results.exists() and not args.results.is_dir():
+        raise HarnessError(f"--results {args.results}: not a directory")
     if args.all:
         methods = args.methods or list(registry.available())
         orders = args.orders or sorted(bench.orders)

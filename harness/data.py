@@ -58,6 +58,8 @@ def _read_json(path: Path):
         raise HarnessError(f"{path}: file not found")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise HarnessError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except json.JSONDecodeError as exc:
         raise HarnessError(
             f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
@@ -73,8 +75,10 @@ def load_instructions(data_dir: Path) -> dict[str, str]:
         raise HarnessError(f"{path}: expected a JSON object mapping category to instructions")
     out = {}
     for category, entries in raw.items():
-        if not entries or not isinstance(entries, list) or "instruction" not in entries[0]:
-            raise HarnessError(f"{path}: category {category!r} has no instruction entry")
+        if not (isinstance(entries, list) and entries and isinstance(entries[0], dict)
+                and isinstance(entries[0].get("instruction"), str)):
+            raise HarnessError(f"{path}: category {category!r} has no instruction entry "
+                               '(expected [{"instruction": "..."}])')
         out[category] = entries[0]["instruction"]
     return out
 
@@ -83,7 +87,9 @@ def check_labels_file(data_dir: Path, task: Task) -> None:
     """The data's labels.json must list the benchmark's label set, in the same order (the prompt's)."""
     path = Path(data_dir) / task.folder / "labels.json"
     labels = _read_json(path)
-    if list(labels) != list(task.labels):
+    if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        raise HarnessError(f"{path}: expected a JSON array of label strings")
+    if labels != list(task.labels):
         raise HarnessError(
             f"{path}: label set {labels} differs from the benchmark definition {list(task.labels)}")
 
@@ -153,7 +159,7 @@ def load_task(data_dir: Path, task: Task, instructions: dict[str, str], *,
     label_set = set(task.labels)
 
     def prepare(split: str, cap: int | None, split_seed: int) -> tuple[datasets.Dataset, int]:
-        records = read_split(data_dir, task, split)
+        records = [dict(r, index=i) for i, r in enumerate(read_split(data_dir, task, split))]
         outside = [r for r in records if r["label"] not in label_set]
         if outside:
             path = data_dir / task.folder / f"{split}.json"
@@ -170,7 +176,6 @@ def load_task(data_dir: Path, task: Task, instructions: dict[str, str], *,
                 records = [r for r in records if r["label"] in label_set]
                 if not records:
                     raise HarnessError(f"{path}: no records left after dropping unlabelled ones")
-        records = [dict(r, index=i) for i, r in enumerate(records)]
         records = stratified_sample(records, cap, split_seed)
         rows = {
             "source": [build_source(task, r["sentence"], instruction, fmt) for r in records],

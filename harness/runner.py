@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
@@ -152,21 +153,32 @@ class Runner:
     # -- one run -------------------------------------------------------------------------------
     def run(self, spec: RunSpec, force: bool = False) -> dict:
         run_dir = self.run_dir(spec)
-        if run_dir.is_complete() and not force:
-            log.info("%s: complete, skipped", run_dir.path)
-            return read_json(run_dir.summary_path)
         method = registry.create(spec.method, self.profile.name)
         config = self.run_config(spec, method.config)
-        if force and run_dir.path.exists():
-            import shutil
-            shutil.rmtree(run_dir.path)
-        run_dir.check_config(config)
-        run_dir.path.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir.config_path, config)
-
+        if run_dir.is_complete() and not force:
+            summary = read_json(run_dir.summary_path)
+            if summary.get("fingerprint") != config["fingerprint"]:
+                raise HarnessError(
+                    f"{run_dir.summary_path}: a complete run of another configuration is here; "
+                    "use another --results folder, or --force to replace it")
+            log.info("%s: complete, skipped", run_dir.path)
+            return summary
+        if not force:
+            run_dir.check_config(config)
+        # Everything that can fail on bad input is loaded before the run folder is touched.
         tasks = self.benchmark.sequence(list(spec.tasks))
         data = {t.name: self.task_data(t) for t in tasks}
         backbone = load_backbone(self.model_path())
+        if force and run_dir.path.exists():
+            shutil.rmtree(run_dir.path)
+        try:
+            run_dir.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HarnessError(f"--results {self.options.results}: cannot create {run_dir.path}: "
+                               f"{exc.strerror or exc}") from exc
+        run_dir.remove_leftovers()
+        write_json(run_dir.config_path, config)
+
         batcher = Batcher(backbone, self.profile.max_source_length, self.profile.max_target_length)
         ctx = Context(model=backbone.model, backbone=backbone, tasks=tasks, data=data,
                       profile=self.profile, config=method.config, seed=spec.seed)
@@ -259,6 +271,9 @@ class Runner:
             "benchmark": config["benchmark"], "model": config["model"],
             "metrics": {k: (None if np.isnan(v) else round(v, 4))
                         for k, v in metrics.summarize(R).items()},
+            "stage_average_accuracy": [  # AA_i: mean over the tasks seen after stage i
+                None if np.isnan(R[i, :i]).any() else round(float(np.mean(R[i, :i])), 4)
+                for i in range(1, len(R))],
             "accuracy_matrix": [[None if np.isnan(v) else v for v in row] for row in R.tolist()],
             "row_labels": ["base"] + names,
             "train_seconds": round(train_seconds, 3), "eval_seconds": round(eval_seconds, 3),

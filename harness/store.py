@@ -31,6 +31,7 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -78,11 +79,23 @@ class RunDir:
                 f"(fingerprint {found.get('fingerprint')} != {config['fingerprint']}); "
                 "use another --results folder or remove it")
 
+    def remove_leftovers(self) -> None:
+        """Temporary files and stage folders of a process that was killed mid-write."""
+        for tmp in self.path.glob(".*"):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
     def completed_stages(self) -> list[Path]:
         """Complete stage folders, in order; stops at the first gap."""
         done = []
         for folder in sorted(self.path.glob("stage_[0-9][0-9]-*")):
             if folder.is_dir() and all((folder / f).exists() for f in STAGE_FILES):
+                try:
+                    json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+                except (OSError, json.JSONDecodeError):
+                    break  # damaged: this stage and the ones after it are run again
                 done.append(folder)
         expected = [f for i, f in enumerate(done) if f.name.startswith(f"stage_{i:02d}-")]
         return expected
@@ -108,6 +121,7 @@ class RunDir:
                               str(tmp / "method_state.safetensors"))
                 (tmp / "method_state.json").write_text(json.dumps(plain, indent=2))
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))  # written last
+            tmp.chmod(0o755)  # mkdtemp makes it private; results are meant to be shared
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

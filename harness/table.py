@@ -18,14 +18,15 @@ def load_summaries(results: Path, profile: str | None = None) -> pd.DataFrame:
     for path in sorted(root.glob("*/*/*/seed*/summary.json")):
         try:
             summary = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise HarnessError(f"{path}: corrupt summary: {exc}") from exc
-        if profile and summary["profile"] != profile:
-            continue
-        rows.append({"profile": summary["profile"], "method": summary["method"],
-                     "sequence": summary["sequence"], "seed": summary["seed"],
-                     "benchmark": f"{summary['benchmark']['kind']} ({summary['benchmark']['data_dir']})",
-                     **{k: v for k, v in summary["metrics"].items()}})
+            if profile and summary["profile"] != profile:
+                continue
+            rows.append({"profile": summary["profile"], "method": summary["method"],
+                         "sequence": summary["sequence"], "seed": summary["seed"],
+                         "benchmark": f"{summary['benchmark']['kind']} "
+                                      f"({summary['benchmark']['data_dir']})",
+                         **summary["metrics"]})
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise HarnessError(f"{path}: corrupt summary ({type(exc).__name__}: {exc})") from exc
     return pd.DataFrame(rows)
 
 

@@ -40,7 +40,7 @@ def fit(ctx: Context, method: Method, batcher: Batcher, *, batch_size: int, grad
     optimizer = method.make_optimizer(ctx, params)
     generator = torch.Generator().manual_seed(seed)
     per_step = batch_size * grad_accum
-    steps_per_epoch = max(1, len(sources) // per_step)  # drop the ragged tail, like the reference
+    steps_per_epoch = -(-len(sources) // per_step)  # the last step may be smaller, as in HF Trainer
     total_steps = steps_per_epoch * epochs
     losses: list[float] = []
     start = time.perf_counter()
@@ -75,7 +75,7 @@ def fit(ctx: Context, method: Method, batcher: Batcher, *, batch_size: int, grad
             if len(losses) % 10 == 0:
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.3f}")
     bar.close()
-    return FitResult(steps=len(losses), examples=len(losses) * per_step,
+    return FitResult(steps=len(losses), examples=len(sources) * epochs,
                      mean_loss=sum(losses) / max(1, len(losses)),
                      last_loss=losses[-1] if losses else float("nan"),
                      seconds=time.perf_counter() - start)

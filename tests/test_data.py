@@ -109,3 +109,29 @@ def test_real_mnli_unlabelled_records_are_counted():
                      train_per_task=10)
     assert data.unlabelled_in_test == 131
     assert data.test[0]["source"].startswith("Task:NLI\nDataset:MNLI\nWhat is the logical")
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"SC": "Feel?"}, "no instruction entry"),
+    ({"SC": [{"instruction": None}]}, "no instruction entry"),
+    ([1, 2], "expected a JSON object"),
+])
+def test_bad_instruction_config(tmp_path, config, message):
+    (tmp_path / "instruction_config.json").write_text(json.dumps(config))
+    with pytest.raises(HarnessError, match=message):
+        load_instructions(tmp_path)
+
+
+def test_labels_file_must_be_a_list_of_strings(tmp_path):
+    _instr(tmp_path)
+    write_task(tmp_path, "SC", "amazon", {"a": 1}, _records(SC.labels, 5), _records(SC.labels, 5))
+    with pytest.raises(HarnessError, match="array of label strings"):
+        load_task(tmp_path, SC, load_instructions(tmp_path))
+
+
+def test_indices_point_into_the_file_after_dropping(tmp_path):
+    _instr(tmp_path)
+    test = [{"sentence": "x", "label": "-"}] + _records(SC.labels, 4)
+    write_task(tmp_path, "SC", "amazon", list(SC.labels), _records(SC.labels, 5), test)
+    data = load_task(tmp_path, SC, load_instructions(tmp_path), drop_unlabelled=True)
+    assert list(data.test["index"]) == [1, 2, 3, 4]

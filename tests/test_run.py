@@ -134,9 +134,41 @@ def test_table_prints_leaderboard(first_run, capsys):
     (["run", "--method", "seqlora", "--order", "1", "--data-dir", "/no/such/dir"], "no such directory"),
     (["run", "--method", "seqlora", "--order", "x"], "invalid int value"),
     (["table", "--results", "/no/such/results"], "no such directory"),
+    (["run", "--method", "seqlora", "--order", "1", "--seed", str(2**64)], "out of range"),
+    (["run", "--method", "seqlora", "--order", "1", "--seeds", "1,2"], "only apply with --all"),
+    (["run", "--all", "--tasks", "agnews", "--orders", "1"], "not both"),
+    (["run", "--method", "seqlora", "--order", "1", "--model", "/no/such/model"], "not a model folder"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path):
     assert main(argv + (["--results", str(tmp_path)] if argv[0] == "run" else [])) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_other_configuration_is_refused_and_force_keeps_results_on_bad_input(first_run, synthetic_dir,
+                                                                            capsys):
+    # Same run folder, other sub-sample size: refused, nothing changed.
+    summary = first_run / "default" / "seqlora" / "tasks-agnews+SST-2" / "seed0" / "summary.json"
+    before = summary.read_text()
+    assert main(["run", "--data-dir", str(synthetic_dir), "--results", str(first_run),
+                 "--train-per-task", "40", "--test-per-task", "8", "--no-progress",
+                 "--method", "seqlora", "--tasks", "agnews,SST-2"]) == 2
+    assert "another configuration" in capsys.readouterr().err
+    # --force with a bad --model fails before deleting anything.
+    assert run(synthetic_dir, first_run, "--method", "seqlora", "--tasks", "agnews,SST-2", "--force",
+               "--model", "/no/such/model") == 2
+    assert summary.read_text() == before
+
+
+def test_damaged_stage_and_leftovers_are_redone(synthetic_dir, tmp_path):
+    args = ("--method", "seqft", "--tasks", "agnews,SST-2")
+    assert run(synthetic_dir, tmp_path, *args) == 0
+    run_dir = tmp_path / "default" / "seqft" / "tasks-agnews+SST-2" / "seed0"
+    expected = matrix(tmp_path, "seqft")
+    (run_dir / "summary.json").unlink()
+    (run_dir / "stage_02-SST-2" / "metrics.json").write_text('{"stage": 2, "acc')  # torn write
+    (run_dir / ".stage_03-x.abcd").mkdir()                                      # killed mid-write
+    assert run(synthetic_dir, tmp_path, *args) == 0
+    assert matrix(tmp_path, "seqft") == expected
+    assert not list(run_dir.glob(".*"))
