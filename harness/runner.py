@@ -107,9 +107,6 @@ class Runner:
                 train_per_task=self.options.train_per_task or self.profile.train_per_task,
                 test_per_task=self.options.test_per_task or self.profile.test_per_task,
                 seed=self.profile.data_seed, drop_unlabelled=self.options.drop_unlabelled)
-            if self._data[task.name].unlabelled_in_test:
-                log.warning("%s: %d test records carry no label from labels.json",
-                            task.name, self._data[task.name].unlabelled_in_test)
         return self._data[task.name]
 
     def model_path(self) -> str:
