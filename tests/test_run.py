@@ -13,6 +13,21 @@ def run(synthetic_dir, results, *extra):
                  "--train-per-task", "32", "--test-per-task", "8", "--no-progress", *extra])
 
 
+def crash_at_stage(monkeypatch, stage):
+    """Make training raise at the start of `stage` (1-based), as a killed process would stop."""
+    import harness.runner
+
+    real_fit, calls = harness.runner.fit, []
+
+    def crashing_fit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == stage:
+            raise RuntimeError("killed")
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(harness.runner, "fit", crashing_fit)
+
+
 def final_tensors(results, method="seqlora", seq="tasks-agnews+SST-2"):
     from safetensors.torch import load_file
 
@@ -62,24 +77,14 @@ def test_same_seed_same_matrix_and_resume_after_a_crash(first_run, synthetic_dir
     assert matrix(tmp_path / "again") == expected
 
     # Crash in the middle of stage 2's training: stage 1 is complete, stage 2 never appears.
-    import harness.runner
-
-    real_fit, calls = harness.runner.fit, []
-
-    def crashing_fit(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        return real_fit(*args, **kwargs)
-
-    monkeypatch.setattr(harness.runner, "fit", crashing_fit)
+    crash_at_stage(monkeypatch, 2)
     with pytest.raises(RuntimeError, match="killed"):
         run(synthetic_dir, tmp_path, "--method", "seqlora", "--tasks", "agnews,SST-2")
     run_dir = tmp_path / "default" / "seqlora" / "tasks-agnews+SST-2" / "seed0"
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "stage_00-base",
                                                           "stage_01-agnews"]
     stage1 = (run_dir / "stage_01-agnews" / "metrics.json").stat().st_mtime_ns
-    monkeypatch.setattr(harness.runner, "fit", real_fit)
+    monkeypatch.undo()
     assert run(synthetic_dir, tmp_path, "--method", "seqlora", "--tasks", "agnews,SST-2") == 0
     assert (run_dir / "stage_01-agnews" / "metrics.json").stat().st_mtime_ns == stage1  # not re-run
     assert matrix(tmp_path) == expected
@@ -94,23 +99,13 @@ def test_complete_runs_are_skipped(first_run, synthetic_dir):
 
 
 def test_inclora_resumes_with_its_branches(synthetic_dir, tmp_path, monkeypatch):
-    import harness.runner
-
     args = ("--method", "inclora", "--tasks", "agnews,SST-2,CB")
     assert run(synthetic_dir, tmp_path / "whole", *args) == 0
     expected = matrix(tmp_path / "whole", "inclora", "tasks-agnews+SST-2+CB")
-    real_fit, calls = harness.runner.fit, []
-
-    def crashing_fit(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("killed")
-        return real_fit(*a, **k)
-
-    monkeypatch.setattr(harness.runner, "fit", crashing_fit)
+    crash_at_stage(monkeypatch, 3)
     with pytest.raises(RuntimeError):
         run(synthetic_dir, tmp_path, *args)
-    monkeypatch.setattr(harness.runner, "fit", real_fit)
+    monkeypatch.undo()
     assert run(synthetic_dir, tmp_path, *args) == 0  # rebuilds branches 1-2, trains branch 3
     assert matrix(tmp_path, "inclora", "tasks-agnews+SST-2+CB") == expected
     seq = "tasks-agnews+SST-2+CB"
