@@ -178,7 +178,8 @@ class Runner:
 
         batcher = Batcher(backbone, self.profile.max_source_length, self.profile.max_target_length)
         ctx = Context(model=backbone.model, backbone=backbone, tasks=tasks, data=data,
-                      profile=self.profile, config=method.config, seed=spec.seed)
+                      profile=self.profile, config=method.config, seed=spec.seed,
+                      order=spec.order)
         seed_everything(spec.seed)  # after the backbone is in place, whether built or cached
         method.setup(ctx)
 

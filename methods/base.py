@@ -29,6 +29,7 @@ class Context:
     profile: "Profile"
     config: dict[str, Any]               # this method's hyperparameters for the profile
     seed: int
+    order: int | None = None             # the benchmark order, None for a custom sequence
     stage: int = 0                       # 0-based index of the current task in `tasks`
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 

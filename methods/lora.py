@@ -32,3 +32,9 @@ def add_branch(ctx: Context, name: str) -> PeftModel:
     else:
         ctx.model = get_peft_model(ctx.model, lora_config(ctx), adapter_name=name)
     return ctx.model
+
+
+def lora_layers(model) -> list:
+    """The peft LoRA layers of a model (modules holding per-branch `lora_A`/`lora_B`)."""
+    return [m for _, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "lora_B")
+            and len(m.lora_A) > 0]

@@ -1,0 +1,52 @@
+"""N-LoRA: non-collision through sparsity (METHODS.md §5.10).
+
+The growth of IncLoRA plus one L1 term on the new branch, summed over every adapted layer:
+- `code_rxr` (default, the reference code): lambda1 * sum |A_t B_t|, the entry-wise L1 of the r x r
+  product (A_t: r x d_in, B_t: d_out x r); defined only where d_in = d_out, refused otherwise;
+- `paper_full` (the paper): lambda1 * sum |s B_t A_t|, the L1 of the full update Delta W_t.
+No orthogonality and no L2 term.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from harness.errors import HarnessError
+from methods.base import Context
+from methods.inclora import IncLoRA, branch_name
+from methods.lora import lora_layers
+from methods.olora import stage_lambdas
+
+L1_FORMS = ("code_rxr", "paper_full")
+
+
+def sparsity_term(a: torch.Tensor, b: torch.Tensor, scaling: float, form: str) -> torch.Tensor:
+    if form == "code_rxr":
+        if a.shape[1] != b.shape[0]:
+            raise HarnessError(
+                f"nlora: l1_form code_rxr needs square layers (d_in = d_out), got A {tuple(a.shape)} "
+                f"and B {tuple(b.shape)}; use l1_form = \"paper_full\"")
+        return (a @ b).abs().sum()
+    return (scaling * (b @ a)).abs().sum()
+
+
+class NLoRA(IncLoRA):
+    name = "nlora"
+
+    def before_task(self, ctx: Context) -> None:
+        super().before_task(ctx)
+        self.l1_form = self.config.get("l1_form", "code_rxr")
+        if self.l1_form not in L1_FORMS:
+            raise HarnessError(f"nlora: l1_form must be one of {L1_FORMS}, got {self.l1_form!r}")
+        (self.lambda1,) = stage_lambdas(self.config, ctx, ("lambda1",))
+        new = branch_name(ctx.stage)
+        self.new_branches = [(layer.lora_A[new].weight, layer.lora_B[new].weight, layer.scaling[new])
+                             for layer in lora_layers(ctx.model)]
+        for a, b, s in self.new_branches:  # refuse non-square layers before training starts
+            sparsity_term(a.detach(), b.detach(), s, self.l1_form)
+
+    def penalty(self, ctx: Context, batch: dict, outputs) -> torch.Tensor | None:
+        if not self.lambda1:
+            return None
+        return self.lambda1 * sum(sparsity_term(a, b, s, self.l1_form)
+                                  for a, b, s in self.new_branches)

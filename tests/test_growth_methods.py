@@ -1,0 +1,105 @@
+"""O-LoRA and N-LoRA: loss terms equal their formulas; growth keeps earlier branches."""
+
+import pytest
+import torch
+
+from harness.errors import HarnessError
+from methods.nlora import sparsity_term
+from methods.olora import norm_term, orthogonality_term
+from methods.lora import lora_layers
+from tests.helpers import make_context, train_stage
+
+A_OLD = torch.tensor([[1.0, 0.0, 2.0], [0.0, -1.0, 1.0]])   # (t-1)r x d_in, here 2 x 3
+A_NEW = torch.tensor([[0.5, 1.0, 0.0], [1.0, 1.0, -1.0]])   # r x d_in, here 2 x 3
+B_NEW = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 1.0]])  # d_out x r, here 3 x 2
+
+
+def test_olora_terms_equal_their_formulas():
+    # A_old A_new^T = [[0.5, -1], [-1, -2]] by hand
+    assert orthogonality_term(A_OLD, A_NEW, "code_l1").item() == pytest.approx(0.5 + 1 + 1 + 2)
+    assert orthogonality_term(A_OLD, A_NEW, "paper_fro2").item() == pytest.approx(0.25 + 1 + 1 + 4)
+    assert orthogonality_term(None, A_NEW, "code_l1").item() == 0.0  # t = 1: exactly zero
+    fro_a, fro_b = (0.25 + 1 + 1 + 1 + 1) ** 0.5, (1 + 4 + 1 + 1) ** 0.5
+    assert norm_term([A_NEW, B_NEW], "code_norm").item() == pytest.approx(fro_a + fro_b)
+    assert norm_term([A_NEW, B_NEW], "squared").item() == pytest.approx(fro_a ** 2 + fro_b ** 2)
+
+
+def test_nlora_terms_equal_their_formulas():
+    # A_new B_new (r x r) = [[0.5, 2], [2, 1]] by hand
+    assert sparsity_term(A_NEW, B_NEW, 4.0, "code_rxr").item() == pytest.approx(0.5 + 2 + 2 + 1)
+    full = (4.0 * B_NEW @ A_NEW).abs().sum().item()
+    assert sparsity_term(A_NEW, B_NEW, 4.0, "paper_full").item() == pytest.approx(full)
+    with pytest.raises(HarnessError, match="d_in = d_out"):
+        sparsity_term(torch.ones(2, 5), torch.ones(3, 2), 1.0, "code_rxr")
+
+
+@pytest.mark.parametrize("method_name", ["olora", "nlora"])
+def test_growth_keeps_old_branches_and_rank_grows_by_r(synthetic_dir, method_name):
+    ctx, method, batcher = make_context(synthetic_dir, method_name)
+    method.setup(ctx)
+    train_stage(ctx, method, batcher, 0)
+    if method_name == "olora":  # at stage 1 there is no old branch: only the (zero) L2 term
+        assert method.penalty(ctx, None, None) is None or method.penalty(ctx, None, None).item() == 0
+    first = {n: p.detach().clone() for n, p in ctx.model.named_parameters() if ".task1." in n}
+    train_stage(ctx, method, batcher, 1)
+    after = dict(ctx.model.named_parameters())
+    assert first and all(torch.equal(first[n], after[n]) for n in first)
+    assert all(not after[n].requires_grad for n in first)
+    layer = lora_layers(ctx.model)[0]
+    r = layer.r["task1"]
+    stacked = torch.cat([layer.lora_A[b].weight for b in ("task1", "task2")])
+    assert stacked.shape[0] == 2 * r
+    merged = sum(layer.scaling[b] * layer.lora_B[b].weight @ layer.lora_A[b].weight
+                 for b in ("task1", "task2"))
+    assert torch.linalg.matrix_rank(merged.detach()) == 2 * r
+
+
+def test_olora_penalty_is_the_sum_over_layers(synthetic_dir):
+    ctx, method, batcher = make_context(synthetic_dir, "olora")
+    method.setup(ctx)
+    train_stage(ctx, method, batcher, 0)
+    ctx.stage = 1
+    method.before_task(ctx)
+    expected = sum((layer.lora_A["task1"].weight @ layer.lora_A["task2"].weight.T).abs().sum()
+                   for layer in lora_layers(ctx.model))
+    assert method.penalty(ctx, None, None).item() == pytest.approx(
+        method.config["lambda1"] * expected.item(), rel=1e-6)
+
+
+def test_per_task_lambdas_apply_only_to_listed_orders(synthetic_dir):
+    from methods.olora import stage_lambdas
+
+    ctx, _, _ = make_context(synthetic_dir, "olora", tasks=("dbpedia",))
+    config = {"lambda1": 0.5, "per_task_orders": [6], "per_task": {"dbpedia": {"lambda1": 5.0}}}
+    ctx.order = 1
+    assert stage_lambdas(config, ctx, ("lambda1",)) == [0.5]
+    ctx.order = 6
+    assert stage_lambdas(config, ctx, ("lambda1",)) == [5.0]
+
+
+def test_olora_training_reduces_the_overlap(synthetic_dir):
+    """Same data, seed and steps: with lambda1 > 0 the new branch ends more orthogonal to the old
+    one than with lambda1 = 0 (IncLoRA), and less overlapping than it started."""
+    from harness.trainer import fit
+
+    def overlaps(lambda1):
+        ctx, method, batcher = make_context(synthetic_dir, "olora")
+        method.config["lambda1"] = lambda1
+        method.setup(ctx)
+        train_stage(ctx, method, batcher, 0)
+        ctx.stage = 1
+        method.before_task(ctx)
+
+        def overlap():
+            return sum(orthogonality_term(a_old, a.detach(), "code_l1").item()
+                       for a_old, a, _ in method.pairs)
+
+        start = overlap()
+        fit(ctx, method, batcher, batch_size=8, grad_accum=1, epochs=1, max_grad_norm=1.0, seed=1,
+            progress=False)
+        return start, overlap()
+
+    start, with_term = overlaps(0.5)
+    start0, without = overlaps(0.0)
+    assert start == pytest.approx(start0)  # same initial branches
+    assert with_term < start and with_term < without
