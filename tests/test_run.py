@@ -98,19 +98,21 @@ def test_complete_runs_are_skipped(first_run, synthetic_dir):
     assert summary.stat().st_mtime_ns == stamp
 
 
-def test_inclora_resumes_with_its_branches(synthetic_dir, tmp_path, monkeypatch):
-    args = ("--method", "inclora", "--tasks", "agnews,SST-2,CB")
+@pytest.mark.parametrize("method", ["inclora", "olora", "ewc", "replay", "lwf"])
+def test_stateful_methods_resume_exactly(synthetic_dir, tmp_path, monkeypatch, method):
+    """Branches, Fisher and anchors, the replay memory, the teacher: all rebuilt on resume."""
+    args = ("--method", method, "--tasks", "agnews,SST-2,CB")
     assert run(synthetic_dir, tmp_path / "whole", *args) == 0
-    expected = matrix(tmp_path / "whole", "inclora", "tasks-agnews+SST-2+CB")
+    expected = matrix(tmp_path / "whole", method, "tasks-agnews+SST-2+CB")
     crash_at_stage(monkeypatch, 3)
     with pytest.raises(RuntimeError):
         run(synthetic_dir, tmp_path, *args)
     monkeypatch.undo()
-    assert run(synthetic_dir, tmp_path, *args) == 0  # rebuilds branches 1-2, trains branch 3
-    assert matrix(tmp_path, "inclora", "tasks-agnews+SST-2+CB") == expected
+    assert run(synthetic_dir, tmp_path, *args) == 0  # rebuilds stages 1-2, trains stage 3
+    assert matrix(tmp_path, method, "tasks-agnews+SST-2+CB") == expected
     seq = "tasks-agnews+SST-2+CB"
-    assert same_tensors(final_tensors(tmp_path, "inclora", seq),
-                        final_tensors(tmp_path / "whole", "inclora", seq))
+    assert same_tensors(final_tensors(tmp_path, method, seq),
+                        final_tensors(tmp_path / "whole", method, seq))
 
 
 def test_table_prints_leaderboard(first_run, capsys):

@@ -1,0 +1,48 @@
+"""LwF: learning without forgetting, adapted to seq2seq (METHODS.md §5.6; no reference code).
+
+Before stage t > 1 the model is copied as a frozen teacher (eval mode). On every batch the teacher
+runs with the same inputs and gold decoder inputs, and the penalty is
+lambda * T^2 * mean over non-pad target positions of KL(softmax(z_T / T) || softmax(z_S / T)).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from methods.base import Context, Method
+from methods.sequential import setup_base
+
+
+def distillation_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 x mean over masked positions of KL(teacher || student) at temperature T."""
+    log_student = F.log_softmax(student_logits / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
+    kl = (log_teacher.exp() * (log_teacher - log_student)).sum(-1)
+    return temperature ** 2 * (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+class LwF(Method):
+    name = "lwf"
+    teacher: torch.nn.Module | None = None
+
+    def setup(self, ctx: Context) -> None:
+        setup_base(ctx, self.name)
+
+    def before_task(self, ctx: Context) -> None:
+        if ctx.stage == 0:
+            return
+        self.teacher = copy.deepcopy(ctx.model).eval()
+        self.teacher.requires_grad_(False)
+
+    def penalty(self, ctx: Context, batch: dict, outputs) -> torch.Tensor | None:
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            teacher_logits = self.teacher(**batch).logits
+        mask = (batch["labels"] != -100).float()
+        return float(self.config.get("lambda", 1.0)) * distillation_term(
+            outputs.logits, teacher_logits, mask, float(self.config.get("temperature", 2.0)))

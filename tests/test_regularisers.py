@@ -1,0 +1,98 @@
+"""Replay, EWC and LwF: each checked by its defining property."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from methods.lwf import distillation_term
+from tests.helpers import make_context, train_stage
+
+
+def test_replay_memory_holds_earlier_tasks_only_with_its_quota(synthetic_dir):
+    ctx, method, batcher = make_context(synthetic_dir, "replay", tasks=("agnews", "SST-2", "CB"),
+                                        n_train=40)
+    method.config["memory_per_task"] = 6
+    method.setup(ctx)
+    for stage in range(3):
+        ctx.stage = stage
+        method.before_task(ctx)
+        data = method.training_data(ctx)
+        current = ctx.task_data.train
+        extra = len(data) - len(current)
+        assert extra == 6 * stage  # the quota of each earlier task, nothing of the current one
+        assert set(method.memory) == {t.name for t in ctx.tasks[:stage]}
+        for task, records in method.memory.items():
+            own = set(ctx.data[task].train["source"])
+            assert all(r["source"] in own for r in records)
+            assert {r["target"] for r in records} == set(ctx.data[task].task.labels)  # every label
+        method.after_task(ctx)
+    memory = {k: list(v) for k, v in method.memory.items()}
+    method.after_task(ctx)  # seeded: the same stage stores the same examples
+    assert method.memory == memory
+
+
+def test_ewc_fisher_is_mean_squared_per_example_gradient(synthetic_dir):
+    ctx, method, batcher = make_context(synthetic_dir, "ewc", n_train=8)
+    method.config.update(fisher_samples=5, normalize_fisher=False)
+    method.setup(ctx)
+    train_stage(ctx, method, batcher, 0)
+    fisher = method.fishers[0]
+    # By hand: log p(y|x) from log-softmax of the logits at the gold tokens, one example at a time.
+    params = method.params
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    ctx.model.eval()
+    train = ctx.task_data.train
+    for source, target in zip(train["source"][:5], train["target"][:5]):
+        batch = batcher.train_batch([source], [target])
+        logits = ctx.model(**batch).logits
+        gold = batch["labels"][0]
+        logp = F.log_softmax(logits[0], -1)[torch.arange(len(gold)), gold.clamp(min=0)]
+        grads = torch.autograd.grad(logp[gold != -100].sum(), list(params.values()))
+        for n, g in zip(params, grads):
+            expected[n] += g ** 2 / 5
+    for n in params:
+        torch.testing.assert_close(fisher[n], expected[n], rtol=1e-4, atol=1e-10)
+    assert any(f.abs().sum() > 0 for f in fisher.values())
+
+
+def test_ewc_penalty_is_zero_at_the_anchor_and_follows_its_formula(synthetic_dir):
+    ctx, method, batcher = make_context(synthetic_dir, "ewc", n_train=8)
+    method.config.update(fisher_samples=4)
+    method.setup(ctx)
+    train_stage(ctx, method, batcher, 0)
+    ctx.stage = 1
+    method.before_task(ctx)
+    assert method.penalty(ctx, None, None).item() == 0.0
+    name, param = next(iter(method.params.items()))
+    with torch.no_grad():
+        param.add_(0.01)
+    expected = 0.5 * method.config["lambda"] * (method.fishers[0][name] * 0.01 ** 2).sum()
+    torch.testing.assert_close(method.penalty(ctx, None, None), expected, rtol=1e-3, atol=1e-9)
+
+
+def test_distillation_term_formula():
+    student = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]]])
+    teacher = torch.tensor([[[0.0, 1.0, 0.0], [0.5, 0.5, 0.0]]])
+    mask = torch.tensor([[1.0, 0.0]])
+    p_t, log_p_s = F.softmax(teacher[0, 0] / 2, -1), F.log_softmax(student[0, 0] / 2, -1)
+    expected = 4 * (p_t * (p_t.log() - log_p_s)).sum()
+    assert distillation_term(student, teacher, mask, 2.0).item() == pytest.approx(expected.item())
+    assert distillation_term(teacher, teacher, torch.ones(1, 2), 2.0).item() == pytest.approx(0, abs=1e-7)
+
+
+def test_lwf_term_zero_when_agreeing_and_teacher_never_changes(synthetic_dir):
+    ctx, method, batcher = make_context(synthetic_dir, "lwf")
+    method.setup(ctx)
+    train_stage(ctx, method, batcher, 0)
+    ctx.stage = 1
+    method.before_task(ctx)
+    batch = batcher.train_batch(list(ctx.task_data.train["source"][:4]),
+                                list(ctx.task_data.train["target"][:4]))
+    assert method.penalty(ctx, batch, ctx.model(**batch)).item() == pytest.approx(0, abs=1e-6)
+    teacher = {n: p.clone() for n, p in method.teacher.state_dict().items()}
+    from harness.trainer import fit
+
+    fit(ctx, method, batcher, batch_size=8, grad_accum=1, epochs=1, max_grad_norm=1.0, seed=1,
+        progress=False)
+    assert all(torch.equal(teacher[n], p) for n, p in method.teacher.state_dict().items())
+    assert method.penalty(ctx, batch, ctx.model(**batch)).item() > 0  # the student moved
