@@ -146,8 +146,12 @@ def cmd_run(args) -> int:
         seeds = [0 if args.seed is None else args.seed]
         sequences = [(args.order, bench.order(args.order))] if args.order is not None \
             else [(None, tuple(args.tasks))]
+    from methods.modifier import Modifier
+
+    if args.all and not args.methods:  # modifiers only run combined with a base method
+        methods = [m for m in methods if not issubclass(registry.method_class(m), Modifier)]
     for name in methods:
-        registry.method_class(name)  # unknown names fail before any work
+        registry.create(name, args.profile)  # unknown names and bad combinations fail first
     for _, seq in sequences:
         bench.sequence(list(seq))
     options = Options(results=args.results, data_dir=args.data_dir, model=args.model,

@@ -60,7 +60,20 @@ def method_config(name: str, profile: str, cls: type[Method] | None = None) -> d
 
 
 def create(name: str, profile: str) -> Method:
-    cls = method_class(name)
-    method = cls(method_config(name, profile, cls))
+    """A method by name; `base+modifier[+modifier...]` wraps the base in each modifier in turn."""
+    from methods.modifier import Modifier
+
+    base_name, *modifiers = name.split("+")
+    cls = method_class(base_name)
+    if issubclass(cls, Modifier):
+        raise HarnessError(f"{base_name!r} is a modifier; combine it with a base method, "
+                           f"e.g. seqlora+{base_name}")
+    method = cls(method_config(base_name, profile, cls))
+    for modifier in modifiers:
+        mod_cls = method_class(modifier)
+        if not issubclass(mod_cls, Modifier):
+            raise HarnessError(f"{modifier!r} in {name!r} is not a modifier (a step-changing plugin "
+                               "such as sam or rwp)")
+        method = mod_cls(method, method_config(modifier, profile, mod_cls))
     method.name = name
     return method

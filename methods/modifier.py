@@ -1,0 +1,61 @@
+"""Modifiers: plugins that change only the training step and compose with any base method
+(`seqlora+sam`, `olora+rwp`). A modifier wraps the base method and forwards every other hook.
+
+Its hyperparameters sit in the context config under its own name (`ctx.config["sam"]`), beside the
+base method's, so the two never clash.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from methods.base import Context, Method
+
+
+class Modifier(Method):
+    def __init__(self, base: Method, config: dict[str, Any] | None = None):
+        super().__init__({**base.config, type(self).name: dict(config or {})})
+        self.base = base
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.config[type(self).name]
+
+    def setup(self, ctx):
+        self.base.setup(ctx)
+
+    def before_task(self, ctx):
+        self.base.before_task(ctx)
+
+    def training_data(self, ctx):
+        return self.base.training_data(ctx)
+
+    def trainable_parameters(self, ctx):
+        self.params = self.base.trainable_parameters(ctx)
+        return self.params
+
+    def make_optimizer(self, ctx, params):
+        return self.base.make_optimizer(ctx, params)
+
+    def penalty(self, ctx, batch, outputs):
+        return self.base.penalty(ctx, batch, outputs)
+
+    def after_task(self, ctx):
+        self.base.after_task(ctx)
+
+    def task_deltas(self, ctx):
+        return self.base.task_deltas(ctx)
+
+    def state_dict(self):
+        return self.base.state_dict()
+
+    def load_state_dict(self, state, ctx, completed_stages):
+        self.base.load_state_dict(state, ctx, completed_stages)
+
+    def gradient_pass(self, ctx: Context, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One forward/backward through the base method's own step, from zeroed gradients."""
+        for p in self.params:
+            p.grad = None
+        return self.base.step(ctx, closure)

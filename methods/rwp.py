@@ -1,0 +1,73 @@
+"""RWP modifier: random weight perturbation (METHODS.md §5.14).
+
+Per step: g0 = grad L(theta); noise eps is drawn (seeded) and added to the perturbed tensors, whose
+exact values are saved; g1 = grad L(theta + eps) on the same batch; the tensors are restored by
+copying back; the optimizer steps with lambda g1 + (1 - lambda) g0.
+- `scope = "lora"`: perturb only the trainable parameters; `"full"`: every weight of the model
+  (backbone, frozen branches, trainable ones), while gradients and updates stay on the trainable ones.
+- `noise_scale`: `var_abs` (default, std sigma sqrt|theta_i|), `std_abs` (std sigma |theta_i|),
+  `filter` (the RWP paper: std sigma ||theta_o,:|| per output row; sigma ||theta|| for 1-D tensors).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from harness.errors import HarnessError
+from methods.modifier import Modifier
+
+SCALES = ("var_abs", "std_abs", "filter")
+
+
+def noise_std(param: torch.Tensor, sigma: float, law: str) -> torch.Tensor:
+    if law == "var_abs":
+        return sigma * param.abs().sqrt()
+    if law == "std_abs":
+        return sigma * param.abs()
+    if law == "filter":
+        if param.dim() < 2:
+            return sigma * param.norm().expand_as(param)
+        rows = param.reshape(param.shape[0], -1).norm(dim=1)
+        return sigma * rows.reshape(-1, *([1] * (param.dim() - 1))).expand_as(param)
+    raise HarnessError(f"rwp: noise_scale must be one of {SCALES}, got {law!r}")
+
+
+class RWP(Modifier):
+    name = "rwp"
+
+    def before_task(self, ctx):
+        super().before_task(ctx)
+        self.generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.stage)
+
+    def perturbed_tensors(self, ctx) -> list[torch.Tensor]:
+        scope = self.settings.get("scope", "lora")
+        if scope == "lora":
+            return list(self.params)
+        if scope == "full":
+            return list(ctx.model.parameters())
+        raise HarnessError(f"rwp: scope must be 'lora' or 'full', got {scope!r}")
+
+    def sample_noise(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        sigma = float(self.settings.get("sigma", 0.01))
+        law = self.settings.get("noise_scale", "var_abs")
+        return [torch.randn(t.shape, generator=self.generator, dtype=t.dtype) *
+                noise_std(t.detach(), sigma, law) for t in tensors]
+
+    def step(self, ctx, closure):
+        loss = self.gradient_pass(ctx, closure)
+        clean = [p.grad.clone() if p.grad is not None else None for p in self.params]
+        tensors = self.perturbed_tensors(ctx)
+        noise = self.sample_noise(tensors)
+        with torch.no_grad():
+            saved = [t.detach().clone() for t in tensors]
+            for t, e in zip(tensors, noise):
+                t.add_(e)
+        self.gradient_pass(ctx, closure)
+        lam = float(self.settings.get("lambda", 0.5))
+        with torch.no_grad():
+            for t, s in zip(tensors, saved):
+                t.copy_(s)
+            for p, g0 in zip(self.params, clean):
+                if p.grad is not None and g0 is not None:
+                    p.grad.mul_(lam).add_(g0, alpha=1 - lam)
+        return loss
