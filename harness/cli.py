@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--profile", help="only this profile")
     table.add_argument("--format", choices=["github", "latex", "csv"], default="github")
 
+    new = sub.add_parser("new-method", help="write a method plugin, its config and test")
+    new.add_argument("name")
+
     gen = sub.add_parser("generate", help="write the synthetic benchmark")
     gen.add_argument("--out", type=Path, help="output folder (default: CL_Benchmark/synthetic)")
     gen.add_argument("--train", type=_positive, default=1000, help="train records per task")
@@ -190,6 +193,16 @@ def cmd_generate(args) -> None:
     print(f"synthetic benchmark written to {out}")
 
 
+def cmd_new_method(args) -> None:
+    from harness.scaffold import new_method
+
+    for path in new_method(args.name):
+        print(f"wrote {path}")
+    print("register it with `pip install -e .` (the entry point is in pyproject.toml), then "
+          f"`python -m harness run --method {args.name} --order 1` and "
+          f"`python -m pytest tests/test_method_{args.name}.py`")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "datasets", "transformers", "peft", "DeepSpeed"):
@@ -197,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         handler = {"run": cmd_run, "list": cmd_list, "table": cmd_table,
-                   "generate": cmd_generate}[args.command]
+                   "generate": cmd_generate, "new-method": cmd_new_method}[args.command]
         return handler(args) or 0
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
