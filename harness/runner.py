@@ -205,11 +205,13 @@ class Runner:
             start = time.perf_counter()
             accuracy, predictions = {}, []
             for task in tasks:
+                method.select_for_eval(ctx, task)
                 acc, preds = evaluate_task(ctx.model, batcher, data[task.name],
                                            batch_size=self.profile.eval_batch_size,
                                            max_new_tokens=self.profile.max_new_tokens)
                 accuracy[task.name] = acc
                 predictions += preds
+            method.select_for_eval(ctx, None)
             return accuracy, predictions, time.perf_counter() - start
 
         if not done:  # stage 0: the untrained model, the baseline FWT needs

@@ -88,6 +88,10 @@ class Method:
         """
         return closure()
 
+    def select_for_eval(self, ctx: Context, task: "Task | None") -> None:
+        """Called before each task is evaluated (and with None after the last one): methods that
+        keep a separate parametrisation per task (an oracle of task identity) switch to it here."""
+
     # -- consolidation and reporting ----------------------------------------------------------------
     def after_task(self, ctx: Context) -> None:
         """Consolidate after training a stage (merge, Fisher, memory, buffer)."""

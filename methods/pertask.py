@@ -1,0 +1,53 @@
+"""PerTaskFT: the independent-model upper bound (METHODS.md §5.8).
+
+Each task trains a fresh LoRA adapter from the base model, alone. At evaluation the task identity
+is an oracle: task j is scored with its own adapter, and a task not trained yet with the base model
+(adapters off). Its diagonal R[j][j] is the single-task reference some FWT variants need.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from methods.base import Context, Method
+from methods.inclora import branch_name
+from methods.lora import add_branch
+
+
+class PerTaskFT(Method):
+    name = "pertask"
+
+    def __init__(self, config: dict[str, Any] | None = None):
+        super().__init__(config)
+        self.trained: list[str] = []  # task names, in stage order
+
+    def _activate(self, ctx: Context, adapter: str) -> None:
+        ctx.model.base_model.enable_adapter_layers()
+        ctx.model.base_model.set_adapter(adapter)
+        for param_name, param in ctx.model.named_parameters():
+            param.requires_grad_(f".{adapter}." in param_name)
+
+    def _grow(self, ctx: Context, stage: int) -> None:
+        add_branch(ctx, branch_name(stage))
+        self.trained.append(ctx.tasks[stage].name)
+        self._activate(ctx, branch_name(stage))
+
+    def before_task(self, ctx: Context) -> None:
+        self._grow(ctx, ctx.stage)
+
+    def select_for_eval(self, ctx: Context, task) -> None:
+        if not self.trained:
+            return  # no adapter yet: the untrained model is the base model
+        if task is None:  # back to training the current task's adapter
+            self._activate(ctx, branch_name(len(self.trained) - 1))
+        elif task.name in self.trained:
+            self._activate(ctx, branch_name(self.trained.index(task.name)))
+        else:
+            ctx.model.base_model.disable_adapter_layers()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"trained": list(self.trained)}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: Context, completed_stages: int) -> None:
+        for stage in range(completed_stages):
+            self._grow(ctx, stage)
