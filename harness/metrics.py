@@ -44,7 +44,14 @@ def forward_transfer(R: np.ndarray) -> float:
 
 
 def summarize(R: np.ndarray) -> dict[str, float]:
-    out = {"AA": average_accuracy(R), "LA": learning_accuracy(R)}
+    """All metrics; those that need one row per task (LA, BWT, FWT, forgetting) are NaN when R has
+    fewer rows, as for a method trained once on the whole sequence."""
+    out = {"AA": average_accuracy(R)}
+    per_stage = R.shape[0] == R.shape[1] + 1
+    nan = float("nan")
+    out["LA"] = learning_accuracy(R) if per_stage else nan
     if R.shape[1] > 1:
-        out.update(BWT=backward_transfer(R), FWT=forward_transfer(R), forgetting=forgetting(R))
+        out.update(BWT=backward_transfer(R) if per_stage else nan,
+                   FWT=forward_transfer(R) if per_stage else nan,
+                   forgetting=forgetting(R) if per_stage else nan)
     return out

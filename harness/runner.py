@@ -220,9 +220,10 @@ class Runner:
                                 "accuracy": accuracy, "eval_seconds": seconds}, predictions)
             rows.append(accuracy)
 
-        bar = tqdm(total=len(tasks), initial=len(rows) - 1, desc=f"{spec.method} {spec.sequence_name} "
+        n_stages = 1 if method.joint else len(tasks)
+        bar = tqdm(total=n_stages, initial=len(rows) - 1, desc=f"{spec.method} {spec.sequence_name} "
                    f"seed{spec.seed}", leave=False, disable=not self.options.progress, unit="task")
-        for stage in range(len(rows) - 1, len(tasks)):
+        for stage in range(len(rows) - 1, n_stages):
             ctx.stage = stage
             seed_everything(stage_seed(spec.seed, stage))
             method.before_task(ctx)
@@ -230,16 +231,18 @@ class Runner:
             result = fit(ctx, method, batcher, batch_size=self.profile.batch_size,
                          grad_accum=self.profile.grad_accum, epochs=self.profile.epochs,
                          max_grad_norm=self.profile.max_grad_norm, seed=stage_seed(spec.seed, stage),
-                         progress=self.options.progress, desc=tasks[stage].name)
+                         progress=self.options.progress,
+                         desc="all tasks" if method.joint else tasks[stage].name)
             method.after_task(ctx)
             accuracy, predictions, eval_seconds = evaluate_all()
             # The checkpoint holds every tensor any stage has trained so far: enough to rebuild the
             # model from the backbone plus the method's own state.
             params = dict(ctx.model.named_parameters())
             checkpoint = {n: params[n] for n in sorted(touched)}
+            trained = "all" if method.joint else tasks[stage].name
             stage_dir = run_dir.write_stage(
-                stage_name(stage + 1, tasks[stage].name),
-                {"stage": stage + 1, "task": tasks[stage].name, "accuracy": accuracy,
+                stage_name(stage + 1, trained),
+                {"stage": stage + 1, "task": trained, "accuracy": accuracy,
                  "train": asdict(result), "eval_seconds": eval_seconds,
                  "saved_tensors": sorted(touched)},
                 predictions, checkpoint=checkpoint, method_state=method.state_dict())
@@ -249,7 +252,7 @@ class Runner:
                     RunDir.drop_checkpoint(older)
             rows.append(accuracy)
             bar.update(1)
-            bar.set_postfix(acc=f"{accuracy[tasks[stage].name]:.1f}")
+            bar.set_postfix(acc=f"{accuracy[ctx.task.name]:.1f}")
         bar.close()
         return self.finish(spec, run_dir, tasks, config)
 
@@ -272,10 +275,11 @@ class Runner:
             "metrics": {k: (None if np.isnan(v) else round(v, 4))
                         for k, v in metrics.summarize(R).items()},
             "stage_average_accuracy": [  # AA_i: mean over the tasks seen after stage i
-                None if np.isnan(R[i, :i]).any() else round(float(np.mean(R[i, :i])), 4)
-                for i in range(1, len(R))],
+                None if np.isnan(seen).any() else round(float(np.mean(seen)), 4)
+                for i in range(1, len(R))
+                for seen in [R[i, :i] if len(R) == len(names) + 1 else R[i]]],
             "accuracy_matrix": [[None if np.isnan(v) else v for v in row] for row in R.tolist()],
-            "row_labels": ["base"] + names,
+            "row_labels": ["base"] + [r["task"] for r in rows[1:]],
             "train_seconds": round(train_seconds, 3), "eval_seconds": round(eval_seconds, 3),
             "wall_seconds": round(train_seconds + eval_seconds, 3),
             "fingerprint": config["fingerprint"],

@@ -52,6 +52,9 @@ class Method:
     """
 
     name: str = ""
+    # True for methods trained once on the whole sequence (one stage, one row of R) rather than
+    # task after task.
+    joint: bool = False
 
     def __init__(self, config: dict[str, Any] | None = None):
         self.config = dict(config or {})

@@ -20,6 +20,10 @@ class Modifier(Method):
         self.base = base
 
     @property
+    def joint(self) -> bool:
+        return self.base.joint
+
+    @property
     def settings(self) -> dict[str, Any]:
         return self.config[type(self).name]
 

@@ -1,0 +1,24 @@
+"""MTL: the multi-task upper bound (METHODS.md §5.7).
+
+One stage on the shuffled union of every task's training set, with the parametrisation of the
+compared family (`base = "lora"`, one adapter, by default; `"full"` as an option) and the profile's
+epochs; every task is evaluated after that single stage, so R has one row and AA is its result.
+"""
+
+from __future__ import annotations
+
+import datasets
+
+from methods.base import Context, Method
+from methods.sequential import setup_base
+
+
+class MTL(Method):
+    name = "mtl"
+    joint = True
+
+    def setup(self, ctx: Context) -> None:
+        setup_base(ctx, self.name)
+
+    def training_data(self, ctx: Context) -> datasets.Dataset:
+        return datasets.concatenate_datasets([ctx.data[t.name].train for t in ctx.tasks])
