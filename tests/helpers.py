@@ -39,3 +39,13 @@ def train_stage(ctx, method, batcher, stage):
     fit(ctx, method, batcher, batch_size=8, grad_accum=1, epochs=1, max_grad_norm=1.0, seed=stage,
         progress=False)
     method.after_task(ctx)
+
+
+def at_second_stage(data_dir: Path, method_name: str, **kwargs):
+    """Context, method and batcher after training stage 1, with stage 2 prepared (before_task)."""
+    ctx, method, batcher = make_context(data_dir, method_name, **kwargs)
+    method.setup(ctx)
+    train_stage(ctx, method, batcher, 0)
+    ctx.stage = 1
+    method.before_task(ctx)
+    return ctx, method, batcher

@@ -7,7 +7,7 @@ from harness.errors import HarnessError
 from methods.nlora import sparsity_term
 from methods.olora import norm_term, orthogonality_term
 from methods.lora import lora_layers
-from tests.helpers import make_context, train_stage
+from tests.helpers import at_second_stage, make_context, train_stage
 
 A_OLD = torch.tensor([[1.0, 0.0, 2.0], [0.0, -1.0, 1.0]])   # (t-1)r x d_in, here 2 x 3
 A_NEW = torch.tensor([[0.5, 1.0, 0.0], [1.0, 1.0, -1.0]])   # r x d_in, here 2 x 3
@@ -55,11 +55,7 @@ def test_growth_keeps_old_branches_and_rank_grows_by_r(synthetic_dir, method_nam
 
 
 def test_olora_penalty_is_the_sum_over_layers(synthetic_dir):
-    ctx, method, batcher = make_context(synthetic_dir, "olora")
-    method.setup(ctx)
-    train_stage(ctx, method, batcher, 0)
-    ctx.stage = 1
-    method.before_task(ctx)
+    ctx, method, batcher = at_second_stage(synthetic_dir, "olora")
     expected = sum((layer.lora_A["task1"].weight @ layer.lora_A["task2"].weight.T).abs().sum()
                    for layer in lora_layers(ctx.model))
     assert method.penalty(ctx, None, None).item() == pytest.approx(

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.lwf import distillation_term
-from tests.helpers import make_context, train_stage
+from tests.helpers import at_second_stage, make_context, train_stage
 
 
 def test_replay_memory_holds_earlier_tasks_only_with_its_quota(synthetic_dir):
@@ -81,11 +81,7 @@ def test_distillation_term_formula():
 
 
 def test_lwf_term_zero_when_agreeing_and_teacher_never_changes(synthetic_dir):
-    ctx, method, batcher = make_context(synthetic_dir, "lwf")
-    method.setup(ctx)
-    train_stage(ctx, method, batcher, 0)
-    ctx.stage = 1
-    method.before_task(ctx)
+    ctx, method, batcher = at_second_stage(synthetic_dir, "lwf")
     batch = batcher.train_batch(list(ctx.task_data.train["source"][:4]),
                                 list(ctx.task_data.train["target"][:4]))
     assert method.penalty(ctx, batch, ctx.model(**batch)).item() == pytest.approx(0, abs=1e-6)
