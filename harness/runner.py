@@ -197,6 +197,9 @@ class Runner:
                                    f"({sorted(missing)[:3]}...)")
             ctx.model.load_state_dict(model_state, strict=False)
             log.info("%s: resuming after stage %d", run_dir.path, len(done) - 1)
+        # Tensors created from here on (new branches, designed projections) are checkpointed even
+        # when frozen, as are all that ever train; the rest is the backbone, rebuilt from its files.
+        existing = {id(p) for p in ctx.model.parameters()}
         rows = [read_json(d / "metrics.json")["accuracy"] for d in done]
         touched: set[str] = set(read_json(done[-1] / "metrics.json").get("saved_tensors", [])) \
             if len(done) > 1 else set()
@@ -227,7 +230,8 @@ class Runner:
             ctx.stage = stage
             seed_everything(stage_seed(spec.seed, stage))
             method.before_task(ctx)
-            touched |= {n for n, p in ctx.model.named_parameters() if p.requires_grad}
+            touched |= {n for n, p in ctx.model.named_parameters()
+                        if p.requires_grad or id(p) not in existing}
             result = fit(ctx, method, batcher, batch_size=self.profile.batch_size,
                          grad_accum=self.profile.grad_accum, epochs=self.profile.epochs,
                          max_grad_norm=self.profile.max_grad_norm, seed=stage_seed(spec.seed, stage),
@@ -235,8 +239,6 @@ class Runner:
                          desc="all tasks" if method.joint else tasks[stage].name)
             method.after_task(ctx)
             accuracy, predictions, eval_seconds = evaluate_all()
-            # The checkpoint holds every tensor any stage has trained so far: enough to rebuild the
-            # model from the backbone plus the method's own state.
             params = dict(ctx.model.named_parameters())
             checkpoint = {n: params[n] for n in sorted(touched)}
             trained = "all" if method.joint else tasks[stage].name

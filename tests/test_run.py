@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from harness.cli import main
 
@@ -98,7 +99,7 @@ def test_complete_runs_are_skipped(first_run, synthetic_dir):
     assert summary.stat().st_mtime_ns == stamp
 
 
-@pytest.mark.parametrize("method", ["inclora", "olora", "ewc", "replay", "lwf", "pertask"])
+@pytest.mark.parametrize("method", ["inclora", "olora", "ewc", "replay", "lwf", "pertask", "inflora"])
 def test_stateful_methods_resume_exactly(synthetic_dir, tmp_path, monkeypatch, method):
     """Branches, Fisher and anchors, the replay memory, the teacher: all rebuilt on resume."""
     args = ("--method", method, "--tasks", "agnews,SST-2,CB")
@@ -111,8 +112,14 @@ def test_stateful_methods_resume_exactly(synthetic_dir, tmp_path, monkeypatch, m
     assert run(synthetic_dir, tmp_path, *args) == 0  # rebuilds stages 1-2, trains stage 3
     assert matrix(tmp_path, method, "tasks-agnews+SST-2+CB") == expected
     seq = "tasks-agnews+SST-2+CB"
-    assert same_tensors(final_tensors(tmp_path, method, seq),
-                        final_tensors(tmp_path / "whole", method, seq))
+    resumed, whole = final_tensors(tmp_path, method, seq), final_tensors(tmp_path / "whole", method, seq)
+    if method == "inflora":
+        # InfLoRA designs its projections with LAPACK SVDs; across processes its trained tensors
+        # differ in round-off (seen: up to 9e-5), never in the accuracy matrix checked above.
+        assert resumed.keys() == whole.keys()
+        assert all(torch.allclose(resumed[k], whole[k], atol=1e-3, rtol=0) for k in whole)
+    else:
+        assert same_tensors(resumed, whole)
 
 
 def test_table_prints_leaderboard(first_run, capsys):

@@ -1,0 +1,185 @@
+"""InfLoRA: interference-free LoRA (METHODS.md §5.11; the paper's design by default).
+
+Per task and adapted linear: a new branch whose down-projection A_t (r x d_in) is designed before
+training and frozen, and whose up-projection B_t (zero at the start) is the only trained part.
+- Statistics: C = mean of h h^T over every token position (padding included, as the reference) of
+  the linear's true input, over the task's whole training set.
+- Design: project the protected subspace out of C (C - P C), take its top-r left singular vectors,
+  A_t = U[:, :r]^T / sqrt(3); so A_t P = 0 and the new branch cannot act on protected inputs.
+- Memory (DualGPM) after training, from C recomputed with the trained model, with the threshold
+  eps_t = eps_lo + (eps_hi - eps_lo) t / T: a basis M of the protected subspace ("remove"), switched
+  to a basis Q of its complement ("retain") once it is wider than d_in / 2; `memory = "gpm"` never
+  switches. P = M M^T (remove) or I - Q Q^T (retain).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+from harness.errors import HarnessError
+from methods.base import Context
+from methods.inclora import IncLoRA, branch_name
+from methods.lora import lora_layers
+
+log = logging.getLogger(__name__)
+
+
+def first_memory(C: torch.Tensor, eps: float, dual: bool) -> tuple[torch.Tensor, str]:
+    U, S, _ = torch.linalg.svd(C)
+    ratio = torch.cumsum(S ** 2, 0) / (S ** 2).sum()
+    k = max(1, int((ratio < eps).sum()))
+    d = C.shape[0]
+    if dual and k >= d / 2:
+        return U[:, k:], "retain"
+    return U[:, :k], "remove"
+
+
+def update_memory(M: torch.Tensor, kind: str, C: torch.Tensor, eps: float,
+                  dual: bool) -> tuple[torch.Tensor, str]:
+    """One DualGPM update of the basis `M` (type `kind`) with the statistics C of a new task."""
+    d = C.shape[0]
+    total = (torch.linalg.svdvals(C) ** 2).sum()
+    if kind == "remove":
+        U, S, _ = torch.linalg.svd(C - M @ (M.T @ C))
+        acc, r = float((total - (S ** 2).sum()) / total), 0
+        while acc < eps and r < len(S):
+            acc += float(S[r] ** 2 / total)
+            r += 1
+        if r:
+            M = torch.cat([M, U[:, :r]], dim=1)[:, :d]
+        if dual and M.shape[1] > d / 2:  # the dual switch: keep the narrower complement instead
+            U_full, _, _ = torch.linalg.svd(M, full_matrices=True)
+            return U_full[:, M.shape[1]:], "retain"
+        return M, "remove"
+    U, S, _ = torch.linalg.svd(M @ (M.T @ C))
+    acc, r = float((S ** 2).sum() / total), 0
+    while acc >= 1 - eps and r < len(S):
+        acc -= float(S[r] ** 2 / total)
+        r += 1
+    if r:
+        U_r = U[:, :r]
+        U2, _, _ = torch.linalg.svd(M - U_r @ (U_r.T @ M), full_matrices=False)
+        M = U2[:, : M.shape[1] - r]
+    return M, "retain"
+
+
+def protected_projector(M: torch.Tensor | None, kind: str, d: int) -> torch.Tensor:
+    if M is None:
+        return torch.zeros(d, d)
+    if kind == "remove":
+        return M @ M.T
+    return torch.eye(d) - M @ M.T
+
+
+def free_basis(M: torch.Tensor | None, kind: str, d: int) -> torch.Tensor:
+    """An orthonormal basis of the subspace the memory leaves free (d x f)."""
+    if M is None:
+        return torch.eye(d)
+    if kind == "retain":
+        return M
+    U, _, _ = torch.linalg.svd(M, full_matrices=True)
+    return U[:, M.shape[1]:]
+
+
+def design_down_projection(C: torch.Tensor, free: torch.Tensor, r: int) -> torch.Tensor:
+    """The top-r directions of the projected statistics, chosen inside the free subspace.
+
+    Equivalent to the top-r left singular vectors of C - P C where that matrix has rank >= r; taking
+    them in a basis of the free subspace keeps A_t P = 0 even when it has lower rank (the SVD's
+    trailing vectors are arbitrary). If fewer than r directions are free, the extra rows are zero.
+    """
+    U, _, _ = torch.linalg.svd(free.T @ C @ free)
+    k = min(r, free.shape[1])
+    A = torch.zeros(r, C.shape[0])
+    A[:k] = (free @ U[:, :k]).T
+    return A / math.sqrt(3)
+
+
+@torch.no_grad()
+def input_statistics(ctx: Context, layers: list, batcher, batch_size: int) -> list[torch.Tensor]:
+    """Uncentred second moment of each layer's input over the current task's training set."""
+    sums = [torch.zeros(l.in_features, l.in_features) for l in layers]
+    counts = [0] * len(layers)
+
+    def hook(i):
+        def record(module, inputs):
+            h = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            sums[i].add_(h.T @ h)
+            counts[i] += h.shape[0]
+        return record
+
+    handles = [l.base_layer.register_forward_pre_hook(hook(i)) for i, l in enumerate(layers)]
+    was_training = ctx.model.training
+    ctx.model.eval()
+    try:
+        train = ctx.task_data.train
+        for start in range(0, len(train), batch_size):
+            rows = train[start:start + batch_size]
+            ctx.model(**batcher.train_batch(rows["source"], rows["target"]))
+    finally:
+        for handle in handles:
+            handle.remove()
+        ctx.model.train(was_training)
+    return [s / max(1, c) for s, c in zip(sums, counts)]
+
+
+class InfLoRA(IncLoRA):
+    name = "inflora"
+
+    def __init__(self, config: dict[str, Any] | None = None):
+        super().__init__(config)
+        self.memory: list[tuple[torch.Tensor, str] | None] = []
+
+    def _batcher(self, ctx):
+        from harness.textio import Batcher
+
+        return Batcher(ctx.backbone, ctx.profile.max_source_length, ctx.profile.max_target_length)
+
+    def before_task(self, ctx: Context) -> None:
+        if self.config.get("design", "paper_svd") != "paper_svd":
+            raise HarnessError("inflora: only design = 'paper_svd' is implemented")
+        super().before_task(ctx)
+        new = branch_name(ctx.stage)
+        layers = lora_layers(ctx.model)
+        if not self.memory:
+            self.memory = [None] * len(layers)
+        stats = input_statistics(ctx, layers, self._batcher(ctx), ctx.profile.eval_batch_size)
+        for layer, C, mem in zip(layers, stats, self.memory):
+            free = free_basis(*(mem or (None, "remove")), C.shape[0])
+            if free.shape[1] < layer.r[new]:
+                log.warning("inflora: only %d free input directions left for a rank-%d branch",
+                            free.shape[1], layer.r[new])
+            A = layer.lora_A[new].weight
+            with torch.no_grad():
+                A.copy_(design_down_projection(C, free, A.shape[0]).to(A.dtype))
+            A.requires_grad_(False)  # designed, frozen: only B_t trains
+
+    def after_task(self, ctx: Context) -> None:
+        layers = lora_layers(ctx.model)
+        stats = input_statistics(ctx, layers, self._batcher(ctx), ctx.profile.eval_batch_size)
+        lo, hi = float(self.config.get("eps_lo", 0.995)), float(self.config.get("eps_hi", 1.0))
+        eps = lo + (hi - lo) * ctx.stage / len(ctx.tasks)
+        dual = self.config.get("memory", "dualgpm") == "dualgpm"
+        updated = [first_memory(C, eps, dual) if mem is None else update_memory(*mem, C, eps, dual)
+                   for C, mem in zip(stats, self.memory)]
+        # Contiguous copies: the same layout as after a reload, so a resumed run is bitwise equal.
+        self.memory = [(M.contiguous().clone(), kind) for M, kind in updated]
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"branches": list(self.branches),
+                                 "kinds": [m[1] if m else None for m in self.memory]}
+        state.update({f"memory{i}": m[0] for i, m in enumerate(self.memory) if m})
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], ctx: Context, completed_stages: int) -> None:
+        for stage in range(completed_stages):
+            self._grow(ctx, stage)
+        for name in self.branches:  # designed down-projections stay frozen
+            for layer in lora_layers(ctx.model):
+                layer.lora_A[name].weight.requires_grad_(False)
+        self.memory = [(state[f"memory{i}"], kind) if kind else None
+                       for i, kind in enumerate(state["kinds"])]
