@@ -179,7 +179,7 @@ class Runner:
         batcher = Batcher(backbone, self.profile.max_source_length, self.profile.max_target_length)
         ctx = Context(model=backbone.model, backbone=backbone, tasks=tasks, data=data,
                       profile=self.profile, config=method.config, seed=spec.seed,
-                      order=spec.order)
+                      order=spec.order, batcher=batcher)
         seed_everything(spec.seed)  # after the backbone is in place, whether built or cached
         method.setup(ctx)
 
@@ -223,6 +223,10 @@ class Runner:
                                 "accuracy": accuracy, "eval_seconds": seconds}, predictions)
             rows.append(accuracy)
 
+        # A kill between writing a stage and dropping its predecessor's checkpoint leaves two.
+        for older in done[1:-1]:
+            RunDir.drop_checkpoint(older)
+        previous = done[-1] if len(done) > 1 else None
         n_stages = 1 if method.joint else len(tasks)
         bar = tqdm(total=n_stages, initial=len(rows) - 1, desc=f"{spec.method} {spec.sequence_name} "
                    f"seed{spec.seed}", leave=False, disable=not self.options.progress, unit="task")
@@ -232,26 +236,24 @@ class Runner:
             method.before_task(ctx)
             touched |= {n for n, p in ctx.model.named_parameters()
                         if p.requires_grad or id(p) not in existing}
+            trained = "all" if method.joint else tasks[stage].name
             result = fit(ctx, method, batcher, batch_size=self.profile.batch_size,
                          grad_accum=self.profile.grad_accum, epochs=self.profile.epochs,
                          max_grad_norm=self.profile.max_grad_norm, seed=stage_seed(spec.seed, stage),
-                         progress=self.options.progress,
-                         desc="all tasks" if method.joint else tasks[stage].name)
+                         progress=self.options.progress, desc=trained)
             method.after_task(ctx)
             accuracy, predictions, eval_seconds = evaluate_all()
             params = dict(ctx.model.named_parameters())
             checkpoint = {n: params[n] for n in sorted(touched)}
-            trained = "all" if method.joint else tasks[stage].name
             stage_dir = run_dir.write_stage(
                 stage_name(stage + 1, trained),
                 {"stage": stage + 1, "task": trained, "accuracy": accuracy,
                  "train": asdict(result), "eval_seconds": eval_seconds,
                  "saved_tensors": sorted(touched)},
                 predictions, checkpoint=checkpoint, method_state=method.state_dict())
-            previous = run_dir.completed_stages()
-            for older in previous[1:-1]:
-                if older != stage_dir:
-                    RunDir.drop_checkpoint(older)
+            if previous is not None:  # only the latest stage's checkpoint is kept
+                RunDir.drop_checkpoint(previous)
+            previous = stage_dir
             rows.append(accuracy)
             bar.update(1)
             bar.set_postfix(acc=f"{accuracy[ctx.task.name]:.1f}")

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from harness.benchmark import Task
     from harness.data import TaskData
     from harness.profiles import Profile
+    from harness.textio import Batcher
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Context:
     config: dict[str, Any]               # this method's hyperparameters for the profile
     seed: int
     order: int | None = None             # the benchmark order, None for a custom sequence
+    batcher: "Batcher | None" = None     # text -> model batches, the runner's
     stage: int = 0                       # 0-based index of the current task in `tasks`
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 

@@ -60,10 +60,7 @@ class EWC(Method):
         return fisher
 
     def after_task(self, ctx: Context) -> None:
-        from harness.textio import Batcher
-
-        batcher = Batcher(ctx.backbone, ctx.profile.max_source_length, ctx.profile.max_target_length)
-        fisher = self.fisher(ctx, batcher)
+        fisher = self.fisher(ctx, ctx.batcher)
         anchor = {name: p.detach().clone() for name, p in self.params.items()}
         if self.config.get("online", False) and self.fishers:
             gamma = float(self.config.get("gamma", 1.0))

@@ -67,14 +67,6 @@ def update_memory(M: torch.Tensor, kind: str, C: torch.Tensor, eps: float,
     return M, "retain"
 
 
-def protected_projector(M: torch.Tensor | None, kind: str, d: int) -> torch.Tensor:
-    if M is None:
-        return torch.zeros(d, d)
-    if kind == "remove":
-        return M @ M.T
-    return torch.eye(d) - M @ M.T
-
-
 def free_basis(M: torch.Tensor | None, kind: str, d: int) -> torch.Tensor:
     """An orthonormal basis of the subspace the memory leaves free (d x f)."""
     if M is None:
@@ -134,11 +126,6 @@ class InfLoRA(IncLoRA):
         super().__init__(config)
         self.memory: list[tuple[torch.Tensor, str] | None] = []
 
-    def _batcher(self, ctx):
-        from harness.textio import Batcher
-
-        return Batcher(ctx.backbone, ctx.profile.max_source_length, ctx.profile.max_target_length)
-
     def before_task(self, ctx: Context) -> None:
         if self.config.get("design", "paper_svd") != "paper_svd":
             raise HarnessError("inflora: only design = 'paper_svd' is implemented")
@@ -147,7 +134,7 @@ class InfLoRA(IncLoRA):
         layers = lora_layers(ctx.model)
         if not self.memory:
             self.memory = [None] * len(layers)
-        stats = input_statistics(ctx, layers, self._batcher(ctx), ctx.profile.eval_batch_size)
+        stats = input_statistics(ctx, layers, ctx.batcher, ctx.profile.eval_batch_size)
         for layer, C, mem in zip(layers, stats, self.memory):
             free = free_basis(*(mem or (None, "remove")), C.shape[0])
             if free.shape[1] < layer.r[new]:
@@ -160,7 +147,7 @@ class InfLoRA(IncLoRA):
 
     def after_task(self, ctx: Context) -> None:
         layers = lora_layers(ctx.model)
-        stats = input_statistics(ctx, layers, self._batcher(ctx), ctx.profile.eval_batch_size)
+        stats = input_statistics(ctx, layers, ctx.batcher, ctx.profile.eval_batch_size)
         lo, hi = float(self.config.get("eps_lo", 0.995)), float(self.config.get("eps_hi", 1.0))
         eps = lo + (hi - lo) * ctx.stage / len(ctx.tasks)
         dual = self.config.get("memory", "dualgpm") == "dualgpm"

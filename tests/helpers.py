@@ -28,9 +28,10 @@ def make_context(data_dir: Path, method_name: str, tasks=("agnews", "yahoo"), n_
     profile = load_profile("default")
     method = registry.create(method_name, profile.name)
     torch.manual_seed(0)
+    batcher = Batcher(backbone, 512, 50)
     ctx = Context(model=backbone.model, backbone=backbone, tasks=seq, data=data, profile=profile,
-                  config=method.config, seed=0)
-    return ctx, method, Batcher(backbone, 512, 50)
+                  config=method.config, seed=0, batcher=batcher)
+    return ctx, method, batcher
 
 
 def train_stage(ctx, method, batcher, stage):
