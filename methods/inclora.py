@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from methods.base import Context, Method
-from methods.lora import add_branch
+from methods.lora import add_branch, train_only
 
 
 def branch_name(stage: int) -> str:
@@ -26,8 +26,7 @@ class IncLoRA(Method):
         self.branches.append(name)
         # Activate every branch (their outputs add up), then train the newest one only.
         model.base_model.set_adapter(self.branches)
-        for param_name, param in model.named_parameters():
-            param.requires_grad_(f".{name}." in param_name)
+        train_only(model, name)
 
     def before_task(self, ctx: Context) -> None:
         self._grow(ctx, ctx.stage)

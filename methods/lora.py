@@ -34,6 +34,12 @@ def add_branch(ctx: Context, name: str) -> PeftModel:
     return ctx.model
 
 
+def train_only(model, branch: str) -> None:
+    """Make `branch` the only trainable part of the model."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(f".{branch}." in name)
+
+
 def lora_layers(model) -> list:
     """The peft LoRA layers of a model (modules holding per-branch `lora_A`/`lora_B`)."""
     return [m for _, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "lora_B")

@@ -11,7 +11,7 @@ from typing import Any
 
 from methods.base import Context, Method
 from methods.inclora import branch_name
-from methods.lora import add_branch
+from methods.lora import add_branch, train_only
 
 
 class PerTaskFT(Method):
@@ -24,8 +24,7 @@ class PerTaskFT(Method):
     def _activate(self, ctx: Context, adapter: str) -> None:
         ctx.model.base_model.enable_adapter_layers()
         ctx.model.base_model.set_adapter(adapter)
-        for param_name, param in ctx.model.named_parameters():
-            param.requires_grad_(f".{adapter}." in param_name)
+        train_only(ctx.model, adapter)
 
     def _grow(self, ctx: Context, stage: int) -> None:
         add_branch(ctx, branch_name(stage))
