@@ -22,10 +22,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _int_list(text: str) -> list[int]:
+    """'1,2,5' or '1-3' or '0-2,7': integers and inclusive ranges, in the order given."""
+    values: list[int] = []
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        for part in filter(None, (x.strip() for x in text.split(","))):
+            first, sep, last = part.partition("-")
+            if sep and first:
+                lo, hi = int(first), int(last)
+                if hi < lo:
+                    raise ValueError
+                values.extend(range(lo, hi + 1))
+            else:
+                values.append(int(part))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers or ranges like 1-3, got {text!r}")
+    return values
 
 
 def _str_list(text: str) -> list[str]:
@@ -54,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     seq = run.add_mutually_exclusive_group()
     seq.add_argument("--order", type=int, help="task order 1-6")
     seq.add_argument("--tasks", type=_str_list, help="custom task sequence, e.g. dbpedia,amazon")
-    run.add_argument("--orders", type=_int_list, help="with --all: orders (default: 1-6)")
+    run.add_argument("--orders", type=_int_list, help="with --all: orders, e.g. 1-3 or 1,4 (default: 1-6)")
     run.add_argument("--seed", type=int, help="seed (default 0)")
-    run.add_argument("--seeds", type=_int_list, help="with --all: seeds (default: 0)")
+    run.add_argument("--seeds", type=_int_list, help="with --all: seeds, e.g. 0-2 (default: 0)")
     run.add_argument("--profile", default="default", help="profile (see `list profiles`)")
     run.add_argument("--data-dir", type=Path, help="data in the O-LoRA layout (default: synthetic; "
                      "or $HARNESS_DATA_DIR)")

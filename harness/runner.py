@@ -242,6 +242,7 @@ class Runner:
                          max_grad_norm=self.profile.max_grad_norm, seed=stage_seed(spec.seed, stage),
                          progress=self.options.progress, desc=trained)
             method.after_task(ctx)
+            deltas = method.task_deltas(ctx)
             accuracy, predictions, eval_seconds = evaluate_all()
             params = dict(ctx.model.named_parameters())
             checkpoint = {n: params[n] for n in sorted(touched)}
@@ -250,7 +251,8 @@ class Runner:
                 {"stage": stage + 1, "task": trained, "accuracy": accuracy,
                  "train": asdict(result), "eval_seconds": eval_seconds,
                  "saved_tensors": sorted(touched)},
-                predictions, checkpoint=checkpoint, method_state=method.state_dict())
+                predictions, checkpoint=checkpoint, method_state=method.state_dict(),
+                deltas=deltas)
             if previous is not None:  # only the latest stage's checkpoint is kept
                 RunDir.drop_checkpoint(previous)
             previous = stage_dir

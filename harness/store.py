@@ -49,6 +49,9 @@ def read_json(path: Path) -> Any:
         raise HarnessError(f"{path}: unreadable result file: {exc}") from exc
 
 
+DELTAS = "deltas.safetensors"
+
+
 def stage_name(stage: int, task: str) -> str:
     return f"stage_{stage:02d}-{task}"
 
@@ -102,8 +105,11 @@ class RunDir:
 
     def write_stage(self, name: str, metrics: dict, predictions: list[dict],
                     checkpoint: dict[str, torch.Tensor] | None = None,
-                    method_state: dict[str, Any] | None = None) -> Path:
-        """Build the stage folder under a temporary name, then rename it into place."""
+                    method_state: dict[str, Any] | None = None,
+                    deltas: dict[str, torch.Tensor] | None = None) -> Path:
+        """Build the stage folder under a temporary name, then rename it into place. `deltas`
+        (the stage's weight updates, methods.deltas) stay with the stage; the checkpoint does
+        not outlive the next stage."""
         final = self.path / name
         tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f".{name}."))
         try:
@@ -113,6 +119,9 @@ class RunDir:
             if checkpoint is not None:
                 save_file({k: v.detach().contiguous().cpu() for k, v in checkpoint.items()},
                           str(tmp / "model.safetensors"))
+            if deltas:
+                save_file({k: v.detach().contiguous().cpu() for k, v in deltas.items()},
+                          str(tmp / DELTAS))
             if method_state is not None:
                 tensors = {k: v for k, v in method_state.items() if isinstance(v, torch.Tensor)}
                 plain = {k: v for k, v in method_state.items() if not isinstance(v, torch.Tensor)}

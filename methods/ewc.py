@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from methods.base import Context, Method
-from methods.sequential import setup_base
+from methods.base import Context
+from methods.sequential import Sequential
 
 
 def example_log_likelihood_grads(ctx: Context, batcher, source: str, target: str,
@@ -27,7 +27,7 @@ def example_log_likelihood_grads(ctx: Context, batcher, source: str, target: str
     return torch.autograd.grad(-outputs.loss * n_tokens, list(params.values()))
 
 
-class EWC(Method):
+class EWC(Sequential):
     name = "ewc"
 
     def __init__(self, config: dict[str, Any] | None = None):
@@ -35,10 +35,8 @@ class EWC(Method):
         self.fishers: list[dict[str, torch.Tensor]] = []
         self.anchors: list[dict[str, torch.Tensor]] = []
 
-    def setup(self, ctx: Context) -> None:
-        setup_base(ctx, self.name)
-
     def before_task(self, ctx: Context) -> None:
+        super().before_task(ctx)
         self.params = {n: p for n, p in ctx.model.named_parameters() if p.requires_grad}
 
     def fisher(self, ctx: Context, batcher) -> dict[str, torch.Tensor]:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from methods.base import Context, Method
+from methods.deltas import branch_factors
 from methods.lora import add_branch, train_only
 
 
@@ -30,6 +33,9 @@ class IncLoRA(Method):
 
     def before_task(self, ctx: Context) -> None:
         self._grow(ctx, ctx.stage)
+
+    def task_deltas(self, ctx: Context) -> dict[str, torch.Tensor]:
+        return branch_factors(ctx.model, branch_name(ctx.stage))
 
     def state_dict(self) -> dict[str, Any]:
         return {"branches": list(self.branches)}

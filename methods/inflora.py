@@ -10,6 +10,9 @@ training and frozen, and whose up-projection B_t (zero at the start) is the only
   eps_t = eps_lo + (eps_hi - eps_lo) t / T: a basis M of the protected subspace ("remove"), switched
   to a basis Q of its complement ("retain") once it is wider than d_in / 2; `memory = "gpm"` never
   switches. P = M M^T (remove) or I - Q Q^T (retain).
+- `design = "random_projected"` (gainlora's T5 port, whose numbers the GainLoRA paper reports): A_t
+  is peft's Kaiming-uniform draw with the protected part removed and rows rescaled to 1/sqrt(3);
+  the first task keeps the raw draw. No statistics are gathered before training.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from methods.inclora import IncLoRA, branch_name
 from methods.lora import lora_layers
 
 log = logging.getLogger(__name__)
+DESIGNS = ("paper_svd", "random_projected")
 
 
 def first_memory(C: torch.Tensor, eps: float, dual: bool) -> tuple[torch.Tensor, str]:
@@ -91,6 +95,14 @@ def design_down_projection(C: torch.Tensor, free: torch.Tensor, r: int) -> torch
     return A / math.sqrt(3)
 
 
+def project_rows(A: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+    """gainlora's design: the random rows of A moved into the free subspace (A F F^T, i.e. the
+    protected part A M M^T removed), each rescaled to norm 1/sqrt(3)."""
+    projected = A @ free @ free.T
+    norms = projected.norm(dim=1, keepdim=True)
+    return torch.where(norms > 0, projected / norms.clamp(min=1e-30) / math.sqrt(3), projected)
+
+
 @torch.no_grad()
 def input_statistics(ctx: Context, layers: list, batcher, batch_size: int) -> list[torch.Tensor]:
     """Uncentred second moment of each layer's input over the current task's training set."""
@@ -127,22 +139,30 @@ class InfLoRA(IncLoRA):
         self.memory: list[tuple[torch.Tensor, str] | None] = []
 
     def before_task(self, ctx: Context) -> None:
-        if self.config.get("design", "paper_svd") != "paper_svd":
-            raise HarnessError("inflora: only design = 'paper_svd' is implemented")
+        design = self.config.get("design", "paper_svd")
+        if design not in DESIGNS:
+            raise HarnessError(f"inflora: design must be one of {DESIGNS}, got {design!r}")
         super().before_task(ctx)
         new = branch_name(ctx.stage)
         layers = lora_layers(ctx.model)
         if not self.memory:
             self.memory = [None] * len(layers)
-        stats = input_statistics(ctx, layers, ctx.batcher, ctx.profile.eval_batch_size)
+        stats = (input_statistics(ctx, layers, ctx.batcher, ctx.profile.eval_batch_size)
+                 if design == "paper_svd" else [None] * len(layers))
         for layer, C, mem in zip(layers, stats, self.memory):
-            free = free_basis(*(mem or (None, "remove")), C.shape[0])
+            A = layer.lora_A[new].weight
+            free = free_basis(*(mem or (None, "remove")), A.shape[1])
             if free.shape[1] < layer.r[new]:
                 log.warning("inflora: only %d free input directions left for a rank-%d branch",
                             free.shape[1], layer.r[new])
-            A = layer.lora_A[new].weight
+            if design == "paper_svd":
+                designed = design_down_projection(C, free, A.shape[0])
+            elif mem is None:  # gainlora: the first task keeps peft's raw Kaiming draw
+                designed = A.detach()
+            else:
+                designed = project_rows(A.detach().float(), free)
             with torch.no_grad():
-                A.copy_(design_down_projection(C, free, A.shape[0]).to(A.dtype))
+                A.copy_(designed.to(A.dtype))
             A.requires_grad_(False)  # designed, frozen: only B_t trains
 
     def after_task(self, ctx: Context) -> None:

@@ -12,8 +12,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from methods.base import Context, Method
-from methods.sequential import setup_base
+from methods.base import Context
+from methods.sequential import Sequential
 
 
 def distillation_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -25,14 +25,12 @@ def distillation_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return temperature ** 2 * (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
-class LwF(Method):
+class LwF(Sequential):
     name = "lwf"
     teacher: torch.nn.Module | None = None
 
-    def setup(self, ctx: Context) -> None:
-        setup_base(ctx, self.name)
-
     def before_task(self, ctx: Context) -> None:
+        super().before_task(ctx)
         if ctx.stage == 0:
             return
         self.teacher = copy.deepcopy(ctx.model).eval()

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import datasets
 
-from methods.base import Context, Method
-from methods.sequential import setup_base
+from methods.base import Context
+from methods.sequential import Sequential
 
 
-class MTL(Method):
+class MTL(Sequential):
     name = "mtl"
     joint = True
-
-    def setup(self, ctx: Context) -> None:
-        setup_base(ctx, self.name)
 
     def training_data(self, ctx: Context) -> datasets.Dataset:
         return datasets.concatenate_datasets([ctx.data[t.name].train for t in ctx.tasks])

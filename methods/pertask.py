@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from methods.base import Context, Method
+from methods.deltas import branch_factors
 from methods.inclora import branch_name
 from methods.lora import add_branch, train_only
 
@@ -43,6 +46,9 @@ class PerTaskFT(Method):
             self._activate(ctx, branch_name(self.trained.index(task.name)))
         else:
             ctx.model.base_model.disable_adapter_layers()
+
+    def task_deltas(self, ctx: Context) -> dict[str, torch.Tensor]:
+        return branch_factors(ctx.model, branch_name(ctx.stage))
 
     def state_dict(self) -> dict[str, Any]:
         return {"trained": list(self.trained)}

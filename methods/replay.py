@@ -15,19 +15,16 @@ from typing import Any
 import datasets
 
 from harness.data import stratified_sample
-from methods.base import Context, Method
-from methods.sequential import setup_base
+from methods.base import Context
+from methods.sequential import Sequential
 
 
-class Replay(Method):
+class Replay(Sequential):
     name = "replay"
 
     def __init__(self, config: dict[str, Any] | None = None):
         super().__init__(config)
         self.memory: dict[str, list[dict]] = {}  # task name -> stored records
-
-    def setup(self, ctx: Context) -> None:
-        setup_base(ctx, self.name)
 
     def quota(self, n_train: int, n_labels: int) -> int:
         if "memory_per_task" in self.config:

@@ -6,12 +6,9 @@ embedding, which the reference training script always freezes.
 
 from __future__ import annotations
 
-from methods.base import Context, Method
+from methods.sequential import Sequential
 
 
-class SeqFT(Method):
+class SeqFT(Sequential):
     name = "seqft"
-
-    def setup(self, ctx: Context) -> None:
-        ctx.model.requires_grad_(True)
-        ctx.model.get_input_embeddings().weight.requires_grad_(False)
+    base = "full"

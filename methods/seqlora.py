@@ -3,12 +3,9 @@
 
 from __future__ import annotations
 
-from methods.base import Context, Method
-from methods.lora import add_branch
+from methods.sequential import Sequential
 
 
-class SeqLoRA(Method):
+class SeqLoRA(Sequential):
     name = "seqlora"
-
-    def setup(self, ctx: Context) -> None:
-        add_branch(ctx, "seq")
+    base = "lora"

@@ -2,11 +2,14 @@
 
 import json
 
+import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from harness.backbone import embedded_backbone_dir
 from harness.cli import main
+from methods import registry
+from methods.modifier import Modifier
 from tests.helpers import TINY
 
 
@@ -22,20 +25,30 @@ def tiny_llama(path, corpus):
     return path
 
 
-def test_causal_model_trains_and_evaluates(synthetic_dir, tmp_path):
+@pytest.fixture(scope="module")
+def llama_dir(synthetic_dir, tmp_path_factory):
     records = json.loads((synthetic_dir / "SC" / "IMDB" / "train.json").read_text())
-    model = tiny_llama(tmp_path / "llama", [r["sentence"] for r in records] + ["Good", "Bad"])
-    for method in ("seqlora", "inclora", "seqft"):
-        assert main(["run", "--method", method, "--tasks", "IMDB,SST-2", "--model", str(model),
-                     "--data-dir", str(synthetic_dir), "--results", str(tmp_path / "r"),
-                     "--train-per-task", "16", "--test-per-task", "8", "--no-progress"]) == 0
-    run_dir = tmp_path / "r" / "default" / "seqlora" / "tasks-IMDB+SST-2" / "seed0"
+    return tiny_llama(tmp_path_factory.mktemp("llama") / "model",
+                      [r["sentence"] for r in records] + ["Good", "Bad"])
+
+
+BASE_METHODS = sorted(n for n in registry.available()
+                      if not issubclass(registry.method_class(n), Modifier))
+
+
+@pytest.mark.parametrize("method", BASE_METHODS + ["seqlora+sam", "olora+rwp"])
+def test_every_method_trains_and_evaluates_a_causal_model(synthetic_dir, llama_dir, tmp_path,
+                                                          method):
+    assert main(["run", "--method", method, "--tasks", "IMDB,SST-2", "--model", str(llama_dir),
+                 "--data-dir", str(synthetic_dir), "--results", str(tmp_path / "r"),
+                 "--train-per-task", "16", "--test-per-task", "8", "--no-progress"]) == 0
+    run_dir = tmp_path / "r" / "default" / method / "tasks-IMDB+SST-2" / "seed0"
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["model"] == str(model) and len(summary["accuracy_matrix"]) == 3
-    metrics = json.loads((run_dir / "stage_01-IMDB" / "metrics.json").read_text())
-    assert metrics["train"]["steps"] > 0
-    config = json.loads((run_dir / "config.json").read_text())
-    assert config["model"] == str(model)
+    assert summary["model"] == str(llama_dir)
+    assert len(summary["accuracy_matrix"]) == (2 if method == "mtl" else 3)
+    last = sorted(run_dir.glob("stage_0[12]-*"))[-1]
+    assert json.loads((last / "metrics.json").read_text())["train"]["steps"] > 0
+    assert (last / "deltas.safetensors").exists()  # every method reports its weight updates
 
 
 def test_causal_batches_mask_the_prompt_and_pad_left(synthetic_dir, tmp_path):

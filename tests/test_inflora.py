@@ -84,3 +84,29 @@ def test_design_with_low_rank_statistics_stays_free():
     A = design_down_projection(random_covariance(d, 1, 5), free_basis(M, kind, d), r)
     assert torch.linalg.norm(A @ M) <= 1e-5
     torch.testing.assert_close(A.norm(dim=1), torch.full((r,), 1 / math.sqrt(3)))
+
+
+def test_random_projected_design_keeps_the_first_draw_then_avoids_the_memory(synthetic_dir):
+    from tests.helpers import make_context
+
+    ctx, method, batcher = make_context(synthetic_dir, "inflora")
+    method.config["design"] = "random_projected"
+    method.setup(ctx)
+    ctx.stage = 0
+    method.before_task(ctx)  # the first task: peft's draw, unscaled (rows are not 1/sqrt(3))
+    first = [l.lora_A["task1"].weight for l in lora_layers(ctx.model)]
+    assert not any(torch.allclose(A.norm(dim=1), torch.full((A.shape[0],), 1 / math.sqrt(3)))
+                   for A in first)
+    from harness.trainer import fit
+
+    fit(ctx, method, batcher, batch_size=8, grad_accum=1, epochs=1, max_grad_norm=1.0, seed=0,
+        progress=False)
+    method.after_task(ctx)
+    ctx.stage = 1
+    method.before_task(ctx)
+    for layer, (M, kind) in zip(lora_layers(ctx.model), method.memory):
+        A = layer.lora_A["task2"].weight
+        assert not A.requires_grad
+        residual = A @ M if kind == "remove" else A @ (torch.eye(M.shape[0]) - M @ M.T)
+        assert torch.linalg.norm(residual) <= 1e-5
+        torch.testing.assert_close(A.norm(dim=1), torch.full((A.shape[0],), 1 / math.sqrt(3)))

@@ -99,7 +99,8 @@ def test_complete_runs_are_skipped(first_run, synthetic_dir):
     assert summary.stat().st_mtime_ns == stamp
 
 
-@pytest.mark.parametrize("method", ["inclora", "olora", "ewc", "replay", "lwf", "pertask", "inflora"])
+@pytest.mark.parametrize("method", ["inclora", "olora", "ewc", "replay", "lwf", "pertask", "inflora",
+                                    "gorp"])
 def test_stateful_methods_resume_exactly(synthetic_dir, tmp_path, monkeypatch, method):
     """Branches, Fisher and anchors, the replay memory, the teacher: all rebuilt on resume."""
     args = ("--method", method, "--tasks", "agnews,SST-2,CB")

@@ -1,0 +1,144 @@
+"""GORP: the projected AdamW keeps every full-rank update inside the span of its current projector,
+refreshes the projector exactly every `update_proj_gap` steps, removes the memory subspace from the
+gradient, and the memory grows from the first moments; in a run, LoRA sits on self-attention only,
+old branches stay bitwise fixed and the cross-attention weights move."""
+
+import pytest
+import torch
+
+from harness.trainer import fit
+from methods.gorp import (ProjectedAdamW, galore_projector, grow_memory, project, project_back,
+                          remove_subspace)
+from methods.lora import lora_layers
+from tests.helpers import at_second_stage, make_context, train_stage
+
+
+def quadratic_steps(shape, rank, gap, steps, memory=None, seed=0):
+    """Run the projected group on W with a loss whose gradient changes every step; record the
+    projector and the weight before and after each step."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.nn.Parameter(torch.randn(*shape, generator=g))
+    targets = [torch.randn(*shape, generator=g) for _ in range(steps)]
+    opt = ProjectedAdamW([{"params": [W], "rank": rank, "update_proj_gap": gap, "scale": 1.0}],
+                         lr=1e-2)
+    opt.set_memory(W, memory)
+    history = []
+    for target in targets:
+        W.grad = None
+        ((W - target) ** 2 * torch.arange(1.0, shape[1] + 1)).sum().backward()
+        grad = W.grad.clone()
+        before = W.detach().clone()
+        opt.step()
+        history.append((grad, opt.state[W]["projector"].clone(), before, W.detach().clone()))
+    return opt, W, history
+
+
+@pytest.mark.parametrize("shape", [(12, 8), (6, 10)], ids=["right", "left"])
+def test_every_full_rank_update_lies_in_the_span_of_its_projector(shape):
+    _, _, history = quadratic_steps(shape, rank=3, gap=4, steps=9)
+    for _, P, before, after in history:
+        delta = after - before
+        if shape[0] >= shape[1]:  # rows of P span the update's row space: dW (I - P^T P) = 0
+            residual = delta @ (torch.eye(shape[1]) - P.T @ P)
+        else:  # columns of P span its column space
+            residual = (torch.eye(shape[0]) - P @ P.T) @ delta
+        assert residual.abs().max() <= 1e-6 * max(1.0, float(delta.abs().max()))
+        assert delta.abs().max() > 0
+
+
+def test_projector_is_recomputed_exactly_at_multiples_of_the_gap():
+    _, _, history = quadratic_steps((12, 8), rank=3, gap=4, steps=10)
+    for step, (grad, P, _, _) in enumerate(history):
+        if step % 4 == 0:  # a fresh SVD of this step's gradient
+            torch.testing.assert_close(P, galore_projector(grad, 3), rtol=0, atol=0)
+        else:  # kept from the last refresh
+            torch.testing.assert_close(P, history[step - step % 4][1], rtol=0, atol=0)
+
+
+def test_full_rank_projection_maps_back_to_the_gradient():
+    G = torch.randn(7, 5, generator=torch.Generator().manual_seed(1))
+    P = galore_projector(G, 5)  # k = n: P^T P = I
+    torch.testing.assert_close(project_back(project(G, P), P, G.shape), G, atol=1e-5, rtol=0)
+
+
+def test_memory_is_removed_from_the_projected_gradient():
+    g = torch.Generator().manual_seed(2)
+    U, _ = torch.linalg.qr(torch.randn(12, 2, generator=g))  # a memory in R^m (right case)
+    opt, W, history = quadratic_steps((12, 8), rank=3, gap=4, steps=3, memory=U)
+    # The first moment is built only from projected, memory-free gradients, so U^T M1 = 0.
+    # (The update itself is not confined: Adam's element-wise scaling mixes directions.)
+    assert (U.T @ opt.state[W]["exp_avg"]).abs().max() <= 1e-6
+    x = torch.randn(12, 3, generator=g)
+    assert (U.T @ remove_subspace(x, U)).abs().max() <= 1e-6
+
+
+def test_memory_keeps_ninety_percent_of_the_energy_and_may_be_empty():
+    # Singular values 3, 2, 1, 0.5: energies 9, 4, 1, 0.25 of 14.25; cumulative 0.63, 0.91, ...
+    U, _ = torch.linalg.qr(torch.randn(6, 4, generator=torch.Generator().manual_seed(3)))
+    moment = U @ torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.5])) @ torch.eye(4, 5)
+    first = grow_memory(None, moment)
+    assert first.shape == (6, 1)  # only the first prefix stays below 0.9 (as the reference)
+    torch.testing.assert_close((first.T @ U[:, 0]).abs(), torch.ones(1), atol=1e-5, rtol=0)
+    # One dominant direction holding more than 90%: no prefix stays below, so no memory at all.
+    spike = U[:, :1] @ torch.ones(1, 5) * 10 + U[:, 1:2] @ torch.ones(1, 5) * 0.1
+    assert grow_memory(None, spike).shape == (6, 0)
+    # An existing memory is extended by the residual's directions until 90% is covered.
+    grown = grow_memory(first, moment)
+    assert grown.shape == (6, 2)
+    torch.testing.assert_close(grown.T @ grown, torch.eye(2), atol=1e-5, rtol=0)
+    assert grow_memory(grown, torch.randn(6, 40)).shape[1] <= 6
+
+
+def test_structure_old_branches_frozen_and_cross_attention_trained(synthetic_dir):
+    ctx, method, batcher = at_second_stage(synthetic_dir, "gorp")
+    names = [n for n, m in ctx.model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)]
+    assert names and all("SelfAttention" in n for n in names)
+    assert all("EncDecAttention" in n for n in method.full_rank)
+    old = {n: p.detach().clone() for n, p in ctx.model.named_parameters() if ".task1." in n}
+    cross = {n: w.detach().clone() for n, w in method.full_rank.items()}
+    trainable = {n for n, p in ctx.model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in trainable if ".task2." in n or "EncDecAttention" in n}
+    # The memory built after task 1 reaches the optimizer of task 2.
+    assert set(method.memory) == {f"lora{i}" for i in range(len(names))} | set(method.full_rank)
+    fit(ctx, method, batcher, batch_size=8, grad_accum=1, epochs=1, max_grad_norm=1.0, seed=1,
+        progress=False)
+    for key, param in method._projected().items():
+        if method.memory[key].shape[1]:
+            assert torch.equal(method.optimizer.state[param]["memory"], method.memory[key])
+    for n, p in ctx.model.named_parameters():
+        if n in old:
+            assert torch.equal(p, old[n]), n
+    assert any(not torch.equal(w, cross[n]) for n, w in method.full_rank.items())
+    deltas = method.task_deltas(ctx)
+    for name, w in method.full_rank.items():
+        torch.testing.assert_close(deltas[f"{name}::W"], w.detach() - method.stage_start[name])
+
+
+def test_quirk_options_drop_memory_and_full_rank_updates(synthetic_dir):
+    ctx, method, batcher = make_context(synthetic_dir, "gorp")
+    method.config.update(memory_source="current_dir_quirk", persist_full_rank=False)
+    method.setup(ctx)
+    pristine = {n: w.detach().clone() for n, w in method.full_rank.items()}
+    train_stage(ctx, method, batcher, 0)
+    assert any(not torch.equal(w, pristine[n]) for n, w in method.full_rank.items())
+    ctx.stage = 1
+    method.before_task(ctx)
+    for n, w in method.full_rank.items():  # reloaded as at the start, as the public code does
+        assert torch.equal(w, pristine[n])
+    method.make_optimizer(ctx, method.trainable_parameters(ctx))
+    assert not any("memory" in s for s in method.optimizer.state.values())
+
+
+def test_regulariser_terms_only_when_enabled(synthetic_dir):
+    ctx, method, _ = at_second_stage(synthetic_dir, "gorp")
+    assert method.penalty(ctx, {}, None) is None  # the public code's loss: the task loss only
+    ctx, method, batcher = make_context(synthetic_dir, "gorp")
+    method.config.update(enable_reg_terms=True, lambda1=0.5, lambda2=0.0, lambda3=0.0)
+    method.setup(ctx)
+    train_stage(ctx, method, batcher, 0)
+    ctx.stage = 1
+    method.before_task(ctx)
+    layers = lora_layers(ctx.model)
+    expected = 0.5 * sum((l.lora_A["task1"].weight @ l.lora_A["task2"].weight.T).abs().sum()
+                         for l in layers)
+    torch.testing.assert_close(method.penalty(ctx, {}, None), expected)
