@@ -260,38 +260,47 @@ class Runner:
             bar.update(1)
             bar.set_postfix(acc=f"{accuracy[ctx.task.name]:.1f}")
         bar.close()
-        return self.finish(spec, run_dir, tasks, config)
+        return finish_run(run_dir, spec, [t.name for t in tasks], config)
 
-    def finish(self, spec: RunSpec, run_dir: RunDir, tasks, config: dict) -> dict:
-        stages = run_dir.completed_stages()
-        names = [t.name for t in tasks]
-        rows = [read_json(d / "metrics.json") for d in stages]
-        R = np.array([[row["accuracy"].get(n, np.nan) for n in names] for row in rows], dtype=float)
-        lines = ["stage," + ",".join(names)]
-        for row, values in zip(rows, R):
-            label = "base" if row["stage"] == 0 else f"{row['stage']}-{row['task']}"
-            lines.append(label + "," + ",".join(f"{v:.2f}" for v in values))
-        write_atomic(run_dir.path / "accuracy_matrix.csv", "\n".join(lines) + "\n")
-        train_seconds = sum(r.get("train", {}).get("seconds", 0.0) for r in rows)
-        eval_seconds = sum(r.get("eval_seconds", 0.0) for r in rows)
-        summary = {
-            "method": spec.method, "sequence": spec.sequence_name, "order": spec.order,
-            "tasks": names, "seed": spec.seed, "profile": spec.profile,
-            "benchmark": config["benchmark"], "model": config["model"],
-            "metrics": {k: (None if np.isnan(v) else round(v, 4))
-                        for k, v in metrics.summarize(R).items()},
-            "stage_average_accuracy": [  # AA_i: mean over the tasks seen after stage i
-                None if np.isnan(seen).any() else round(float(np.mean(seen)), 4)
-                for i in range(1, len(R))
-                for seen in [R[i, :i] if len(R) == len(names) + 1 else R[i]]],
-            "accuracy_matrix": [[None if np.isnan(v) else v for v in row] for row in R.tolist()],
-            "row_labels": ["base"] + [r["task"] for r in rows[1:]],
-            "train_seconds": round(train_seconds, 3), "eval_seconds": round(eval_seconds, 3),
-            "wall_seconds": round(train_seconds + eval_seconds, 3),
-            "fingerprint": config["fingerprint"],
-        }
-        write_json(run_dir.summary_path, summary)
-        return summary
+
+def finish_run(run_dir: RunDir, spec: RunSpec, names: list[str], config: dict) -> dict:
+    """Write accuracy_matrix.csv and summary.json from the run's complete stage folders (also used
+    for runs imported from other codebases). A stage that is missing leaves NaN cells."""
+    rows = [read_json(d / "metrics.json") for d in run_dir.stage_folders()]
+    by_stage = {row["stage"]: row for row in rows}
+    joint = any(row.get("task") == "all" for row in rows)  # one stage on the whole sequence
+    n_rows = 2 if joint else len(names) + 1
+    R = np.full((n_rows, len(names)), np.nan)
+    for i in range(n_rows):
+        if i in by_stage:
+            R[i] = [by_stage[i]["accuracy"].get(n, np.nan) for n in names]
+    labels = ["base"] + (["all"] if joint else list(names))
+    lines = ["stage," + ",".join(names)]
+    for i, values in enumerate(R):
+        label = "base" if i == 0 else f"{i}-{labels[i]}"
+        lines.append(label + "," + ",".join("" if np.isnan(v) else f"{v:.2f}" for v in values))
+    write_atomic(run_dir.path / "accuracy_matrix.csv", "\n".join(lines) + "\n")
+    train_seconds = sum(r.get("train", {}).get("seconds", 0.0) for r in rows)
+    eval_seconds = sum(r.get("eval_seconds", 0.0) for r in rows)
+    summary = {
+        "method": spec.method, "sequence": spec.sequence_name, "order": spec.order,
+        "tasks": names, "seed": spec.seed, "profile": spec.profile,
+        "benchmark": config["benchmark"], "model": config["model"],
+        "metrics": {k: (None if np.isnan(v) else round(v, 4))
+                    for k, v in metrics.summarize(R).items()},
+        "stage_average_accuracy": [  # AA_i: mean over the tasks seen after stage i
+            None if np.isnan(seen).any() else round(float(np.mean(seen)), 4)
+            for i in range(1, len(R))
+            for seen in [R[i, :i] if len(R) == len(names) + 1 else R[i]]],
+        "accuracy_matrix": [[None if np.isnan(v) else v for v in row] for row in R.tolist()],
+        "row_labels": labels,
+        "missing_stages": [i for i in range(n_rows) if i not in by_stage],
+        "train_seconds": round(train_seconds, 3), "eval_seconds": round(eval_seconds, 3),
+        "wall_seconds": round(train_seconds + eval_seconds, 3),
+        "fingerprint": config["fingerprint"],
+    }
+    write_json(run_dir.summary_path, summary)
+    return summary
 
 
 def runner_for(profile_name: str, options: Options) -> Runner:

@@ -90,18 +90,28 @@ class RunDir:
             else:
                 tmp.unlink(missing_ok=True)
 
-    def completed_stages(self) -> list[Path]:
-        """Complete stage folders, in order; stops at the first gap."""
+    def stage_folders(self) -> list[Path]:
+        """Every complete stage folder (all files present, metrics.json readable), in order, gaps
+        included (an imported run may lack stages)."""
         done = []
         for folder in sorted(self.path.glob("stage_[0-9][0-9]-*")):
             if folder.is_dir() and all((folder / f).exists() for f in STAGE_FILES):
                 try:
                     json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
                 except (OSError, json.JSONDecodeError):
-                    break  # damaged: this stage and the ones after it are run again
+                    continue
                 done.append(folder)
-        expected = [f for i, f in enumerate(done) if f.name.startswith(f"stage_{i:02d}-")]
-        return expected
+        return done
+
+    def completed_stages(self) -> list[Path]:
+        """The complete stage folders from stage 0 up to the first gap or damaged stage: what a
+        resumed run keeps (that stage and the ones after it are run again)."""
+        complete, done = set(self.stage_folders()), []
+        for i, folder in enumerate(sorted(self.path.glob("stage_[0-9][0-9]-*"))):
+            if folder not in complete or not folder.name.startswith(f"stage_{i:02d}-"):
+                break
+            done.append(folder)
+        return done
 
     def write_stage(self, name: str, metrics: dict, predictions: list[dict],
                     checkpoint: dict[str, torch.Tensor] | None = None,

@@ -1,5 +1,10 @@
 """IncLoRA: a new LoRA branch per task; earlier branches and the backbone frozen; inference uses the
-sum of all branches (METHODS.md §5.3). It is O-LoRA with both regularisers at zero."""
+sum of all branches (METHODS.md §5.3). It is O-LoRA with both regularisers at zero.
+
+One known difference from the O-LoRA code, shared by every growth method here: peft gives each
+branch its own LoRA dropout, so with dropout > 0 the frozen and the new branch see independent masks,
+where the reference applies one mask x~ = dropout(x) to both. The expected output is the same; the
+noise differs. The embedded default uses dropout 0, where the two coincide."""
 
 from __future__ import annotations
 
