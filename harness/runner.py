@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from harness import metrics
@@ -26,7 +27,8 @@ from harness.errors import HarnessError
 from harness.evaluator import evaluate_task
 from harness.paths import synthetic_data_dir
 from harness.profiles import Profile, load_profile
-from harness.store import RunDir, read_json, stage_name, write_atomic, write_json
+from harness.param_metrics import parameter_metrics
+from harness.store import DELTAS, RunDir, read_json, stage_name, write_atomic, write_json
 from harness.synthetic import ensure_synthetic, is_synthetic
 from harness.textio import Batcher
 from harness.trainer import fit
@@ -263,10 +265,19 @@ class Runner:
         return finish_run(run_dir, spec, [t.name for t in tasks], config)
 
 
+def run_parameter_metrics(folders: list[Path], n_trained: int) -> dict | None:
+    """Parameter metrics from the trained stages' stored deltas; None unless every stage has them."""
+    paths = [d / DELTAS for d in folders if not d.name.startswith("stage_00-")]
+    if len(paths) != n_trained or not all(p.exists() for p in paths):
+        return None
+    return parameter_metrics([load_file(str(p)) for p in paths])
+
+
 def finish_run(run_dir: RunDir, spec: RunSpec, names: list[str], config: dict) -> dict:
     """Write accuracy_matrix.csv and summary.json from the run's complete stage folders (also used
     for runs imported from other codebases). A stage that is missing leaves NaN cells."""
-    rows = [read_json(d / "metrics.json") for d in run_dir.stage_folders()]
+    folders = run_dir.stage_folders()
+    rows = [read_json(d / "metrics.json") for d in folders]
     by_stage = {row["stage"]: row for row in rows}
     joint = any(row.get("task") == "all" for row in rows)  # one stage on the whole sequence
     n_rows = 2 if joint else len(names) + 1
@@ -295,6 +306,7 @@ def finish_run(run_dir: RunDir, spec: RunSpec, names: list[str], config: dict) -
         "accuracy_matrix": [[None if np.isnan(v) else v for v in row] for row in R.tolist()],
         "row_labels": labels,
         "missing_stages": [i for i in range(n_rows) if i not in by_stage],
+        "parameter_metrics": run_parameter_metrics(folders, n_rows - 1),
         "train_seconds": round(train_seconds, 3), "eval_seconds": round(eval_seconds, 3),
         "wall_seconds": round(train_seconds + eval_seconds, 3),
         "fingerprint": config["fingerprint"],

@@ -1,16 +1,57 @@
-"""Leaderboards from a results tree (reads only `summary.json` files)."""
+"""Leaderboards from a results tree (reads only `summary.json` files and `baselines/`).
+
+Three tables, each rendered to markdown, LaTeX or CSV and headed by where its numbers come from:
+- `paper`: the O-LoRA/GORP layout, methods x (orders 1-3, their average, orders 4-6, their average);
+- `full`: per benchmark group (orders 1-3, orders 4-6, or a custom sequence), every metric with
+  mean +- std, a bootstrap CI, paired tests against the best method and a reference, and marks;
+- `compare`: each of our AA cells beside the published number for the same method and order.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from harness import stats
 from harness.errors import HarnessError
+from harness.paths import PROJECT_ROOT
+
+BASELINES_DIR = PROJECT_ROOT / "baselines"
+# Display order of the papers' tables; other methods follow alphabetically.
+PAPER_ORDER = ["seqft", "seqlora", "inclora", "replay", "ewc", "lwf", "olora", "nlora", "inflora",
+               "gorp", "pertask", "mtl"]
+# Our plugin names -> the names the papers print.
+PAPER_NAMES = {"seqft": "SeqFT", "seqlora": "SeqLoRA", "inclora": "IncLoRA", "replay": "Replay",
+               "ewc": "EWC", "lwf": "LwF", "olora": "O-LoRA", "nlora": "N-LoRA",
+               "inflora": "InfLoRA", "gorp": "GORP", "pertask": "PerTaskFT", "mtl": "MTL"}
+METRICS = ["AA", "BWT", "FWT", "forgetting", "LA"]
+PARAMETER_METRICS = ["ACR", "GSR_hoyer", "OO"]
+LEGEND = (
+    "AA: mean over tasks of the last row of R (%). BWT: mean over j<T of R[T][j] - R[j][j] "
+    "(Lopez-Paz & Ranzato). FWT: mean over j>1 of R[j-1][j] - R[0][j], R[0] the untrained model. "
+    "forgetting (F.Ra): mean over j<T of max_{j<=k<T} R[k][j] - R[T][j]. LA: mean of the diagonal "
+    "R[j][j]. ACR: fraction of positions where two tasks' dW exceed tau = 1e-5, mean over task pairs "
+    "and layers. GSR_hoyer: ||dW||_1 / (sqrt(mn) ||dW||_F), lower = sparser, mean over tasks and "
+    "layers. OO: sum_{i<T} ||A_i A_T^T||_F^2, mean over layers (LoRA methods only). Significance: "
+    "runs paired by (order, seed); paired t-test and Wilcoxon signed-rank, Holm-adjusted across "
+    "the methods of the group; ** marks the best AA, + a result not significantly different from it "
+    "(Holm-adjusted t-test p >= 0.05); 95% CI: bootstrap (BCa) of the mean.")
+
+
+def order_group(sequence: str) -> str:
+    if sequence in ("order1", "order2", "order3"):
+        return "orders 1-3"
+    if sequence in ("order4", "order5", "order6"):
+        return "orders 4-6"
+    return sequence
 
 
 def load_summaries(results: Path, profile: str | None = None) -> pd.DataFrame:
+    """One row per complete run: identity, metrics and parameter metrics."""
     rows = []
     root = Path(results)
     if not root.is_dir():
@@ -20,31 +61,190 @@ def load_summaries(results: Path, profile: str | None = None) -> pd.DataFrame:
             summary = json.loads(path.read_text())
             if profile and summary["profile"] != profile:
                 continue
+            params = summary.get("parameter_metrics") or {}
             rows.append({"profile": summary["profile"], "method": summary["method"],
-                         "sequence": summary["sequence"], "seed": summary["seed"],
+                         "sequence": summary["sequence"], "order": summary.get("order"),
+                         "seed": summary["seed"], "model": summary.get("model", ""),
+                         "kind": summary["benchmark"]["kind"],
                          "benchmark": f"{summary['benchmark']['kind']} "
                                       f"({summary['benchmark']['data_dir']})",
-                         **summary["metrics"]})
+                         **{k: v for k, v in summary["metrics"].items()},
+                         **{k: params.get(k) for k in PARAMETER_METRICS},
+                         "path": str(path.parent)})
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise HarnessError(f"{path}: corrupt summary ({type(exc).__name__}: {exc})") from exc
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    for column in METRICS + PARAMETER_METRICS:
+        if column in df:
+            df[column] = pd.to_numeric(df[column], errors="coerce")
+    return df
 
 
-def leaderboard(results: Path, profile: str | None = None, fmt: str = "github") -> str:
-    """Method x sequence table of AA (mean over seeds), one block per profile and benchmark."""
+def _method_key(methods: pd.Index) -> list:
+    return [(PAPER_ORDER.index(m) if m in PAPER_ORDER else len(PAPER_ORDER), m) for m in methods]
+
+
+def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_index(key=lambda idx: pd.Index(_method_key(idx)))
+
+
+def _render(frame: pd.DataFrame, fmt: str, title: str, legend: str = "") -> str:
+    if fmt == "csv":
+        return f"# {title}\n" + frame.to_csv(float_format="%.2f")
+    frame = frame.astype(object).where(frame.notna(), None)  # tabulate prints None as missingval
+    body = frame.to_markdown(tablefmt="latex" if fmt == "latex" else "github", floatfmt=".2f",
+                             missingval="-")
+    return "\n\n".join(filter(None, [title, body, legend]))
+
+
+def _blocks(df: pd.DataFrame):
+    """Groups that may share a table: same profile, backbone and benchmark."""
+    for (profile, model, benchmark), group in df.groupby(["profile", "model", "benchmark"],
+                                                         sort=True):
+        yield f"profile {profile}; backbone {model}; benchmark {benchmark}", group
+
+
+def paper_table(df: pd.DataFrame, fmt: str = "github", metric: str = "AA") -> str:
+    """Rows = methods; columns = orders 1, 2, 3, their average, orders 4, 5, 6, their average
+    (mean over seeds; an average only when all three orders exist)."""
+    out = []
+    for where, group in _blocks(df[df["order"].notna()]):
+        cells = group.pivot_table(index="method", columns="order", values=metric, aggfunc="mean")
+        table = pd.DataFrame(index=cells.index)
+        for orders in ((1, 2, 3), (4, 5, 6)):
+            for k in orders:
+                table[f"Order {k}"] = cells[k] if k in cells else np.nan
+            table[f"Avg {orders[0]}-{orders[-1]}"] = table[[f"Order {k}" for k in orders]].mean(
+                axis=1, skipna=False)
+        table = table.dropna(axis=1, how="all")
+        seeds = group.groupby(["method", "sequence"]).seed.nunique()
+        title = (f"{metric} (%), paper layout; {where}; seeds per cell {seeds.min()}-{seeds.max()}")
+        out.append(_render(_sorted(table), fmt, title))
+    return "\n\n".join(out)  # empty when no run is on orders 1-6
+
+
+def _pm(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def full_tables(df: pd.DataFrame, fmt: str = "github", reference: str | None = None,
+                metric: str = "AA") -> str:
+    """Per benchmark group: every metric (mean over runs), mean +- std and CI of `metric`, paired
+    tests against the best method (and `reference`), and the significance marks."""
+    out = []
+    for where, block in _blocks(df):
+        for group_name, group in block.groupby(block["sequence"].map(order_group)):
+            comparison = stats.compare(group, metric=metric, reference=reference)
+            means = group.groupby("method")[[c for c in METRICS + PARAMETER_METRICS
+                                             if c in group]].mean()
+            rows = {}
+            for method, row in comparison.iterrows():
+                mark = "**" if row["best"] else ("+" if row["tied"] else "")
+                entry = {metric: f"{mark}{_pm(row['mean'], row['std'])}{mark if mark == '**' else ''}",
+                         "95% CI": "-" if math.isnan(row["ci_low"])
+                         else f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]", "n": int(row["n"])}
+                entry.update({c: means.loc[method, c] for c in means.columns if c != metric})
+                for label in ("best", "ref"):
+                    if f"vs_{label}_t_p_holm" in comparison:
+                        t, w = row[f"vs_{label}_t_p_holm"], row[f"vs_{label}_w_p_holm"]
+                        entry[f"p vs {label} (t / W, Holm)"] = (
+                            "-" if (isinstance(t, float) and math.isnan(t)) and
+                            (isinstance(w, float) and math.isnan(w))
+                            else f"{t:.3g} / {w:.3g}".replace("nan", "n/a"))
+                rows[method] = entry
+            table = pd.DataFrame(rows).T
+            table.index.name = "method"
+            notes = sorted({n for label in ("best", "ref")
+                            for n in comparison.get(f"vs_{label}_note", pd.Series()).dropna()
+                            if n})
+            best = comparison.index[0]
+            title = (f"{group_name}; {where}; runs per method {int(comparison['n'].min())}-"
+                     f"{int(comparison['n'].max())} (orders x seeds); best: {best}"
+                     + (f"; reference: {reference}" if reference else ""))
+            legend = LEGEND + ("\nNot tested: " + "; ".join(notes) if notes else "")
+            out.append(_render(table, fmt, title, legend if fmt != "csv" else ""))
+    return "\n\n".join(out)
+
+
+def load_published(directory: Path = BASELINES_DIR) -> pd.DataFrame:
+    files = sorted(Path(directory).glob("*.csv"))
+    if not files:
+        raise HarnessError(f"{directory}: no published baselines (*.csv)")
+    frames = []
+    for path in files:
+        try:
+            frames.append(pd.read_csv(path, dtype={"order": str}))
+        except (OSError, pd.errors.ParserError) as exc:
+            raise HarnessError(f"{path}: unreadable baseline CSV ({exc})") from exc
+    published = pd.concat(frames, ignore_index=True)
+    # GainLoRA calls average accuracy AP.
+    published["metric"] = published["metric"].replace({"AP": "AA"})
+    return published
+
+
+def compare_published(df: pd.DataFrame, backbone: str, fmt: str = "github",
+                      directory: Path = BASELINES_DIR) -> str:
+    """Our mean AA per method and order (and the order-group averages) beside every published
+    number for the same method, order and `backbone`, with the difference (ours - published)."""
+    published = load_published(directory)
+    published = published[(published["model"] == backbone) & (published["metric"] == "AA")]
+    out = []
+    for where, group in _blocks(df[df["order"].notna()]):
+        ours = group.groupby(["method", "order"])["AA"].mean()
+        rows = []
+        for method in sorted(group["method"].unique(), key=lambda m: _method_key(pd.Index([m]))):
+            cells = {str(int(k)): v for (m, k), v in ours.items() if m == method}
+            for name, orders in (("avg_1_3", "123"), ("avg_4_6", "456")):
+                if all(k in cells for k in orders):
+                    cells[name] = float(np.mean([cells[k] for k in orders]))
+            paper_name = PAPER_NAMES.get(method, method)
+            for order, value in cells.items():
+                matches = published[(published["method"] == paper_name)
+                                    & (published["order"] == order)]
+                for _, pub in (matches.iterrows() if len(matches) else [(None, None)]):
+                    rows.append({"method": method, "order": order, "ours": value,
+                                 "published": np.nan if pub is None else pub["value"],
+                                 "ours - published": np.nan if pub is None
+                                 else value - pub["value"],
+                                 "source": "-" if pub is None else
+                                 f"{pub['paper']} {pub['table'].split('[')[0].strip()}",
+                                 "secondary": "-" if pub is None else
+                                 ("yes" if "SECONDARY" in pub["table"] else "no")})
+        if not rows:
+            continue
+        table = pd.DataFrame(rows).set_index("method")
+        title = (f"AA (%): ours vs published ({backbone}); ours: {where}; seeds per cell "
+                 f"{group.groupby(['method', 'sequence']).seed.nunique().min()}-"
+                 f"{group.groupby(['method', 'sequence']).seed.nunique().max()}")
+        if backbone not in where:
+            title += f"\nNote: our backbone differs from the published {backbone}; compare trends only."
+        title += ("\nsecondary = read in another paper's reprint or in notes, not in the paper "
+                  "itself (baselines/SOURCES.md)")
+        out.append(_render(table, fmt, title))
+    if not out:
+        raise HarnessError("no runs on the benchmark orders 1-6 to compare with published numbers")
+    return "\n\n".join(out)
+
+
+def leaderboard(results: Path, profile: str | None = None, fmt: str = "github",
+                layouts: tuple[str, ...] = ("paper", "full"), reference: str | None = None,
+                backbone: str | None = None) -> dict[str, str]:
+    """The requested tables, by layout name."""
     df = load_summaries(results, profile)
     if df.empty:
         raise HarnessError(f"{results}: no complete runs found")
-    blocks = []
-    for (prof, bench), group in df.groupby(["profile", "benchmark"]):
-        pivot = group.pivot_table(index="method", columns="sequence", values="AA", aggfunc="mean")
-        pivot["avg"] = pivot.mean(axis=1)
-        seeds = group.groupby(["method", "sequence"]).seed.nunique()
-        title = (f"AA (%) by method and task sequence; profile {prof}; benchmark {bench}; "
-                 f"seeds per cell {seeds.min()}-{seeds.max()}")
-        if fmt == "csv":
-            blocks.append(f"# {title}\n" + pivot.round(2).to_csv())
-        else:
-            blocks.append(title + "\n\n" + pivot.round(2).to_markdown(
-                tablefmt="latex" if fmt == "latex" else "github"))
-    return "\n\n".join(blocks)
+    if reference and reference not in set(df["method"]):
+        raise HarnessError(f"--reference {reference}: no runs of that method in {results}")
+    tables = {}
+    if "paper" in layouts:
+        tables["paper"] = paper_table(df, fmt)
+        if not tables["paper"] and layouts == ("paper",):
+            raise HarnessError(f"{results}: no runs on the benchmark orders 1-6 (the paper "
+                               "layout needs them)")
+    if "full" in layouts:
+        tables["full"] = full_tables(df, fmt, reference)
+    if "compare" in layouts:
+        tables["compare"] = compare_published(df, backbone or "t5-large", fmt)
+    return {name: text for name, text in tables.items() if text}

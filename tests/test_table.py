@@ -1,0 +1,91 @@
+"""Leaderboards from a hand-made results tree: the paper layout's cells and averages, the full
+table's marks, the comparison with published numbers, and the files `table --out` writes."""
+
+import json
+
+import pytest
+
+from harness import table
+from harness.cli import main
+
+
+def write_summary(root, method, order, seed, AA, BWT=-5.0, profile="default", kind="synthetic"):
+    folder = root / profile / method / f"order{order}" / f"seed{seed}"
+    folder.mkdir(parents=True)
+    R = [[0.0] * 4] + [[AA] * 4 for _ in range(4)]
+    (folder / "summary.json").write_text(json.dumps({
+        "method": method, "sequence": f"order{order}", "order": order, "seed": seed,
+        "profile": profile, "model": "embedded", "tasks": ["a", "b", "c", "d"],
+        "benchmark": {"kind": kind, "data_dir": "/data"},
+        "metrics": {"AA": AA, "BWT": BWT, "FWT": 0.0, "forgetting": -BWT, "LA": AA},
+        "parameter_metrics": {"ACR": 0.5, "GSR_hoyer": 0.7, "OO": 1e-3},
+        "accuracy_matrix": R, "row_labels": ["base", "a", "b", "c", "d"]}))
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "results"
+    for order in range(1, 7):
+        for seed in range(3):
+            write_summary(root, "olora", order, seed, AA=70 + order + seed * 0.1)
+            write_summary(root, "seqlora", order, seed, AA=40 + order + seed * 0.3)
+            # within noise of olora: paired differences 0.3, -0.4, 0.05
+            write_summary(root, "inclora", order, seed,
+                          AA=70 + order + seed * 0.1 + [0.3, -0.4, 0.05][seed])
+    return root
+
+
+def test_paper_layout_cells_and_group_averages(tree):
+    text = table.paper_table(table.load_summaries(tree), fmt="csv")
+    lines = {l.split(",")[0]: l.split(",")[1:] for l in text.splitlines()[2:]}
+    header = text.splitlines()[1].split(",")[1:]
+    assert header == ["Order 1", "Order 2", "Order 3", "Avg 1-3", "Order 4", "Order 5", "Order 6",
+                      "Avg 4-6"]
+    olora = [float(x) for x in lines["olora"]]
+    assert olora[0] == pytest.approx(71.1)  # mean of seeds 71.0, 71.1, 71.2
+    assert olora[3] == pytest.approx((71.1 + 72.1 + 73.1) / 3)
+    assert list(lines) == ["seqlora", "inclora", "olora"]  # the papers' row order
+    assert "seeds per cell 3-3" in text.splitlines()[0]
+
+
+def test_full_table_marks_best_and_ties(tree):
+    text = table.full_tables(table.load_summaries(tree), fmt="github", reference="seqlora")
+    block = text.split("orders 4-6")[0]
+    row = {l.split("|")[1].strip(): l for l in block.splitlines() if l.startswith("| ")}
+    assert "**" in row["olora"]                       # best mean
+    assert "+" in row["inclora"].split("|")[2]        # within noise of the best (paired t, Holm)
+    assert "**" not in row["seqlora"] and "+" not in row["seqlora"].split("|")[2]
+    assert "reference: seqlora" in block and "F.Ra" in block
+
+
+def test_compare_with_published(tree, tmp_path):
+    baselines = tmp_path / "baselines"
+    baselines.mkdir()
+    (baselines / "paper.csv").write_text(
+        "paper,arxiv_id,table,model,method,metric,order,value\n"
+        "O-LoRA,1,Table 1,t5-large,O-LoRA,AA,1,75.0\n"
+        "O-LoRA,1,Table 1 [SECONDARY: reprint],t5-large,O-LoRA,AA,avg_1_3,75.8\n"
+        "O-LoRA,1,Table 1,llama-2-7b,O-LoRA,AA,1,99.0\n")
+    text = table.compare_published(table.load_summaries(tree), "t5-large", fmt="csv",
+                                   directory=baselines)
+    rows = [l.split(",") for l in text.splitlines() if l.startswith("olora,")]
+    by_order = {r[1]: r for r in rows}
+    assert float(by_order["1"][3]) == 75.0 and float(by_order["1"][4]) == pytest.approx(71.1 - 75)
+    assert by_order["avg_1_3"][-1] == "yes" and by_order["1"][-1] == "no"
+    assert "99" not in text  # another backbone
+    assert "differs from the published t5-large" in text
+
+
+def test_table_out_writes_tables_and_plots(tree, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["table", "--results", str(tree), "--out", str(out), "--reference", "olora",
+                 "--compare-published"]) == 0
+    for name in ("paper", "full", "compare"):
+        for suffix in ("md", "tex", "csv"):
+            assert (out / f"{name}.{suffix}").stat().st_size > 0
+    assert any((out / "plots").rglob("*.png")) and any((out / "plots").rglob("*.pdf"))
+
+
+def test_unknown_reference_is_refused(tree, capsys):
+    assert main(["table", "--results", str(tree), "--reference", "nosuch"]) == 2
+    assert "--reference nosuch" in capsys.readouterr().err
