@@ -1,4 +1,4 @@
-"""Command line: `python -m harness {run,list,table,generate}`.
+"""Command line: `python -m harness {run,import,list,table,generate,new-method}`.
 
 Any bad input ends with exit code 2 and one line that names the argument or file and the problem.
 """
@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from harness.errors import HarnessError
@@ -80,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="drop records whose label is not in labels.json (default: keep, scored wrong)")
     run.add_argument("--force", action="store_true", help="re-run complete runs from scratch")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    imp = sub.add_parser("import", help="read another codebase's outputs into the results store")
+    imp.add_argument("kind", choices=["olora"], help="olora: O-LoRA, N-LoRA or GORP output folder")
+    imp.add_argument("source", type=Path, metavar="DIR", help="folder of <stage>-<task> sub-folders")
+    imp.add_argument("--method", required=True, help="method name to file the run under")
+    imp.add_argument("--order", type=int, required=True, help="task order 1-6 of the run")
+    imp.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    imp.add_argument("--profile", default="default", help="profile (see `list profiles`)")
+    imp.add_argument("--results", type=Path, default=Path("results"), help="results root")
+    imp.add_argument("--model", help="backbone label, as given to `run --model` (to share its tables)")
+    imp.add_argument("--data-dir", type=Path, help="the real data the run used (or $HARNESS_DATA_DIR)")
+    imp.add_argument("--force", action="store_true", help="replace a run already in the target folder")
 
     lst = sub.add_parser("list", help="print tasks, orders, methods or profiles")
     lst.add_argument("what", choices=["tasks", "orders", "methods", "profiles"])
@@ -181,6 +194,10 @@ def cmd_run(args) -> int:
     options = Options(results=args.results, data_dir=args.data_dir, model=args.model,
                       train_per_task=args.train_per_task, test_per_task=args.test_per_task,
                       drop_unlabelled=args.drop_unlabelled, progress=not args.no_progress)
+    if args.no_progress:  # transformers draws its own bar while loading weights
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     runner = runner_for(args.profile, options)
     specs = [RunSpec(method=m, tasks=tuple(seq), seed=s, profile=args.profile, order=k)
              for (k, seq) in sequences for m in methods for s in seeds]
@@ -197,6 +214,21 @@ def cmd_run(args) -> int:
                    f"({summary['wall_seconds']:.1f}s)")
     print(f"done: {len(specs)} run(s) in {time.perf_counter() - start:.1f}s", flush=True)
     return 0
+
+
+def _metric(value: float | None) -> str:
+    return "missing" if value is None else f"{value:.2f}"
+
+
+def cmd_import(args) -> None:
+    from harness.importer import import_olora
+
+    summary = import_olora(args.source, method=args.method, order=args.order, seed=args.seed,
+                           profile=args.profile, results=args.results, force=args.force,
+                           model=args.model, data_dir=args.data_dir)
+    m = summary["metrics"]
+    print(f"{summary['method']:10s} {summary['sequence']:12s} seed{summary['seed']}  "
+          f"AA {_metric(m['AA'])}  BWT {_metric(m.get('BWT'))}  (imported)", flush=True)
 
 
 def cmd_table(args) -> None:
@@ -248,9 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "datasets", "transformers", "peft", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # peft still calls a transformers API deprecated for v6; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         args = build_parser().parse_args(argv)
-        handler = {"run": cmd_run, "list": cmd_list, "table": cmd_table,
+        handler = {"run": cmd_run, "import": cmd_import, "list": cmd_list, "table": cmd_table,
                    "generate": cmd_generate, "new-method": cmd_new_method}[args.command]
         return handler(args) or 0
     except HarnessError as exc:
