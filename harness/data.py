@@ -53,7 +53,7 @@ def build_source(task: Task, sentence: str, instruction: str | None,
     return "".join(parts)
 
 
-def _read_json(path: Path):
+def read_json_file(path: Path):
     if not path.exists():
         raise HarnessError(f"{path}: file not found")
     try:
@@ -70,7 +70,7 @@ def _read_json(path: Path):
 def load_instructions(data_dir: Path) -> dict[str, str]:
     """Category -> instruction text (the first entry of each list, as `instruction_strategy single`)."""
     path = Path(data_dir) / "instruction_config.json"
-    raw = _read_json(path)
+    raw = read_json_file(path)
     if not isinstance(raw, dict):
         raise HarnessError(f"{path}: expected a JSON object mapping category to instructions")
     out = {}
@@ -86,7 +86,7 @@ def load_instructions(data_dir: Path) -> dict[str, str]:
 def check_labels_file(data_dir: Path, task: Task) -> None:
     """The data's labels.json must list the benchmark's label set, in the same order (the prompt's)."""
     path = Path(data_dir) / task.folder / "labels.json"
-    labels = _read_json(path)
+    labels = read_json_file(path)
     if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
         raise HarnessError(f"{path}: expected a JSON array of label strings")
     if labels != list(task.labels):
@@ -97,7 +97,7 @@ def check_labels_file(data_dir: Path, task: Task) -> None:
 def read_split(data_dir: Path, task: Task, split: str) -> list[dict]:
     """Validated records of one split: a non-empty JSON array of objects with string sentence/label."""
     path = Path(data_dir) / task.folder / f"{split}.json"
-    records = _read_json(path)
+    records = read_json_file(path)
     if not isinstance(records, list):
         raise HarnessError(f"{path}: expected a JSON array of records")
     if not records:

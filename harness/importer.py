@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from harness.benchmark import load_benchmark
-from harness.data import _read_json
+from harness.data import read_json_file
 from harness.errors import HarnessError
 from harness.profiles import load_profile
 from harness.runner import Options, RunSpec, finish_run, resolve_data_dir
@@ -110,7 +110,7 @@ def _stage_folders(source: Path, order: int, tasks: tuple[str, ...]) -> dict[int
 def _accuracies(path: Path, order: int, tasks: tuple[str, ...],
                 categories: set[str]) -> dict[str, float]:
     """The per-task exact match of one all_results.json, in sequence order."""
-    raw = _read_json(path)
+    raw = read_json_file(path)
     if not isinstance(raw, dict):
         raise HarnessError(f"{path}: expected a JSON object")
     found = {}
