@@ -1,0 +1,265 @@
+"""Figures for a paper from a results tree (reads only `summary.json` files).
+
+- `accuracy_heatmap`: one run's accuracy matrix (stages x tasks);
+- `forgetting_curves`: each task's accuracy from the stage that learned it to the last stage,
+  mean over seeds with a min-max band;
+- `aa_with_ci`: AA per method with 95% confidence intervals;
+- `write_all`: all of the above for every run of a results tree.
+
+Each writes `<stem>.png` and `<stem>.pdf` and returns the paths written. Figures are built on
+`matplotlib.figure.Figure` with an Agg canvas, never through pyplot: nothing is registered in a
+global figure list (so nothing leaks over hundreds of runs) and the caller's backend is untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from harness.errors import HarnessError
+from harness.stats import describe
+from harness.table import PAPER_ORDER
+
+STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9,
+         "ytick.labelsize": 9, "legend.fontsize": 8,
+         "pdf.fonttype": 42, "ps.fonttype": 42}  # TrueType in PDFs: venues reject Type 3 fonts
+
+
+def _styled(plot):
+    """Apply STYLE while a figure is built and saved, leaving the caller's rcParams alone."""
+    @functools.wraps(plot)
+    def wrapper(*args, **kwargs):
+        with mpl.rc_context(STYLE):
+            return plot(*args, **kwargs)
+    return wrapper
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, out_stem: Path) -> list[Path]:
+    out_stem = Path(out_stem)
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out_stem.with_name(out_stem.name + ext) for ext in (".png", ".pdf")]
+    fig.savefig(paths[0], dpi=200, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None})  # reproducible
+    fig.clear()  # drop the artists now rather than when the figure is collected
+    return paths
+
+
+def _matrix(summary: dict) -> np.ndarray:
+    return np.array([[math.nan if v is None else v for v in row]
+                     for row in summary["accuracy_matrix"]], dtype=float)
+
+
+@_styled
+def accuracy_heatmap(summary: dict, out_stem: Path) -> list[Path]:
+    """The accuracy matrix: rows = stages (base, then each trained stage), columns = tasks;
+    missing cells are hatched."""
+    R = _matrix(summary)
+    tasks, labels = summary["tasks"], summary["row_labels"]
+    n_rows, n_cols = R.shape
+    fig = _figure(max(5.0, 2.2 + 0.62 * n_cols), max(3.0, 1.6 + 0.36 * n_rows))
+    ax = fig.add_subplot()
+    cmap = mpl.colormaps["viridis"].with_extremes(bad="white")
+    image = ax.imshow(np.ma.masked_invalid(R), cmap=cmap, vmin=0, vmax=100, aspect="auto")
+    small = 7 if n_cols > 10 else 8
+    for i, j in np.ndindex(R.shape):
+        if math.isnan(R[i, j]):
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
+                                   edgecolor="0.7", linewidth=0))
+        else:  # dark text on the light (yellow) end of viridis, white elsewhere
+            ax.text(j, i, f"{R[i, j]:.1f}", ha="center", va="center", fontsize=small,
+                    color="black" if R[i, j] > 60 else "white")
+    ax.set_xticks(range(n_cols), tasks, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(n_rows), [labels[0]] + [f"{i}: {name}" for i, name in
+                                                enumerate(labels[1:], 1)])
+    ax.set_xlabel("evaluated task")
+    ax.set_ylabel("model after stage")
+    ax.tick_params(length=0)
+    fig.colorbar(image, ax=ax, label="accuracy (%)", ticks=range(0, 101, 20), shrink=0.9)
+    ax.set_title(f"{summary['method']} on {summary['sequence']}, seed {summary['seed']}\n"
+                 f"profile {summary['profile']}, {summary['benchmark']['kind']} benchmark")
+    return _save(fig, out_stem)
+
+
+def is_joint(summary: dict) -> bool:
+    """A run trained once on the whole sequence (one trained row) has no per-stage curve."""
+    return len(summary["accuracy_matrix"]) != len(summary["tasks"]) + 1
+
+
+@_styled
+def forgetting_curves(summaries: list[dict], out_stem: Path) -> list[Path]:
+    """For one method and sequence: each task's accuracy from the stage that learned it to the
+    last stage; the mean over seeds, with a min-max band when there are several."""
+    if not summaries:
+        raise ValueError("forgetting_curves: no runs given")
+    first = summaries[0]
+    for s in summaries:
+        if (s["method"], s["sequence"], s["tasks"]) != (first["method"], first["sequence"],
+                                                       first["tasks"]):
+            raise ValueError("forgetting_curves: runs must share one method and sequence "
+                             f"(got {s['method']}/{s['sequence']} and "
+                             f"{first['method']}/{first['sequence']})")
+        if is_joint(s):
+            raise ValueError(f"forgetting_curves: {s['method']}/{s['sequence']} seed {s['seed']} "
+                             f"is a joint run (rows {s['row_labels']}): it has no per-stage "
+                             "accuracies to follow")
+    stack = np.stack([_matrix(s) for s in summaries])  # seeds x (T + 1) x T
+    tasks = first["tasks"]
+    T = len(tasks)
+    fig = _figure(max(7.0, 3.0 + 0.3 * T), 4.4)
+    ax = fig.add_subplot()
+    # tab10 colours, then the same colours dashed with other markers: tab20's paired light
+    # shades are hard to tell apart in print.
+    colors, markers = mpl.colormaps["tab10"].colors, "osD^v<>ph*"
+    with warnings.catch_warnings():  # a stage missing in every seed is a gap, not an error
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for j, task in enumerate(tasks):
+            x = np.arange(j + 1, T + 1)
+            ys = stack[:, j + 1:, j]
+            mean = np.nanmean(ys, axis=0)
+            color, cycle = colors[j % 10], j // 10
+            ax.plot(x, mean, marker=markers[cycle % len(markers)],
+                    markersize=3.5, linewidth=1.4, color=color,
+                    linestyle=("-", "--", ":", "-.")[cycle % 4], label=f"{j + 1}: {task}")
+            if len(summaries) > 1:
+                ax.fill_between(x, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), color=color,
+                                alpha=0.15, linewidth=0)
+    ax.set_xticks(range(1, T + 1))
+    ax.set_xlim(0.7, T + 0.3)
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel("stage (tasks learned so far)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    seeds = sorted(s["seed"] for s in summaries)
+    band = "\nline: mean over seeds; band: min to max" if len(seeds) > 1 else ""
+    ax.set_title(f"{first['method']} on {first['sequence']}: each task's accuracy after it is "
+                 f"learned\nprofile {first['profile']}, {first['benchmark']['kind']} benchmark, "
+                 f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}{band}")
+    # Beside the axes, below the title's height: constrained layout makes room for it.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0,
+              title="task (stage learned)", ncols=2 if T > 16 else 1)
+    return _save(fig, out_stem)
+
+
+@_styled
+def aa_with_ci(table: pd.DataFrame, out_stem: Path, title: str) -> list[Path]:
+    """AA per method (columns method, mean, ci_low, ci_high; optional n), one row per method in
+    the order given, with the confidence interval as an error bar where it is known."""
+    missing = {"method", "mean", "ci_low", "ci_high"} - set(table.columns)
+    if missing:
+        raise ValueError(f"aa_with_ci: table lacks columns {sorted(missing)}")
+    if table["mean"].isna().all():
+        raise ValueError("aa_with_ci: no method has a mean AA to draw")
+    table = table.reset_index(drop=True)
+    y = np.arange(len(table))
+    fig = _figure(6.5, 1.4 + 0.38 * max(len(table), 2))
+    ax = fig.add_subplot()
+    known = table["ci_low"].notna() & table["ci_high"].notna()
+    if known.any():
+        ax.errorbar(table["mean"][known], y[known],
+                    xerr=[table["mean"][known] - table["ci_low"][known],
+                          table["ci_high"][known] - table["mean"][known]],
+                    fmt="o", color="C0", ecolor="C0", capsize=4, label="mean, 95% CI")
+    if (~known).any():
+        ax.plot(table["mean"][~known], y[~known], "o", color="C1", label="mean (no CI: n < 2 "
+                "or no spread)")
+    for i, row in table.iterrows():
+        note = f"{row['mean']:.1f}" + (f"  (n={int(row['n'])})" if "n" in table else "")
+        end = row["ci_high"] if not math.isnan(row["ci_high"]) else row["mean"]
+        ax.annotate(note, (end, i), xytext=(6, 0), textcoords="offset points", va="center",
+                    fontsize=8)
+    ax.set_yticks(y, table["method"])
+    ax.set_ylim(len(table) - 0.5, -0.5)  # first method on top, as in a table
+    # Zoom to the data (low-accuracy benchmarks would otherwise fill a tenth of the width),
+    # keeping 0 as the origin and room right of the last tick for the annotations.
+    top = np.nanmax(table[["mean", "ci_high"]].to_numpy(float))
+    right = min(100, 10 * math.ceil(top / 10 + 0.5))
+    ax.set_xlim(0, right * 1.18)
+    ax.set_xticks(range(0, right + 1, 20 if right > 50 else 10 if right > 20 else 5))
+    ax.set_xlabel("AA (%)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=2, frameon=False)  # never over a point
+    ax.set_title(title)
+    return _save(fig, out_stem)
+
+
+def bootstrap_ci(values) -> tuple[float, float]:
+    """The 95% bootstrap interval of `harness.stats.describe`; NaN (no bar) when fewer than 2
+    values or no spread."""
+    d = describe(np.asarray(values, dtype=float))
+    if d["n"] < 2 or d["ci_low"] == d["ci_high"]:
+        return math.nan, math.nan
+    return d["ci_low"], d["ci_high"]
+
+
+def aa_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per method (paper order, then alphabetical): mean AA, its bootstrap CI and n, pooling
+    every sequence and seed of the method. `runs` has columns method and AA."""
+    rows = []
+    for method, values in runs.groupby("method")["AA"]:
+        values = values.dropna().to_numpy(float)
+        if not len(values):  # no run of this method has an AA: nothing to draw
+            continue
+        low, high = bootstrap_ci(values)
+        rows.append({"method": method, "mean": values.mean(),
+                     "ci_low": low, "ci_high": high, "n": len(values)})
+    key = [(PAPER_ORDER.index(r["method"]) if r["method"] in PAPER_ORDER else len(PAPER_ORDER),
+            r["method"]) for r in rows]
+    return pd.DataFrame([r for _, r in sorted(zip(key, rows), key=lambda p: p[0])],
+                        columns=["method", "mean", "ci_low", "ci_high", "n"])
+
+
+def write_all(results: Path, out_dir: Path, profile: str | None = None) -> list[Path]:
+    """Every figure for a results tree: `heatmaps/<profile>-<method>-<sequence>-seed<s>`,
+    `forgetting/<profile>-<method>-<sequence>` (not for joint runs) and
+    `aa_<profile>_<kind>`, each as PNG and PDF. Runs without summary.json are incomplete and
+    skipped."""
+    results, out_dir = Path(results), Path(out_dir)
+    if not results.is_dir():
+        raise HarnessError(f"--results {results}: no such directory")
+    summaries = []
+    for path in sorted(results.glob("*/*/*/seed*/summary.json")):
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise HarnessError(f"{path}: corrupt summary ({type(exc).__name__}: {exc})") from exc
+        if not profile or summary["profile"] == profile:
+            summaries.append(summary)
+    written = []
+    curves = defaultdict(list)
+    for s in summaries:
+        written += accuracy_heatmap(s, out_dir / "heatmaps" /
+                                    f"{s['profile']}-{s['method']}-{s['sequence']}-seed{s['seed']}")
+        if not is_joint(s):
+            curves[s["profile"], s["method"], s["sequence"]].append(s)
+    for (prof, method, sequence), group in sorted(curves.items()):
+        written += forgetting_curves(group, out_dir / "forgetting" / f"{prof}-{method}-{sequence}")
+    runs = pd.DataFrame([{"profile": s["profile"], "kind": s["benchmark"]["kind"],
+                          "method": s["method"], "AA": s["metrics"].get("AA")}
+                         for s in summaries], columns=["profile", "kind", "method", "AA"])
+    runs["AA"] = pd.to_numeric(runs["AA"], errors="coerce")  # null AA -> NaN, left out
+    for (prof, kind), group in runs.groupby(["profile", "kind"], sort=True):
+        table = aa_table(group)
+        if table.empty:
+            continue
+        written += aa_with_ci(table, out_dir / f"aa_{prof}_{kind}",
+                              f"Average accuracy (AA) per method; profile {prof}, {kind} "
+                              "benchmark\nall sequences and seeds pooled; 95% bootstrap CI "
+                              "of the mean")
+    return written
