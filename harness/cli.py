@@ -278,7 +278,7 @@ def cmd_new_method(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "datasets", "transformers", "peft", "DeepSpeed"):
+    for noisy in ("httpx", "datasets", "transformers", "peft", "DeepSpeed", "fontTools"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     # peft still calls a transformers API deprecated for v6; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
