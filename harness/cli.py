@@ -41,6 +41,17 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """'i/N' with 0 <= i < N: this process runs every N-th run of the sweep, starting at i."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected i/N (e.g. 0/4), got {text!r}")
+    if count < 1 or not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"expected 0 <= i < N in i/N, got {text!r}")
+    return index, count
+
+
 def _str_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -79,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--test-per-task", type=_positive, help="test examples per task")
     run.add_argument("--drop-unlabelled", action="store_true",
                      help="drop records whose label is not in labels.json (default: keep, scored wrong)")
+    run.add_argument("--shard", type=_shard, help="with --all: run the share i/N of the sweep "
+                     "(0 <= i < N; e.g. a Slurm array task id), a deterministic round-robin split")
     run.add_argument("--force", action="store_true", help="re-run complete runs from scratch")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -151,7 +164,7 @@ def cmd_list(args) -> None:
 
 def cmd_run(args) -> int:
     from harness.benchmark import load_benchmark
-    from harness.runner import Options, RunSpec, runner_for
+    from harness.runner import Options, RunBusy, RunSpec, runner_for
     from methods import registry
 
     bench = load_benchmark()
@@ -159,7 +172,7 @@ def cmd_run(args) -> int:
         if not 0 <= seed < 2**63:
             raise HarnessError(f"run: --seed {seed} is out of range (0 <= seed < 2**63)")
     if not args.all:
-        extra = [f"--{n}" for n in ("methods", "orders", "seeds") if getattr(args, n)]
+        extra = [f"--{n}" for n in ("methods", "orders", "seeds", "shard") if getattr(args, n)]
         if extra:
             raise HarnessError(f"run: {', '.join(extra)} only apply with --all")
     if args.tasks and args.orders:
@@ -201,13 +214,20 @@ def cmd_run(args) -> int:
     runner = runner_for(args.profile, options)
     specs = [RunSpec(method=m, tasks=tuple(seq), seed=s, profile=args.profile, order=k)
              for (k, seq) in sequences for m in methods for s in seeds]
+    if args.shard:  # round robin over the fixed sweep order: shards get similar mixes of runs
+        index, count = args.shard
+        specs = specs[index::count]
     print(f"benchmark: {runner.data_kind} ({runner.data_dir}); profile: {args.profile}; "
           f"{len(specs)} run(s) -> {args.results}", flush=True)
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
     for spec in tqdm(specs, desc="runs", unit="run", disable=args.no_progress or len(specs) == 1):
-        summary = runner.run(spec, force=args.force)
+        try:
+            summary = runner.run(spec, force=args.force)
+        except RunBusy as exc:
+            tqdm.write(f"skipped: {exc}")
+            continue
         m = summary["metrics"]
         tqdm.write(f"{spec.method:10s} {spec.sequence_name:12s} seed{spec.seed}  "
                    f"AA {m['AA']:.2f}  BWT {m.get('BWT') if m.get('BWT') is None else round(m['BWT'], 2)}  "

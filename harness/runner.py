@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -10,6 +11,7 @@ import platform
 import random
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -28,7 +30,7 @@ from harness.evaluator import evaluate_task
 from harness.paths import synthetic_data_dir
 from harness.profiles import Profile, load_profile
 from harness.param_metrics import parameter_metrics
-from harness.store import DELTAS, RunDir, read_json, stage_name, write_atomic, write_json
+from harness.store import DELTAS, LOCK, RunDir, read_json, stage_name, write_atomic, write_json
 from harness.synthetic import ensure_synthetic, is_synthetic
 from harness.textio import Batcher
 from harness.trainer import fit
@@ -36,6 +38,10 @@ from methods import registry
 from methods.base import Context
 
 log = logging.getLogger(__name__)
+
+
+class RunBusy(HarnessError):
+    """The run folder is locked by another process (a parallel shard or job)."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +157,27 @@ class Runner:
 
     # -- one run -------------------------------------------------------------------------------
     def run(self, spec: RunSpec, force: bool = False) -> dict:
+        """Train and evaluate one run, resuming it if it was interrupted. Only one process at a
+        time works on a run folder (an advisory lock inside it); another gets RunBusy."""
         run_dir = self.run_dir(spec)
+        with ExitStack() as held:
+            return self._run(spec, run_dir, force, held)
+
+    def _lock(self, run_dir: RunDir, held: ExitStack) -> None:
+        """Create the run folder and hold its lock until `held` closes (the lock is released by
+        the OS if the process dies, so a killed run never blocks a later one)."""
+        try:
+            run_dir.path.mkdir(parents=True, exist_ok=True)
+            lock = held.enter_context(open(run_dir.path / LOCK, "a"))
+        except OSError as exc:
+            raise HarnessError(f"--results {self.options.results}: cannot create {run_dir.path}: "
+                               f"{exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusy(f"{run_dir.path}: another process is running it") from None
+
+    def _run(self, spec: RunSpec, run_dir: RunDir, force: bool, held: ExitStack) -> dict:
         method = registry.create(spec.method, self.profile.name)
         config = self.run_config(spec, method.config)
         if run_dir.is_complete() and not force:
@@ -168,13 +194,13 @@ class Runner:
         tasks = self.benchmark.sequence(list(spec.tasks))
         data = {t.name: self.task_data(t) for t in tasks}
         backbone = load_backbone(self.model_path())
-        if force and run_dir.path.exists():
-            shutil.rmtree(run_dir.path)
-        try:
-            run_dir.path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise HarnessError(f"--results {self.options.results}: cannot create {run_dir.path}: "
-                               f"{exc.strerror or exc}") from exc
+        self._lock(run_dir, held)
+        if force:  # everything but the lock we hold
+            for child in run_dir.path.iterdir():
+                if child.name != LOCK:
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        elif run_dir.is_complete():  # finished by another process while this one loaded
+            return read_json(run_dir.summary_path)
         run_dir.remove_leftovers()
         write_json(run_dir.config_path, config)
 

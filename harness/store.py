@@ -50,6 +50,7 @@ def read_json(path: Path) -> Any:
 
 
 DELTAS = "deltas.safetensors"
+LOCK = ".lock"
 
 
 def stage_name(stage: int, task: str) -> str:
@@ -85,6 +86,8 @@ class RunDir:
     def remove_leftovers(self) -> None:
         """Temporary files and stage folders of a process that was killed mid-write."""
         for tmp in self.path.glob(".*"):
+            if tmp.name == LOCK:  # held by this process (runner): removing it would void the lock
+                continue
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
             else:

@@ -56,7 +56,7 @@ def first_run(synthetic_dir, tmp_path_factory):
 
 def test_results_layout(first_run):
     run_dir = first_run / "default" / "seqlora" / "tasks-agnews+SST-2" / "seed0"
-    names = sorted(p.name for p in run_dir.iterdir())
+    names = sorted(p.name for p in run_dir.iterdir() if p.name != ".lock")
     assert names == ["accuracy_matrix.csv", "config.json", "stage_00-base", "stage_01-agnews",
                      "stage_02-SST-2", "summary.json"]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -82,7 +82,7 @@ def test_same_seed_same_matrix_and_resume_after_a_crash(first_run, synthetic_dir
     with pytest.raises(RuntimeError, match="killed"):
         run(synthetic_dir, tmp_path, "--method", "seqlora", "--tasks", "agnews,SST-2")
     run_dir = tmp_path / "default" / "seqlora" / "tasks-agnews+SST-2" / "seed0"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "stage_00-base",
+    assert sorted(p.name for p in run_dir.iterdir() if p.name != ".lock") == ["config.json", "stage_00-base",
                                                           "stage_01-agnews"]
     stage1 = (run_dir / "stage_01-agnews" / "metrics.json").stat().st_mtime_ns
     monkeypatch.undo()
@@ -143,6 +143,10 @@ def test_table_prints_leaderboard(first_run, capsys):
     (["run", "--method", "seqlora", "--order", "1", "--seeds", "1,2"], "only apply with --all"),
     (["run", "--all", "--tasks", "agnews", "--orders", "1"], "not both"),
     (["run", "--method", "seqlora", "--order", "1", "--model", "/no/such/model"], "not a model folder"),
+    (["run", "--all", "--shard", "3/3"], "expected 0 <= i < N"),
+    (["run", "--all", "--shard", "x"], "expected i/N"),
+    (["run", "--method", "seqlora", "--order", "1", "--shard", "0/2"], "only apply with --all"),
+    (["run", "--all", "--orders", "3-1"], "ranges like 1-3"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path):
     assert main(argv + (["--results", str(tmp_path)] if argv[0] == "run" else [])) == 2
@@ -176,4 +180,35 @@ def test_damaged_stage_and_leftovers_are_redone(synthetic_dir, tmp_path):
     (run_dir / ".stage_03-x.abcd").mkdir()                                      # killed mid-write
     assert run(synthetic_dir, tmp_path, *args) == 0
     assert matrix(tmp_path, "seqft") == expected
-    assert not list(run_dir.glob(".*"))
+    assert [p.name for p in run_dir.glob(".*")] == [".lock"]  # only the run lock
+
+
+def test_shards_split_the_sweep_into_disjoint_parts(synthetic_dir, tmp_path, monkeypatch):
+    from harness.runner import Runner
+
+    seen = {}
+
+    def record(self, spec, force=False):
+        seen.setdefault(current, []).append((spec.method, spec.order, spec.seed))
+        return {"metrics": {"AA": 0.0}, "wall_seconds": 0.0}
+
+    monkeypatch.setattr(Runner, "run", record)
+    args = ["run", "--all", "--methods", "seqlora,inclora", "--orders", "1-3", "--seeds", "0-1",
+            "--data-dir", str(synthetic_dir), "--results", str(tmp_path), "--no-progress"]
+    for current in ("all", "0/3", "1/3", "2/3"):
+        assert main(args + ([] if current == "all" else ["--shard", current])) == 0
+    shards = [set(seen[k]) for k in ("0/3", "1/3", "2/3")]
+    assert set.union(*shards) == set(seen["all"]) and sum(map(len, shards)) == 12
+    assert all(len(s) == 4 for s in shards)
+
+
+def test_a_run_locked_by_another_process_is_skipped(synthetic_dir, tmp_path, capsys):
+    import fcntl
+
+    folder = tmp_path / "default" / "seqlora" / "tasks-agnews+SST-2" / "seed0"
+    folder.mkdir(parents=True)
+    with open(folder / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert run(synthetic_dir, tmp_path, "--method", "seqlora", "--tasks", "agnews,SST-2") == 0
+    assert "another process is running it" in capsys.readouterr().out
+    assert not (folder / "summary.json").exists()
