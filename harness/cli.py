@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 import warnings
@@ -68,6 +69,9 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="harness", description="Continual-learning benchmark harness")
+    # The DeepSpeed launcher passes --local_rank before the subcommand; the rank comes from the
+    # environment it sets, so the value itself is not needed.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="train and evaluate methods on task sequences")
@@ -93,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard", type=_shard, help="with --all: run the share i/N of the sweep "
                      "(0 <= i < N; e.g. a Slurm array task id), a deterministic round-robin split")
     run.add_argument("--force", action="store_true", help="re-run complete runs from scratch")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a profile setting (train.batch_size=8, lora.r=16) or the "
+                     "method's (method.lr=1e-4); repeatable, recorded in each run's config.json")
+    run.add_argument("--jobs", type=_positive, default=1, help="run J runs at once, one process "
+                     "each, with the CPU threads divided between them (default 1)")
+    run.add_argument("--launcher", choices=["none", "deepspeed"], default="none",
+                     help="deepspeed: train every run data-parallel through the DeepSpeed engine")
+    run.add_argument("--num-gpus", type=_positive, help="with --launcher deepspeed: ranks on this "
+                     "machine (default: every visible GPU; CPU ranks when there is none)")
+    run.add_argument("--deepspeed-config", metavar="NAME|FILE", help="zero0, zero1, zero2 (shipped; "
+                     "default: the profile's) or a DeepSpeed JSON file; \"auto\" values are filled "
+                     "from the profile")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     imp = sub.add_parser("import", help="read another codebase's outputs into the results store")
@@ -162,8 +178,44 @@ def cmd_list(args) -> None:
                        headers=["profile", "description"]))
 
 
+def _without(argv: list[str], *options: str) -> list[str]:
+    """`argv` without the given options and their values (`--opt V` or `--opt=V`)."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        name = token.split("=", 1)[0]
+        if name in options:
+            skip = "=" not in token
+            continue
+        out.append(token)
+    return out
+
+
+def _run_jobs(args, count: int) -> int:
+    """`--jobs J`: J processes, each running a round-robin share of the sweep (nested inside any
+    --shard i/N, so job j of shard i takes share i + j*N of N*J), each with cores/J threads."""
+    import os
+    import subprocess
+
+    index, shards = args.shard or (0, 1)
+    threads = max(1, (os.cpu_count() or 1) // count)
+    base = _without(args.argv, "--jobs", "--shard", "--no-progress")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-m", "harness", *base, "--no-progress",
+                               "--shard", f"{index + j * shards}/{shards * count}"], env=env)
+             for j in range(count)]
+    codes = [p.wait() for p in procs]
+    print(f"done: {count} jobs x {threads} thread(s) in {time.perf_counter() - start:.1f}s "
+          f"(exit codes {codes})", flush=True)
+    return next((c for c in codes if c), 0)
+
+
 def cmd_run(args) -> int:
     from harness.benchmark import load_benchmark
+    from harness.distributed import SINGLE, launch_command, launched
     from harness.runner import Options, RunBusy, RunSpec, runner_for
     from methods import registry
 
@@ -173,10 +225,19 @@ def cmd_run(args) -> int:
             raise HarnessError(f"run: --seed {seed} is out of range (0 <= seed < 2**63)")
     if not args.all:
         extra = [f"--{n}" for n in ("methods", "orders", "seeds", "shard") if getattr(args, n)]
+        extra += ["--jobs"] if args.jobs > 1 else []
         if extra:
             raise HarnessError(f"run: {', '.join(extra)} only apply with --all")
     if args.tasks and args.orders:
         raise HarnessError("run: give --orders or --tasks, not both")
+    if args.launcher != "deepspeed" and not launched():
+        for name in ("num_gpus", "deepspeed_config"):
+            if getattr(args, name) is not None:
+                raise HarnessError(f"run: --{name.replace('_', '-')} only applies with "
+                                   "--launcher deepspeed")
+    if args.jobs > 1 and (args.launcher == "deepspeed" or launched()):
+        raise HarnessError("run: --jobs runs single-process runs side by side; with --launcher "
+                           "deepspeed every run already uses all ranks")
     if args.results.exists() and not args.results.is_dir():
         raise HarnessError(f"--results {args.results}: not a directory")
     if args.all:
@@ -200,39 +261,72 @@ def cmd_run(args) -> int:
 
     if args.all and not args.methods:  # modifiers only run combined with a base method
         methods = [m for m in methods if not issubclass(registry.method_class(m), Modifier)]
-    for name in methods:
-        registry.create(name, args.profile)  # unknown names and bad combinations fail first
-    for _, seq in sequences:
-        bench.sequence(list(seq))
+    method_sets = [o for o in args.overrides if o.split("=", 1)[0].startswith("method.")]
     options = Options(results=args.results, data_dir=args.data_dir, model=args.model,
                       train_per_task=args.train_per_task, test_per_task=args.test_per_task,
-                      drop_unlabelled=args.drop_unlabelled, progress=not args.no_progress)
+                      drop_unlabelled=args.drop_unlabelled, progress=not args.no_progress,
+                      profile_overrides=tuple(o for o in args.overrides if o not in method_sets),
+                      method_overrides=tuple(method_sets), deepspeed_config=args.deepspeed_config)
     if args.no_progress:  # transformers draws its own bar while loading weights
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    runner = runner_for(args.profile, options)
+    world = SINGLE
+    if launched():
+        from harness.distributed import init_world
+
+        world = init_world()
+    elif args.launcher == "deepspeed":  # checked here first: bad input fails before any rank starts
+        from harness.distributed import load_config
+        from harness.profiles import load_profile
+
+        profile = load_profile(args.profile, options.profile_overrides)
+        load_config(args.deepspeed_config or profile.deepspeed_config, profile, 1)
+    runner = runner_for(args.profile, options, world)
+    if world is SINGLE and args.launcher == "deepspeed":  # validate the ZeRO stage per method too
+        from harness.distributed import load_config
+
+        runner.engine_config = load_config(args.deepspeed_config or runner.profile.deepspeed_config,
+                                           runner.profile, 1)
+    for name in methods:
+        runner.create_method(name)  # unknown names and bad combinations fail first
+    for _, seq in sequences:
+        bench.sequence(list(seq))
+    if world is SINGLE and args.launcher == "deepspeed":
+        import subprocess
+
+        import torch
+
+        ranks = args.num_gpus or max(1, torch.cuda.device_count())
+        return subprocess.call(launch_command(args.argv, ranks))
+    if args.jobs > 1:
+        return _run_jobs(args, args.jobs)
     specs = [RunSpec(method=m, tasks=tuple(seq), seed=s, profile=args.profile, order=k)
              for (k, seq) in sequences for m in methods for s in seeds]
     if args.shard:  # round robin over the fixed sweep order: shards get similar mixes of runs
         index, count = args.shard
         specs = specs[index::count]
-    print(f"benchmark: {runner.data_kind} ({runner.data_dir}); profile: {args.profile}; "
-          f"{len(specs)} run(s) -> {args.results}", flush=True)
+    say = print if world.main else (lambda *a, **k: None)
+    ranks = f"; {world.size} DeepSpeed rank(s)" if world.engine else ""
+    say(f"benchmark: {runner.data_kind} ({runner.data_dir}); profile: {args.profile}{ranks}; "
+        f"{len(specs)} run(s) -> {args.results}", flush=True)
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    for spec in tqdm(specs, desc="runs", unit="run", disable=args.no_progress or len(specs) == 1):
+    for spec in tqdm(specs, desc="runs", unit="run",
+                     disable=args.no_progress or len(specs) == 1 or not world.main):
         try:
             summary = runner.run(spec, force=args.force)
         except RunBusy as exc:
-            tqdm.write(f"skipped: {exc}")
+            if world.main:
+                tqdm.write(f"skipped: {exc}")
             continue
         m = summary["metrics"]
-        tqdm.write(f"{spec.method:10s} {spec.sequence_name:12s} seed{spec.seed}  "
-                   f"AA {m['AA']:.2f}  BWT {m.get('BWT') if m.get('BWT') is None else round(m['BWT'], 2)}  "
-                   f"({summary['wall_seconds']:.1f}s)")
-    print(f"done: {len(specs)} run(s) in {time.perf_counter() - start:.1f}s", flush=True)
+        if world.main:
+            tqdm.write(f"{spec.method:10s} {spec.sequence_name:12s} seed{spec.seed}  "
+                       f"AA {m['AA']:.2f}  BWT {m.get('BWT') if m.get('BWT') is None else round(m['BWT'], 2)}  "
+                       f"({summary['wall_seconds']:.1f}s)")
+    say(f"done: {len(specs)} run(s) in {time.perf_counter() - start:.1f}s", flush=True)
     return 0
 
 
@@ -302,15 +396,28 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     # peft still calls a transformers API deprecated for v6; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        args.argv = _without(argv, "--local_rank", "--local-rank")
         handler = {"run": cmd_run, "import": cmd_import, "list": cmd_list, "table": cmd_table,
                    "generate": cmd_generate, "new-method": cmd_new_method}[args.command]
-        return handler(args) or 0
+        code = handler(args) or 0
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("interrupted: complete stages are kept; run the same command again to resume",
               file=sys.stderr)
-        return 130
+        code = 130
+    from harness.distributed import launched
+
+    if launched() and "torch.distributed" in sys.modules:
+        # A rank leaves without tearing down the process group: gloo's teardown at interpreter
+        # exit aborts a rank whose peer already left ("terminate called without an active
+        # exception"), which the launcher would report as a failure of a finished run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+

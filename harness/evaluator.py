@@ -6,7 +6,9 @@ import string
 
 import torch
 
+from harness import faults
 from harness.data import TaskData
+from harness.distributed import SINGLE, World
 from harness.textio import Batcher
 
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -22,11 +24,13 @@ def normalize(text: str) -> str:
 
 @torch.inference_mode()
 def evaluate_task(model: torch.nn.Module, batcher: Batcher, data: TaskData, *, batch_size: int,
-                  max_new_tokens: int) -> tuple[float, list[dict]]:
+                  max_new_tokens: int, world: World = SINGLE) -> tuple[float, list[dict]]:
     """Accuracy (percent) on the task's test split, and one prediction record per example.
 
     Examples are batched in order of source length so padding stays small; greedy decoding stops
-    as soon as every sequence of the batch has produced EOS.
+    as soon as every sequence of the batch has produced EOS. With several ranks, rank r generates
+    batches r, r+W, ... of the same batching and rank 0 gathers the texts, so every example is
+    generated in the very batch a single process would put it in. Other ranks get (nan, []).
     """
     was_training = model.training
     model.eval()
@@ -34,15 +38,23 @@ def evaluate_task(model: torch.nn.Module, batcher: Batcher, data: TaskData, *, b
     targets = list(data.test["target"])
     indices = list(data.test["index"])
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-    predictions: list[str] = [""] * len(sources)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    mine: dict[int, str] = {}
+    for chunk in batches[world.rank::world.size]:
         batch = batcher.eval_batch([sources[i] for i in chunk])
         out = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False,
                              repetition_penalty=1.0, pad_token_id=batcher.tok.pad_token_id)
         for i, text in zip(chunk, batcher.decode(out, batch["input_ids"].shape[1])):
-            predictions[i] = text
+            mine[i] = text
+        faults.point("eval_batch")
     model.train(was_training)
+    gathered = world.gather(mine)
+    if gathered is None:
+        return float("nan"), []
+    predictions = [""] * len(sources)
+    for part in gathered:
+        for i, text in part.items():
+            predictions[i] = text
     records = []
     correct = 0
     for i, (pred, gold) in enumerate(zip(predictions, targets)):

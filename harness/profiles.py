@@ -1,10 +1,13 @@
 """Profiles: backbone, data scale and trainer settings, one TOML file each in `harness/profiles/`.
 
-A profile never changes what a method is, only its scale.
+A profile never changes what a method is, only its scale. `--set section.key=value` overrides a
+setting for one invocation (recorded in every run's config.json, so runs made with and without it
+never mix).
 """
 
 from __future__ import annotations
 
+import copy
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +26,7 @@ class Profile:
     train_per_task: int | None       # None = the whole split
     test_per_task: int | None
     data_seed: int                   # fixes the sub-samples, the same for every method and seed
-    batch_size: int
+    batch_size: int                  # per device (per rank under DeepSpeed)
     grad_accum: int
     epochs: int
     max_grad_norm: float
@@ -31,18 +34,63 @@ class Profile:
     max_target_length: int
     eval_batch_size: int
     max_new_tokens: int
+    bf16: bool = False               # bf16 weights and autocast (GPU; DeepSpeed's bf16 section)
+    gradient_checkpointing: bool = False
+    deepspeed_config: str = "zero2"  # a shipped config (zero0/zero1/zero2) or a JSON file
     lora: dict[str, Any] = field(default_factory=dict)
     embedded: dict[str, Any] = field(default_factory=dict)
+    overrides: tuple[str, ...] = ()  # the --set arguments applied, for the record
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
 
 def available() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
 
 
-def load_profile(name: str) -> Profile:
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.batch_size=8' -> (['train', 'batch_size'], 8); the value is read as TOML (numbers,
+    booleans, "strings", [lists]); a bare word is taken as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise HarnessError(f"--set {text!r}: expected KEY=VALUE, e.g. train.batch_size=8")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], where: str) -> dict[str, Any]:
+    """A copy of `raw` with each `--set` applied; an unknown key is an error (a typo would
+    otherwise silently change nothing)."""
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for depth, key in enumerate(keys[:-1]):
+            if not isinstance(node.get(key), dict):
+                raise HarnessError(f"--set {text}: {where} has no section "
+                                   f"{'.'.join(keys[:depth + 1])!r}")
+            node = node[key]
+        if keys[-1] not in node and keys[-1] not in _OPTIONAL.get(keys[0] if len(keys) > 1 else "", ()):
+            raise HarnessError(f"--set {text}: {where} has no setting {'.'.join(keys)!r}")
+        node[keys[-1]] = value
+    return raw
+
+
+# Settings a profile file may leave out (their defaults apply) and --set may still give.
+_OPTIONAL = {
+    "data": ("train_per_task", "test_per_task", "seed"),
+    "train": ("grad_accum", "max_grad_norm", "max_source_length", "max_target_length", "bf16",
+              "gradient_checkpointing"),
+    "eval": ("batch_size", "max_new_tokens"),
+    "deepspeed": ("config",),
+}
+
+
+def load_profile(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Profile:
     path = PROFILE_DIR / f"{name}.toml"
     if not path.exists():
         raise HarnessError(f"unknown profile {name!r}; known profiles: {', '.join(available())}")
@@ -50,7 +98,11 @@ def load_profile(name: str) -> Profile:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise HarnessError(f"{path}: invalid TOML: {exc}") from exc
-    train, evaluation, data = raw.get("train", {}), raw.get("eval", {}), raw.get("data", {})
+    for section in _OPTIONAL:
+        raw.setdefault(section, {})
+    raw = apply_overrides(raw, list(overrides), f"profile {name!r} ({path})")
+    train, evaluation, data = raw["train"], raw["eval"], raw["data"]
+    where = f"{path}{' with --set ' + ' '.join(overrides) if overrides else ''}"
     try:
         profile = Profile(
             name=name, description=raw.get("description", ""), model=raw.get("model", ""),
@@ -62,10 +114,34 @@ def load_profile(name: str) -> Profile:
             max_target_length=train.get("max_target_length", 50),
             eval_batch_size=evaluation.get("batch_size", 64),
             max_new_tokens=evaluation.get("max_new_tokens", 50),
-            lora=raw.get("lora", {}), embedded=raw.get("embedded", {}))
+            bf16=train.get("bf16", False),
+            gradient_checkpointing=train.get("gradient_checkpointing", False),
+            deepspeed_config=raw["deepspeed"].get("config", "zero2"),
+            lora=raw.get("lora", {}), embedded=raw.get("embedded", {}),
+            overrides=tuple(overrides))
     except KeyError as exc:
-        raise HarnessError(f"{path}: missing setting {exc}") from exc
-    for key in ("batch_size", "grad_accum", "epochs", "eval_batch_size", "max_new_tokens"):
-        if int(getattr(profile, key)) < 1:
-            raise HarnessError(f"{path}: {key} must be a positive integer")
+        raise HarnessError(f"{where}: missing setting {exc}") from exc
+    _validate(profile, where)
     return profile
+
+
+def _validate(profile: Profile, where: str) -> None:
+    def positive_int(key: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise HarnessError(f"{where}: {key} must be a positive integer, got {value!r}")
+
+    for key in ("batch_size", "grad_accum", "epochs", "eval_batch_size", "max_new_tokens",
+                "max_source_length", "max_target_length"):
+        positive_int(key, getattr(profile, key))
+    for key in ("train_per_task", "test_per_task"):
+        if getattr(profile, key) is not None:
+            positive_int(key, getattr(profile, key))
+    if isinstance(profile.max_grad_norm, bool) or not isinstance(profile.max_grad_norm, (int, float)) \
+            or profile.max_grad_norm < 0:
+        raise HarnessError(f"{where}: max_grad_norm must be a number >= 0 (0 = no clipping), "
+                           f"got {profile.max_grad_norm!r}")
+    for key in ("bf16", "gradient_checkpointing"):
+        if not isinstance(getattr(profile, key), bool):
+            raise HarnessError(f"{where}: {key} must be true or false, got {getattr(profile, key)!r}")
+    if "r" in profile.lora:
+        positive_int("lora.r", profile.lora["r"])

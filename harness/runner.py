@@ -21,10 +21,11 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from harness import metrics
+from harness import faults, metrics
 from harness.backbone import EmbeddedSpec, embedded_backbone_dir, load_backbone
 from harness.benchmark import Task, load_benchmark
 from harness.data import TaskData, load_instructions, load_task
+from harness.distributed import SINGLE, World, device_for
 from harness.errors import HarnessError
 from harness.evaluator import evaluate_task
 from harness.paths import synthetic_data_dir
@@ -70,6 +71,9 @@ class Options:
     test_per_task: int | None = None
     drop_unlabelled: bool = False
     progress: bool = True
+    profile_overrides: tuple[str, ...] = ()   # --set section.key=value
+    method_overrides: tuple[str, ...] = ()    # --set method.key=value
+    deepspeed_config: str | None = None       # a shipped name or a file; None: the profile's
 
 
 def resolve_data_dir(options: Options) -> tuple[Path, str]:
@@ -98,9 +102,16 @@ def seed_everything(seed: int) -> None:
 class Runner:
     """Holds what runs of one sweep share: profile, data, backbone folder."""
 
-    def __init__(self, profile: Profile, options: Options):
+    def __init__(self, profile: Profile, options: Options, world: World = SINGLE):
         self.profile = profile
         self.options = options
+        self.world = world
+        self.engine_config = None
+        if world.engine:
+            from harness.distributed import load_config
+
+            self.engine_config = load_config(options.deepspeed_config or profile.deepspeed_config,
+                                             profile, world.size)
         self.benchmark = load_benchmark()
         self.data_dir, self.data_kind = resolve_data_dir(options)
         self.instructions = load_instructions(self.data_dir)
@@ -134,6 +145,21 @@ class Runner:
             self._model_path = model
         return self._model_path
 
+    def create_method(self, name: str):
+        """The method plugin, refused early if the DeepSpeed config partitions what it needs."""
+        method = registry.create(name, self.profile.name, self.options.method_overrides)
+        if self.engine_config is not None:
+            from harness.distributed import zero_stage
+
+            stage = zero_stage(self.engine_config)
+            if stage > method.max_zero_stage:
+                raise HarnessError(
+                    f"--deepspeed-config {self.options.deepspeed_config or self.profile.deepspeed_config}: "
+                    f"method {name!r} works under ZeRO stage <= {method.max_zero_stage} (it needs whole "
+                    f"gradients or per-matrix optimizer state), the config asks for stage {stage}; "
+                    f"use --deepspeed-config zero{method.max_zero_stage}")
+        return method
+
     def run_config(self, spec: RunSpec, method_config: dict) -> dict:
         config = {
             "run": asdict(spec),
@@ -144,6 +170,10 @@ class Runner:
             "train_per_task": self.options.train_per_task or self.profile.train_per_task,
             "test_per_task": self.options.test_per_task or self.profile.test_per_task,
             "drop_unlabelled": self.options.drop_unlabelled,
+            # The global batch is per-rank batch x accumulation x ranks: another world size is
+            # another run. None: the plain single-process loop.
+            "deepspeed": None if self.engine_config is None else {
+                "ranks": self.world.size, "config": self.engine_config},
         }
         config["fingerprint"] = hashlib.sha256(
             json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -163,6 +193,23 @@ class Runner:
         with ExitStack() as held:
             return self._run(spec, run_dir, force, held)
 
+    def _claim(self, run_dir: RunDir, config: dict, force: bool, held: ExitStack) -> str | None:
+        """Lock the run folder and clear what a killed process left: None to go on, "complete" if
+        another process finished the run meanwhile, or why it cannot be run now."""
+        try:
+            self._lock(run_dir, held)
+        except RunBusy as exc:
+            return str(exc)
+        if force:  # everything but the lock we hold
+            for child in run_dir.path.iterdir():
+                if child.name != LOCK:
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        elif run_dir.is_complete():  # finished by another process while this one loaded
+            return "complete"
+        run_dir.remove_leftovers()
+        write_json(run_dir.config_path, config)
+        return None
+
     def _lock(self, run_dir: RunDir, held: ExitStack) -> None:
         """Create the run folder and hold its lock until `held` closes (the lock is released by
         the OS if the process dies, so a killed run never blocks a later one)."""
@@ -178,7 +225,7 @@ class Runner:
             raise RunBusy(f"{run_dir.path}: another process is running it") from None
 
     def _run(self, spec: RunSpec, run_dir: RunDir, force: bool, held: ExitStack) -> dict:
-        method = registry.create(spec.method, self.profile.name)
+        method = self.create_method(spec.method)
         config = self.run_config(spec, method.config)
         if run_dir.is_complete() and not force:
             summary = read_json(run_dir.summary_path)
@@ -194,20 +241,25 @@ class Runner:
         tasks = self.benchmark.sequence(list(spec.tasks))
         data = {t.name: self.task_data(t) for t in tasks}
         backbone = load_backbone(self.model_path())
-        self._lock(run_dir, held)
-        if force:  # everything but the lock we hold
-            for child in run_dir.path.iterdir():
-                if child.name != LOCK:
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-        elif run_dir.is_complete():  # finished by another process while this one loaded
+        world = self.world
+        status = self._claim(run_dir, config, force, held) if world.main else None
+        status = world.broadcast(status)  # only rank 0 locks and writes; the others follow it
+        if status == "complete":
             return read_json(run_dir.summary_path)
-        run_dir.remove_leftovers()
-        write_json(run_dir.config_path, config)
+        if status is not None:
+            raise RunBusy(status)
+        world.barrier()
 
-        batcher = Batcher(backbone, self.profile.max_source_length, self.profile.max_target_length)
+        device = device_for(world)
+        backbone.model.to(device)
+        if self.profile.gradient_checkpointing:
+            backbone.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        batcher = Batcher(backbone, self.profile.max_source_length, self.profile.max_target_length,
+                          device=device)
         ctx = Context(model=backbone.model, backbone=backbone, tasks=tasks, data=data,
                       profile=self.profile, config=method.config, seed=spec.seed,
-                      order=spec.order, batcher=batcher)
+                      order=spec.order, batcher=batcher, device=device)
         seed_everything(spec.seed)  # after the backbone is in place, whether built or cached
         method.setup(ctx)
 
@@ -239,7 +291,7 @@ class Runner:
                 method.select_for_eval(ctx, task)
                 acc, preds = evaluate_task(ctx.model, batcher, data[task.name],
                                            batch_size=self.profile.eval_batch_size,
-                                           max_new_tokens=self.profile.max_new_tokens)
+                                           max_new_tokens=self.profile.max_new_tokens, world=world)
                 accuracy[task.name] = acc
                 predictions += preds
             method.select_for_eval(ctx, None)
@@ -247,17 +299,21 @@ class Runner:
 
         if not done:  # stage 0: the untrained model, the baseline FWT needs
             accuracy, predictions, seconds = evaluate_all()
-            run_dir.write_stage(stage_name(0, "base"), {"stage": 0, "task": None,
-                                "accuracy": accuracy, "eval_seconds": seconds}, predictions)
+            if world.main:
+                run_dir.write_stage(stage_name(0, "base"), {"stage": 0, "task": None,
+                                    "accuracy": accuracy, "eval_seconds": seconds}, predictions)
+            world.barrier()
             rows.append(accuracy)
 
         # A kill between writing a stage and dropping its predecessor's checkpoint leaves two.
-        for older in done[1:-1]:
-            RunDir.drop_checkpoint(older)
+        if world.main:
+            for older in done[1:-1]:
+                RunDir.drop_checkpoint(older)
         previous = done[-1] if len(done) > 1 else None
         n_stages = 1 if method.joint else len(tasks)
         bar = tqdm(total=n_stages, initial=len(rows) - 1, desc=f"{spec.method} {spec.sequence_name} "
-                   f"seed{spec.seed}", leave=False, disable=not self.options.progress, unit="task")
+                   f"seed{spec.seed}", leave=False, disable=not self.options.progress or not world.main,
+                   unit="task")
         for stage in range(len(rows) - 1, n_stages):
             ctx.stage = stage
             seed_everything(stage_seed(spec.seed, stage))
@@ -268,27 +324,32 @@ class Runner:
             result = fit(ctx, method, batcher, batch_size=self.profile.batch_size,
                          grad_accum=self.profile.grad_accum, epochs=self.profile.epochs,
                          max_grad_norm=self.profile.max_grad_norm, seed=stage_seed(spec.seed, stage),
-                         progress=self.options.progress, desc=trained)
+                         progress=self.options.progress, desc=trained, world=world,
+                         engine_config=self.engine_config)
             method.after_task(ctx)
             deltas = method.task_deltas(ctx)
             accuracy, predictions, eval_seconds = evaluate_all()
-            params = dict(ctx.model.named_parameters())
-            checkpoint = {n: params[n] for n in sorted(touched)}
-            stage_dir = run_dir.write_stage(
-                stage_name(stage + 1, trained),
-                {"stage": stage + 1, "task": trained, "accuracy": accuracy,
-                 "train": asdict(result), "eval_seconds": eval_seconds,
-                 "saved_tensors": sorted(touched)},
-                predictions, checkpoint=checkpoint, method_state=method.state_dict(),
-                deltas=deltas)
-            if previous is not None:  # only the latest stage's checkpoint is kept
-                RunDir.drop_checkpoint(previous)
-            previous = stage_dir
+            if world.main:
+                params = dict(ctx.model.named_parameters())
+                checkpoint = {n: params[n] for n in sorted(touched)}
+                stage_dir = run_dir.write_stage(
+                    stage_name(stage + 1, trained),
+                    {"stage": stage + 1, "task": trained, "accuracy": accuracy,
+                     "train": {**asdict(result), "ranks": world.size},
+                     "eval_seconds": eval_seconds, "saved_tensors": sorted(touched)},
+                    predictions, checkpoint=checkpoint, method_state=method.state_dict(),
+                    deltas=deltas)
+                faults.point("stage_done")
+                if previous is not None:  # only the latest stage's checkpoint is kept
+                    RunDir.drop_checkpoint(previous)
+                previous = stage_dir
+                bar.set_postfix(acc=f"{accuracy[ctx.task.name]:.1f}")
+            world.barrier()
             rows.append(accuracy)
             bar.update(1)
-            bar.set_postfix(acc=f"{accuracy[ctx.task.name]:.1f}")
         bar.close()
-        return finish_run(run_dir, spec, [t.name for t in tasks], config)
+        summary = finish_run(run_dir, spec, [t.name for t in tasks], config) if world.main else None
+        return world.broadcast(summary)
 
 
 def run_parameter_metrics(folders: list[Path], n_trained: int) -> dict | None:
@@ -336,10 +397,12 @@ def finish_run(run_dir: RunDir, spec: RunSpec, names: list[str], config: dict) -
         "train_seconds": round(train_seconds, 3), "eval_seconds": round(eval_seconds, 3),
         "wall_seconds": round(train_seconds + eval_seconds, 3),
         "fingerprint": config["fingerprint"],
+        "threads": torch.get_num_threads(),
     }
+    faults.point("summary")
     write_json(run_dir.summary_path, summary)
     return summary
 
 
-def runner_for(profile_name: str, options: Options) -> Runner:
-    return Runner(load_profile(profile_name), options)
+def runner_for(profile_name: str, options: Options, world: World = SINGLE) -> Runner:
+    return Runner(load_profile(profile_name, options.profile_overrides), options, world)

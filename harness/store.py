@@ -3,12 +3,15 @@
 A run folder holds `config.json`, one folder per stage (`stage_00-base` is the untrained model,
 `stage_01-<task>` ... the stages), `accuracy_matrix.csv` and `summary.json`. Every file is written to
 a temporary name and renamed; a stage folder is built under a temporary name and renamed when
-complete, so a folder with a final name is always complete. Nothing here is ever unpickled:
-tensors go through safetensors, everything else through JSON.
+complete, so a folder with a final name is always complete. Its metrics.json, written last, holds
+the SHA-256 of every other file in the folder: a stage whose files were damaged afterwards (a
+truncated copy, a disk error) fails the check and is trained again, never read as a result.
+Nothing here is ever unpickled: tensors go through safetensors, everything else through JSON.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,9 +23,34 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from harness import faults
 from harness.errors import HarnessError
 
 STAGE_FILES = ("metrics.json", "predictions.jsonl")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def stage_is_intact(folder: Path) -> bool:
+    """The stage's files are all there and match the checksums its metrics.json recorded (stages
+    written before checksums existed, or imported ones, have none and pass on their files)."""
+    if not folder.is_dir() or not all((folder / f).exists() for f in STAGE_FILES):
+        return False
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+        recorded = metrics.get("files", {}) if isinstance(metrics, dict) else None
+        if recorded is None:
+            return False
+        return all((folder / name).is_file() and sha256(folder / name) == digest
+                   for name, digest in recorded.items())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -94,17 +122,10 @@ class RunDir:
                 tmp.unlink(missing_ok=True)
 
     def stage_folders(self) -> list[Path]:
-        """Every complete stage folder (all files present, metrics.json readable), in order, gaps
-        included (an imported run may lack stages)."""
-        done = []
-        for folder in sorted(self.path.glob("stage_[0-9][0-9]-*")):
-            if folder.is_dir() and all((folder / f).exists() for f in STAGE_FILES):
-                try:
-                    json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-                except (OSError, json.JSONDecodeError):
-                    continue
-                done.append(folder)
-        return done
+        """Every intact stage folder (all files present and matching their checksums), in order,
+        gaps included (an imported run may lack stages)."""
+        return [folder for folder in sorted(self.path.glob("stage_[0-9][0-9]-*"))
+                if stage_is_intact(folder)]
 
     def completed_stages(self) -> list[Path]:
         """The complete stage folders from stage 0 up to the first gap or damaged stage: what a
@@ -142,8 +163,10 @@ class RunDir:
                     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                               str(tmp / "method_state.safetensors"))
                 (tmp / "method_state.json").write_text(json.dumps(plain, indent=2))
-            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))  # written last
+            files = {f.name: sha256(f) for f in sorted(tmp.iterdir())}
+            (tmp / "metrics.json").write_text(json.dumps({**metrics, "files": files}, indent=2))
             tmp.chmod(0o755)  # mkdtemp makes it private; results are meant to be shared
+            faults.point("stage_write")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -163,5 +186,11 @@ class RunDir:
     @staticmethod
     def drop_checkpoint(stage_dir: Path) -> None:
         """Only the latest stage's checkpoint is needed to resume; earlier ones are removed."""
-        for name in ("model.safetensors", "method_state.safetensors", "method_state.json"):
+        names = ("model.safetensors", "method_state.safetensors", "method_state.json")
+        metrics_path = stage_dir / "metrics.json"
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        if any(n in metrics.get("files", {}) for n in names):  # keep the checksums true
+            metrics["files"] = {k: v for k, v in metrics["files"].items() if k not in names}
+            write_atomic(metrics_path, json.dumps(metrics, indent=2))
+        for name in names:
             (stage_dir / name).unlink(missing_ok=True)

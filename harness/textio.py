@@ -10,13 +10,26 @@ from harness.backbone import Backbone
 class Batcher:
     """Tokenises and pads (dynamic padding: to the longest sequence of the batch)."""
 
-    def __init__(self, backbone: Backbone, max_source_length: int, max_target_length: int):
+    def __init__(self, backbone: Backbone, max_source_length: int, max_target_length: int,
+                 device: torch.device | None = None):
+        self.device = device or torch.device("cpu")  # where the batches go (the model's device)
         self.tok = backbone.tokenizer
         self.is_seq2seq = backbone.is_seq2seq
         self.max_source_length = max_source_length
         self.max_target_length = max_target_length
 
     def train_batch(self, sources: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
+        return self._to_device(self._train_batch(sources, targets))
+
+    def eval_batch(self, sources: list[str]) -> dict[str, torch.Tensor]:
+        return self._to_device(self._eval_batch(sources))
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.device.type == "cpu":
+            return batch
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _train_batch(self, sources: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
         """Labels are the target tokens (+ EOS); pad positions are -100 so the loss ignores them."""
         if self.is_seq2seq:
             enc = self.tok(sources, max_length=self.max_source_length, truncation=True,
@@ -46,7 +59,7 @@ class Batcher:
         labels = torch.tensor([r + [-100] * (width - len(r)) for r in label_rows])
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
-    def eval_batch(self, sources: list[str]) -> dict[str, torch.Tensor]:
+    def _eval_batch(self, sources: list[str]) -> dict[str, torch.Tensor]:
         if self.is_seq2seq:
             enc = self.tok(sources, max_length=self.max_source_length, truncation=True,
                            padding=True, return_tensors="pt")

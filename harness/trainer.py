@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from harness import faults
+from harness.distributed import SINGLE, World
 from harness.textio import Batcher
 from methods.base import Context, Method
 
@@ -21,14 +23,47 @@ class FitResult:
     seconds: float
 
 
+class LocalStep:
+    """Plain PyTorch: the mean of the micro-batch losses, clipping, the optimizer's step."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 params: list[torch.nn.Parameter], max_grad_norm: float, autocast: bool = False):
+        self.model, self.optimizer, self.params = model, optimizer, params
+        self.max_grad_norm = max_grad_norm
+        self.autocast = autocast  # bf16 autocast on GPU when the profile asks
+
+    def forward(self, batch: dict):
+        if self.autocast:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.model(**batch)
+        return self.model(**batch)
+
+    def backward(self, loss: torch.Tensor, n_micro: int, last: bool) -> None:
+        (loss / n_micro).backward()
+
+    def step(self) -> None:
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        pass
+
+
 def fit(ctx: Context, method: Method, batcher: Batcher, *, batch_size: int, grad_accum: int,
         epochs: int, max_grad_norm: float, seed: int, progress: bool = True,
-        desc: str = "train") -> FitResult:
+        desc: str = "train", world: World = SINGLE,
+        engine_config: dict | None = None) -> FitResult:
     """Train one stage: AdamW (or the method's optimizer), constant LR, gradient accumulation.
 
-    Each optimizer step consumes `grad_accum` micro-batches of `batch_size`; the data order is
-    shuffled every epoch by a generator seeded from `seed`, so a stage is reproducible on its own
-    (which is what lets a run resume at a stage boundary with the same result).
+    Each optimizer step consumes `grad_accum` micro-batches of `batch_size` on each of the
+    `world.size` ranks; the data order is shuffled every epoch by a generator seeded from `seed`,
+    so a stage is reproducible on its own (which is what lets a run resume at a stage boundary with
+    the same result). Rank r takes micro-batches r*grad_accum ... of each global step, so W ranks
+    see exactly the micro-batches one process with accumulation W*grad_accum sees. Under DeepSpeed
+    an epoch is topped up to whole global steps by wrapping around the permutation (as torch's
+    DistributedSampler does), so every rank takes the same number of steps.
     """
     model = ctx.model
     model.train()
@@ -38,43 +73,55 @@ def fit(ctx: Context, method: Method, batcher: Batcher, *, batch_size: int, grad
     if not params:
         raise RuntimeError(f"method {method.name!r} left no trainable parameters at stage {ctx.stage}")
     optimizer = method.make_optimizer(ctx, params)
+    if engine_config is not None:
+        from harness.distributed import EngineStep
+
+        stepper = EngineStep(model, optimizer, engine_config)
+    else:
+        stepper = LocalStep(model, optimizer, params, max_grad_norm,
+                            autocast=ctx.profile.bf16 and ctx.device.type == "cuda")
     generator = torch.Generator().manual_seed(seed)
-    per_step = batch_size * grad_accum
+    per_step = batch_size * grad_accum * world.size
     steps_per_epoch = -(-len(sources) // per_step)  # the last step may be smaller, as in HF Trainer
     total_steps = steps_per_epoch * epochs
     losses: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=desc, leave=False, disable=not progress, unit="step")
-    for _ in range(epochs):
-        perm = torch.randperm(len(sources), generator=generator).tolist()
-        for step in range(steps_per_epoch):
-            ids = perm[step * per_step:(step + 1) * per_step]
-            micro = [batcher.train_batch([sources[i] for i in ids[k:k + batch_size]],
-                                         [targets[i] for i in ids[k:k + batch_size]])
-                     for k in range(0, len(ids), batch_size)]
+    bar = tqdm(total=total_steps, desc=desc, leave=False, disable=not progress or not world.main,
+               unit="step")
+    try:
+        for _ in range(epochs):
+            perm = torch.randperm(len(sources), generator=generator).tolist()
+            if engine_config is not None:
+                perm += (perm * per_step)[: steps_per_epoch * per_step - len(perm)]
+            for step in range(steps_per_epoch):
+                ids = perm[step * per_step:(step + 1) * per_step]
+                chunks = [ids[k:k + batch_size] for k in range(0, len(ids), batch_size)]
+                chunks = chunks[world.rank * grad_accum:(world.rank + 1) * grad_accum]
+                micro = [batcher.train_batch([sources[i] for i in chunk], [targets[i] for i in chunk])
+                         for chunk in chunks]
 
-            def closure(micro=micro) -> torch.Tensor:
-                total = torch.zeros(())
-                for batch in micro:
-                    outputs = model(**batch)
-                    loss = outputs.loss
-                    extra = method.penalty(ctx, batch, outputs)
-                    if extra is not None:
-                        loss = loss + extra
-                    (loss / len(micro)).backward()
-                    total += loss.detach()
-                return total / len(micro)
+                def closure(micro=micro) -> torch.Tensor:
+                    total = torch.zeros(())
+                    for k, batch in enumerate(micro):
+                        outputs = stepper.forward(batch)
+                        loss = outputs.loss
+                        extra = method.penalty(ctx, batch, outputs)
+                        if extra is not None:
+                            loss = loss + extra
+                        stepper.backward(loss, len(micro), last=k == len(micro) - 1)
+                        total += loss.detach().float().cpu()
+                    return total / len(micro)
 
-            loss = method.step(ctx, closure)
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss))
-            bar.update(1)
-            if len(losses) % 10 == 0:
-                bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.3f}")
-    bar.close()
+                loss = method.step(ctx, closure)
+                stepper.step()
+                losses.append(float(loss))
+                bar.update(1)
+                if len(losses) % 10 == 0:
+                    bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.3f}")
+                faults.point("train_step")
+    finally:
+        stepper.close()
+        bar.close()
     return FitResult(steps=len(losses), examples=len(sources) * epochs,
                      mean_loss=sum(losses) / max(1, len(losses)),
                      last_loss=losses[-1] if losses else float("nan"),

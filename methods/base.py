@@ -57,6 +57,11 @@ class Method:
     # True for methods trained once on the whole sequence (one stage, one row of R) rather than
     # task after task.
     joint: bool = False
+    # The highest DeepSpeed ZeRO stage this method works under. ZeRO-1 partitions the optimizer
+    # state across ranks, ZeRO-2 also the gradients (`.grad` is then empty after backward); a method
+    # that reads whole gradients between passes or runs its own per-matrix optimizer sets 0, and the
+    # harness refuses a higher stage with a clear message instead of training something else.
+    max_zero_stage: int = 2
 
     def __init__(self, config: dict[str, Any] | None = None):
         self.config = dict(config or {})

@@ -24,6 +24,13 @@ class Modifier(Method):
         return self.base.joint
 
     @property
+    def max_zero_stage(self) -> int:  # type: ignore[override]
+        return min(type(self).own_max_zero_stage, self.base.max_zero_stage)
+
+    # A modifier reads the whole gradient between its two passes (ZeRO-2 partitions it away).
+    own_max_zero_stage: int = 0
+
+    @property
     def settings(self) -> dict[str, Any]:
         return self.config[type(self).name]
 
@@ -45,6 +52,9 @@ class Modifier(Method):
 
     def penalty(self, ctx, batch, outputs):
         return self.base.penalty(ctx, batch, outputs)
+
+    def select_for_eval(self, ctx, task):
+        self.base.select_for_eval(ctx, task)
 
     def after_task(self, ctx):
         self.base.after_task(ctx)

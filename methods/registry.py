@@ -56,11 +56,37 @@ def method_config(name: str, profile: str, cls: type[Method] | None = None) -> d
         raise HarnessError(f"{path}: invalid TOML: {exc}") from exc
     config = dict(raw.get("common", {}))
     config.update(raw.get(profile, {}))
+    _validate(config, f"{path} [{profile}]")
     return config
 
 
-def create(name: str, profile: str) -> Method:
-    """A method by name; `base+modifier[+modifier...]` wraps the base in each modifier in turn."""
+def _validate(config: dict[str, Any], where: str) -> None:
+    """Settings every method shares the meaning of: learning rates are positive numbers."""
+    for key, value in config.items():
+        if key == "lr" or key.endswith("_lr"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise HarnessError(f"{where}: {key} must be a positive number, got {value!r}")
+
+
+def apply_method_overrides(method: Method, overrides: list[str]) -> None:
+    """`--set method.KEY=VALUE`: change the base method's hyperparameter KEY (it must exist)."""
+    from harness.profiles import parse_override
+
+    base = method
+    for text in overrides:
+        keys, value = parse_override(text)
+        if len(keys) != 2 or keys[0] != "method":
+            raise HarnessError(f"--set {text}: method settings are written method.KEY=VALUE")
+        if keys[1] not in base.config:
+            raise HarnessError(f"--set {text}: method {base.name!r} has no setting {keys[1]!r} "
+                               f"(it has: {', '.join(sorted(base.config))})")
+        base.config[keys[1]] = value
+    _validate(base.config, f"--set {' '.join(overrides)}")
+
+
+def create(name: str, profile: str, overrides: list[str] | tuple[str, ...] = ()) -> Method:
+    """A method by name; `base+modifier[+modifier...]` wraps the base in each modifier in turn.
+    `overrides` are `method.KEY=VALUE` settings for the base method."""
     from methods.modifier import Modifier
 
     base_name, *modifiers = name.split("+")
@@ -69,6 +95,9 @@ def create(name: str, profile: str) -> Method:
         raise HarnessError(f"{base_name!r} is a modifier; combine it with a base method, "
                            f"e.g. seqlora+{base_name}")
     method = cls(method_config(base_name, profile, cls))
+    method.name = base_name
+    if overrides:
+        apply_method_overrides(method, list(overrides))
     for modifier in modifiers:
         mod_cls = method_class(modifier)
         if not issubclass(mod_cls, Modifier):

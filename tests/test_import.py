@@ -64,7 +64,9 @@ def test_complete_import(tmp_path, capsys):
     assert config["run"] == {"method": "olora", "tasks": ORDER1, "seed": 0, "profile": "default",
                              "order": 1}
     metrics = json.loads((run_dir / "stage_03-yahoo" / "metrics.json").read_text())
+    files = metrics.pop("files")  # checksums of the stage's files
     assert metrics == {"stage": 3, "task": "yahoo", "accuracy": STAGES[3], "imported": True}
+    assert list(files) == ["predictions.jsonl"]
     assert (run_dir / "stage_03-yahoo" / "predictions.jsonl").read_text() == ""
 
     summary = summary_of(results)

@@ -84,10 +84,10 @@ def test_same_seed_same_matrix_and_resume_after_a_crash(first_run, synthetic_dir
     run_dir = tmp_path / "default" / "seqlora" / "tasks-agnews+SST-2" / "seed0"
     assert sorted(p.name for p in run_dir.iterdir() if p.name != ".lock") == ["config.json", "stage_00-base",
                                                           "stage_01-agnews"]
-    stage1 = (run_dir / "stage_01-agnews" / "metrics.json").stat().st_mtime_ns
+    stage1 = (run_dir / "stage_01-agnews" / "predictions.jsonl").stat().st_mtime_ns
     monkeypatch.undo()
     assert run(synthetic_dir, tmp_path, "--method", "seqlora", "--tasks", "agnews,SST-2") == 0
-    assert (run_dir / "stage_01-agnews" / "metrics.json").stat().st_mtime_ns == stage1  # not re-run
+    assert (run_dir / "stage_01-agnews" / "predictions.jsonl").stat().st_mtime_ns == stage1  # kept
     assert matrix(tmp_path) == expected
     assert same_tensors(final_tensors(tmp_path), final_tensors(first_run))
 

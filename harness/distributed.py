@@ -1,0 +1,197 @@
+"""Data parallelism through DeepSpeed: the launcher, the world of ranks, and the engine's step.
+
+`python -m harness run ... --launcher deepspeed --num-gpus N` starts itself again under the
+DeepSpeed launcher (`deepspeed --num_gpus N --module harness run ...`); each rank then finds its
+place in the environment the launcher sets (RANK, WORLD_SIZE, LOCAL_RANK), which is also how the
+same entry point works when a user starts it with `deepspeed` directly. Without GPUs the ranks run
+on CPU and talk over gloo.
+
+What every rank does: train on its share of each global batch through the engine, run the methods'
+consolidation passes (Fisher, projection statistics, memories) on the whole task data (so every
+rank holds the same state without extra collectives), generate on its share of the evaluation
+batches. Rank 0 gathers the predictions and is the only one that writes results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.errors import HarnessError
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "ds_configs"
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks; the default is a single process without DeepSpeed."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    engine: bool = False              # train through the DeepSpeed engine
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
+        if self.size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.size if self.main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        if self.size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+SINGLE = World()
+
+
+def launched() -> bool:
+    """True inside a process started by the DeepSpeed (or torch) launcher."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_world() -> World:
+    """Join the process group the launcher set up (gloo on CPU, nccl on GPU)."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    else:  # ranks on one machine share its cores; more threads than cores only slows every rank
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 0)) or
+                         dist.get_world_size())
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_size)))
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank,
+                 engine=True)
+
+
+def device_for(world: World) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", world.local_rank)
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_command(argv: list[str], num_gpus: int) -> list[str]:
+    """The command that runs `python -m harness <argv>` on `num_gpus` ranks of this machine."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus),
+            "--master_port", str(_free_port()), "--module", "harness", *argv]
+
+
+# -- the DeepSpeed config --------------------------------------------------------------------------
+def resolve_config_path(name: str) -> Path:
+    """A shipped config by name (zero0, zero1, zero2) or a JSON file path."""
+    shipped = SHIPPED_CONFIGS / f"{name}.json"
+    if shipped.exists():
+        return shipped
+    path = Path(name)
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.json")))
+        raise HarnessError(f"--deepspeed-config {name}: no such file (shipped configs: {known})")
+    return path
+
+
+def load_config(name: str, profile, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config with its "auto" values filled from the profile: micro-batch per rank,
+    accumulation, clipping and bf16. Values the file fixes must agree with the profile (a config
+    that silently trained another batch size would not be the profile's run)."""
+    path = resolve_config_path(name)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HarnessError(f"{path}: not a readable DeepSpeed JSON config: {exc}") from None
+    if not isinstance(config, dict):
+        raise HarnessError(f"{path}: a DeepSpeed config is a JSON object, got {type(config).__name__}")
+    wanted = {
+        "train_micro_batch_size_per_gpu": profile.batch_size,
+        "gradient_accumulation_steps": profile.grad_accum,
+        "train_batch_size": profile.batch_size * profile.grad_accum * world_size,
+        "gradient_clipping": float(profile.max_grad_norm),
+    }
+    for key, value in wanted.items():
+        given = config.get(key, "auto")
+        if given == "auto":
+            config[key] = value
+        elif given != value:
+            raise HarnessError(f"{path}: {key} is {given!r} but profile {profile.name!r} gives "
+                               f"{value!r}; set it to \"auto\" or change the profile (--set)")
+    bf16 = config.setdefault("bf16", {})
+    if bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = bool(profile.bf16)
+    if config.get("fp16", {}).get("enabled") is True:
+        raise HarnessError(f"{path}: fp16 is not supported (loss scaling would change the "
+                           "methods' steps); use bf16")
+    stage = config.setdefault("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise HarnessError(f"{path}: zero_optimization.stage {stage!r} is not supported (0, 1 or 2; "
+                           "stage 3 shards the weights the methods read and write)")
+    # Methods bring their own torch optimizers (AdamW with their parameter groups); the ZeRO
+    # wrapper only partitions their state, which `max_zero_stage` guards per method.
+    config.setdefault("zero_allow_untested_optimizer", True)
+    return config
+
+
+def zero_stage(config: dict[str, Any]) -> int:
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+class EngineStep:
+    """One training stage through the DeepSpeed engine: the engine averages gradients across
+    ranks (and micro-batches), clips and steps the method's optimizer. A fresh engine per stage,
+    because each stage has its own trainable parameters and a fresh optimizer."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 config: dict[str, Any]):
+        import deepspeed
+
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+
+    def forward(self, batch: dict) -> Any:
+        return self.engine(**batch)
+
+    def backward(self, loss: torch.Tensor, n_micro: int, last: bool) -> None:
+        # The engine divides by its accumulation count (= n_micro on every rank) and reduces
+        # across ranks at the boundary, i.e. after this rank's last micro-batch of the step.
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def close(self) -> None:
+        self.engine.destroy()  # removes ZeRO's gradient hooks before consolidation passes
