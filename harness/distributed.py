@@ -184,9 +184,9 @@ class EngineStep:
     def forward(self, batch: dict) -> Any:
         return self.engine(**batch)
 
-    def backward(self, loss: torch.Tensor, n_micro: int, last: bool) -> None:
-        # The engine divides by its accumulation count (= n_micro on every rank) and reduces
-        # across ranks at the boundary, i.e. after this rank's last micro-batch of the step.
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        # The engine divides by its accumulation count and reduces across ranks at the boundary,
+        # i.e. after this rank's last micro-batch of the step.
         self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss)
 

@@ -38,8 +38,8 @@ class LocalStep:
                 return self.model(**batch)
         return self.model(**batch)
 
-    def backward(self, loss: torch.Tensor, n_micro: int, last: bool) -> None:
-        (loss / n_micro).backward()
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
 
     def step(self) -> None:
         if self.max_grad_norm:
@@ -60,10 +60,12 @@ def fit(ctx: Context, method: Method, batcher: Batcher, *, batch_size: int, grad
     Each optimizer step consumes `grad_accum` micro-batches of `batch_size` on each of the
     `world.size` ranks; the data order is shuffled every epoch by a generator seeded from `seed`,
     so a stage is reproducible on its own (which is what lets a run resume at a stage boundary with
-    the same result). Rank r takes micro-batches r*grad_accum ... of each global step, so W ranks
-    see exactly the micro-batches one process with accumulation W*grad_accum sees. Under DeepSpeed
-    an epoch is topped up to whole global steps by wrapping around the permutation (as torch's
-    DistributedSampler does), so every rank takes the same number of steps.
+    the same result). The gradient of a step is the mean over its micro-batches of their mean
+    losses. Rank r takes micro-batches r*grad_accum ... of each global step, so W ranks compute
+    exactly what one process with accumulation W*grad_accum computes, the last (smaller) step of
+    an epoch included: there each micro-batch's loss is weighted so that the engine's averaging
+    over ranks and accumulation gives the mean over the micro-batches that exist, and a rank left
+    without one runs a zero-weighted pass so that every rank joins the same collectives.
     """
     model = ctx.model
     model.train()
@@ -91,26 +93,33 @@ def fit(ctx: Context, method: Method, batcher: Batcher, *, batch_size: int, grad
     try:
         for _ in range(epochs):
             perm = torch.randperm(len(sources), generator=generator).tolist()
-            if engine_config is not None:
-                perm += (perm * per_step)[: steps_per_epoch * per_step - len(perm)]
             for step in range(steps_per_epoch):
                 ids = perm[step * per_step:(step + 1) * per_step]
                 chunks = [ids[k:k + batch_size] for k in range(0, len(ids), batch_size)]
-                chunks = chunks[world.rank * grad_accum:(world.rank + 1) * grad_accum]
-                micro = [batcher.train_batch([sources[i] for i in chunk], [targets[i] for i in chunk])
-                         for chunk in chunks]
+                if engine_config is None:
+                    weighted = [(chunk, None) for chunk in chunks]  # None: divide by their count
+                else:  # the engine divides by grad_accum and averages over ranks
+                    weight = world.size * grad_accum / len(chunks)
+                    mine = chunks[world.rank * grad_accum:(world.rank + 1) * grad_accum]
+                    weighted = [(chunk, weight) for chunk in mine]
+                    weighted += [(chunks[0], 0.0)] * (grad_accum - len(mine))
+                micro = [(batcher.train_batch([sources[i] for i in chunk],
+                                              [targets[i] for i in chunk]), w) for chunk, w in weighted]
 
                 def closure(micro=micro) -> torch.Tensor:
-                    total = torch.zeros(())
-                    for k, batch in enumerate(micro):
+                    total, real = torch.zeros(()), 0
+                    for k, (batch, w) in enumerate(micro):
                         outputs = stepper.forward(batch)
                         loss = outputs.loss
                         extra = method.penalty(ctx, batch, outputs)
                         if extra is not None:
                             loss = loss + extra
-                        stepper.backward(loss, len(micro), last=k == len(micro) - 1)
-                        total += loss.detach().float().cpu()
-                    return total / len(micro)
+                        stepper.backward(loss / len(micro) if w is None else loss * w,
+                                         last=k == len(micro) - 1)
+                        if w != 0.0:
+                            total += loss.detach().float().cpu()
+                            real += 1
+                    return total / max(1, real)
 
                 loss = method.step(ctx, closure)
                 stepper.step()
