@@ -212,3 +212,25 @@ def test_a_run_locked_by_another_process_is_skipped(synthetic_dir, tmp_path, cap
         assert run(synthetic_dir, tmp_path, "--method", "seqlora", "--tasks", "agnews,SST-2") == 0
     assert "another process is running it" in capsys.readouterr().out
     assert not (folder / "summary.json").exists()
+
+
+def test_jobs_run_the_sweep_in_parallel_processes_with_divided_threads(synthetic_dir, tmp_path):
+    """--jobs 2 inside --shard 0/2: job j takes share 0 + 2j of 4, so the two jobs run runs 0 and 2
+    of the four (2 methods x 2 seeds), each in a process of its own with cores/2 threads."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "harness", "run", "--all", "--methods", "seqlora,inclora",
+         "--tasks", "agnews,SST-2", "--seeds", "0-1", "--data-dir", str(synthetic_dir),
+         "--results", str(tmp_path), "--train-per-task", "16", "--test-per-task", "8",
+         "--shard", "0/2", "--jobs", "2"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "done: 2 jobs" in done.stdout
+    summaries = sorted(tmp_path.rglob("summary.json"))
+    runs = sorted((p.parts[-4], p.parts[-2]) for p in summaries)
+    # The sweep order is sequence, method, seed: runs 0 and 2 are seqlora seed0 and inclora seed0.
+    assert runs == [("inclora", "seed0"), ("seqlora", "seed0")]
+    threads = {json.loads(p.read_text())["threads"] for p in summaries}
+    assert threads == {max(1, (os.cpu_count() or 1) // 2)}

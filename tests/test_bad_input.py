@@ -1,0 +1,129 @@
+"""Bad input at every entry point (CLI arguments, config files, data files, result folders): exit
+code 2, one line on stderr naming the argument or file and the problem, and the results tree
+exactly as it was."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+
+SEQ = ["--tasks", "agnews,SST-2"]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def trees(synthetic_dir, tmp_path_factory):
+    """A results tree holding a folder of another configuration and a corrupt summary, and data
+    dirs each broken in one way."""
+    root = tmp_path_factory.mktemp("bad_input")
+    results = root / "results"
+    other = results / "default" / "seqlora" / "order1" / "seed0"
+    other.mkdir(parents=True)
+    (other / "config.json").write_text(json.dumps({"fingerprint": "0123456789abcdef",
+                                                   "profile": {"name": "t5-large"}}))
+    corrupt = results / "default" / "olora" / "order1" / "seed0"
+    corrupt.mkdir(parents=True)
+    (corrupt / "summary.json").write_text('{"method": "olora", ')
+
+    def broken(name: str, relative: str, text: str) -> Path:
+        data = root / name
+        shutil.copytree(synthetic_dir, data)
+        (data / relative).write_text(text)
+        return data
+
+    agnews = next(p for p in synthetic_dir.rglob("agnews") if p.is_dir()).relative_to(synthetic_dir)
+    records = json.loads((synthetic_dir / agnews / "train.json").read_text())
+    data = {
+        "malformed": broken("malformed", f"{agnews}/train.json", '[{"sentence": "x", "label": '),
+        "empty": broken("empty", f"{agnews}/test.json", "[]"),
+        "outside": broken("outside", f"{agnews}/train.json",
+                          json.dumps(records[:5] + [{"sentence": "x", "label": "Weather"}])),
+        "instructions": broken("instructions", "instruction_config.json", '{"NLI": '),
+    }
+    (root / "bad_ds.json").write_text('{"zero_optimization": {"stage": 2,}')
+    (root / "stage3.json").write_text('{"zero_optimization": {"stage": 3}}')
+    (root / "a_file").write_text("not a folder")
+    return {"root": root, "results": results, "data": data, "synthetic": synthetic_dir}
+
+
+def run_args(t, *extra, data=None):
+    return ["run", "--results", str(t["results"]), "--data-dir", str(data or t["synthetic"]),
+            "--no-progress", "--train-per-task", "8", "--test-per-task", "4", *extra]
+
+
+# (case id, argv builder, text the one-line message must contain)
+CASES = [
+    ("unknown method", lambda t: run_args(t, "--method", "nosuch", *SEQ), "unknown method 'nosuch'"),
+    ("modifier alone", lambda t: run_args(t, "--method", "sam", *SEQ), "'sam' is a modifier"),
+    ("unknown order", lambda t: run_args(t, "--method", "seqlora", "--order", "9"), "unknown order 9"),
+    ("unknown task", lambda t: run_args(t, "--method", "seqlora", "--tasks", "agnews,nosuch"),
+     "unknown task 'nosuch'"),
+    ("bad shard", lambda t: run_args(t, "--all", "--shard", "2/2"), "--shard"),
+    ("reversed seed range", lambda t: run_args(t, "--all", "--seeds", "3-1"), "--seeds"),
+    ("zero jobs", lambda t: run_args(t, "--all", "--jobs", "0"), "--jobs"),
+    ("unknown profile", lambda t: run_args(t, "--method", "seqlora", *SEQ, "--profile", "nosuch"),
+     "unknown profile 'nosuch'"),
+    ("negative learning rate", lambda t: run_args(t, "--method", "seqlora", *SEQ, "--set",
+                                                  "method.lr=-1e-3"), "lr must be a positive number"),
+    ("unknown method setting", lambda t: run_args(t, "--method", "seqlora", *SEQ, "--set",
+                                                  "method.lamda=1"), "no setting 'lamda'"),
+    ("unknown profile setting", lambda t: run_args(t, "--method", "seqlora", *SEQ, "--set",
+                                                   "train.batchsize=8"), "train.batchsize"),
+    ("zero batch size", lambda t: run_args(t, "--method", "seqlora", *SEQ, "--set",
+                                           "train.batch_size=0"), "batch_size must be a positive"),
+    ("missing data dir", lambda t: run_args(t, "--method", "seqlora", *SEQ,
+                                            data=t["root"] / "nowhere"), "nowhere: no such directory"),
+    ("malformed data JSON", lambda t: run_args(t, "--method", "seqlora", *SEQ,
+                                               data=t["data"]["malformed"]), "train.json"),
+    ("empty split", lambda t: run_args(t, "--method", "seqlora", *SEQ, data=t["data"]["empty"]),
+     "test split is empty"),
+    ("label outside the label set", lambda t: run_args(t, "--method", "seqlora", *SEQ,
+                                                       data=t["data"]["outside"]),
+     "labels outside labels.json"),
+    ("malformed instruction config", lambda t: run_args(t, "--method", "seqlora", *SEQ,
+                                                        data=t["data"]["instructions"]),
+     "instruction_config.json"),
+    ("results folder of another configuration",
+     lambda t: run_args(t, "--method", "seqlora", "--order", "1"), "another configuration"),
+    ("results path is a file", lambda t: ["run", "--results", str(t["root"] / "a_file"), "--method",
+                                          "seqlora", *SEQ], "not a directory"),
+    ("corrupt summary in the results", lambda t: ["table", "--results", str(t["results"])],
+     "corrupt summary"),
+    ("DeepSpeed config that does not parse",
+     lambda t: run_args(t, "--method", "seqlora", *SEQ, "--launcher", "deepspeed",
+                        "--deepspeed-config", str(t["root"] / "bad_ds.json")), "bad_ds.json"),
+    ("DeepSpeed ZeRO-3", lambda t: run_args(t, "--method", "seqlora", *SEQ, "--launcher", "deepspeed",
+                                            "--deepspeed-config", str(t["root"] / "stage3.json")),
+     "stage 3 is not supported"),
+    ("method that ZeRO-2 would change", lambda t: run_args(t, "--method", "seqlora+sam", *SEQ,
+                                                           "--launcher", "deepspeed"),
+     "ZeRO stage <= 0"),
+    ("--num-gpus without the launcher", lambda t: run_args(t, "--method", "seqlora", *SEQ,
+                                                           "--num-gpus", "2"), "--num-gpus"),
+    ("import from a missing folder", lambda t: ["import", "olora", str(t["root"] / "nowhere"),
+                                                "--method", "olora", "--order", "1", "--results",
+                                                str(t["results"])], "nowhere"),
+]
+
+
+@pytest.mark.parametrize("name,argv,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line_and_changes_nothing(trees, capsys, name, argv, message):
+    before = snapshot(trees["results"])
+    code = main(argv(trees))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert message in err, err
+    assert snapshot(trees["results"]) == before
+
+
+def test_the_table_has_at_least_15_cases():
+    assert len(CASES) >= 15
