@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a profile setting (train.batch_size=8, lora.r=16) or the "
                      "method's (method.lr=1e-4); repeatable, recorded in each run's config.json")
+    run.add_argument("--eval-scope", choices=["all", "seen+next"], default="all",
+                     help="after each stage evaluate every task (default; the whole accuracy "
+                     "matrix) or only the tasks seen so far and the next one (what AA, LA, BWT, "
+                     "forgetting and FWT need; the base and last rows stay whole)")
     run.add_argument("--jobs", type=_positive, default=1, help="run J runs at once, one process "
                      "each, with the CPU threads divided between them (default 1)")
     run.add_argument("--launcher", choices=["none", "deepspeed"], default="none",
@@ -266,7 +270,8 @@ def cmd_run(args) -> int:
                       train_per_task=args.train_per_task, test_per_task=args.test_per_task,
                       drop_unlabelled=args.drop_unlabelled, progress=not args.no_progress,
                       profile_overrides=tuple(o for o in args.overrides if o not in method_sets),
-                      method_overrides=tuple(method_sets), deepspeed_config=args.deepspeed_config)
+                      method_overrides=tuple(method_sets), deepspeed_config=args.deepspeed_config,
+                      eval_scope=args.eval_scope)
     if args.no_progress:  # transformers draws its own bar while loading weights
         from transformers.utils import logging as hf_logging
 

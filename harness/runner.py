@@ -74,6 +74,7 @@ class Options:
     profile_overrides: tuple[str, ...] = ()   # --set section.key=value
     method_overrides: tuple[str, ...] = ()    # --set method.key=value
     deepspeed_config: str | None = None       # a shipped name or a file; None: the profile's
+    eval_scope: str = "all"                   # "all" tasks after every stage, or "seen+next"
 
 
 def resolve_data_dir(options: Options) -> tuple[Path, str]:
@@ -170,6 +171,8 @@ class Runner:
             "train_per_task": self.options.train_per_task or self.profile.train_per_task,
             "test_per_task": self.options.test_per_task or self.profile.test_per_task,
             "drop_unlabelled": self.options.drop_unlabelled,
+            # Only when narrowed, so runs made before the option existed keep their fingerprint.
+            **({"eval_scope": self.options.eval_scope} if self.options.eval_scope != "all" else {}),
             # The global batch is per-rank batch x accumulation x ranks: another world size is
             # another run. None: the plain single-process loop.
             "deepspeed": None if self.engine_config is None else {
@@ -284,10 +287,16 @@ class Runner:
         touched: set[str] = set(read_json(done[-1] / "metrics.json").get("saved_tensors", [])) \
             if len(done) > 1 else set()
 
-        def evaluate_all() -> tuple[dict[str, float], list[dict], float]:
+        def evaluate_all(stage: int) -> tuple[dict[str, float], list[dict], float]:
+            """Evaluate after `stage` stages: every task, or under --eval-scope seen+next the tasks
+            seen so far and the next one (what LA, BWT, forgetting and FWT need; the base row and
+            the last row, which AA and FWT's baseline need, are always whole)."""
             start = time.perf_counter()
             accuracy, predictions = {}, []
-            for task in tasks:
+            scope = tasks
+            if self.options.eval_scope == "seen+next" and 0 < stage < len(tasks) and not method.joint:
+                scope = tasks[:stage + 1]
+            for task in scope:
                 method.select_for_eval(ctx, task)
                 acc, preds = evaluate_task(ctx.model, batcher, data[task.name],
                                            batch_size=self.profile.eval_batch_size,
@@ -298,7 +307,7 @@ class Runner:
             return accuracy, predictions, time.perf_counter() - start
 
         if not done:  # stage 0: the untrained model, the baseline FWT needs
-            accuracy, predictions, seconds = evaluate_all()
+            accuracy, predictions, seconds = evaluate_all(0)
             if world.main:
                 run_dir.write_stage(stage_name(0, "base"), {"stage": 0, "task": None,
                                     "accuracy": accuracy, "eval_seconds": seconds}, predictions)
@@ -317,7 +326,9 @@ class Runner:
         for stage in range(len(rows) - 1, n_stages):
             ctx.stage = stage
             seed_everything(stage_seed(spec.seed, stage))
+            start = time.perf_counter()
             method.before_task(ctx)
+            prepare_seconds = time.perf_counter() - start
             touched |= {n for n, p in ctx.model.named_parameters()
                         if p.requires_grad or id(p) not in existing}
             trained = "all" if method.joint else tasks[stage].name
@@ -326,16 +337,20 @@ class Runner:
                          max_grad_norm=self.profile.max_grad_norm, seed=stage_seed(spec.seed, stage),
                          progress=self.options.progress, desc=trained, world=world,
                          engine_config=self.engine_config)
+            start = time.perf_counter()
             method.after_task(ctx)
+            consolidate_seconds = time.perf_counter() - start
             deltas = method.task_deltas(ctx)
-            accuracy, predictions, eval_seconds = evaluate_all()
+            accuracy, predictions, eval_seconds = evaluate_all(stage + 1)
             if world.main:
                 params = dict(ctx.model.named_parameters())
                 checkpoint = {n: params[n] for n in sorted(touched)}
                 stage_dir = run_dir.write_stage(
                     stage_name(stage + 1, trained),
                     {"stage": stage + 1, "task": trained, "accuracy": accuracy,
-                     "train": {**asdict(result), "ranks": world.size},
+                     "train": {**asdict(result), "ranks": world.size,
+                               "prepare_seconds": prepare_seconds,
+                               "consolidate_seconds": consolidate_seconds},
                      "eval_seconds": eval_seconds, "saved_tensors": sorted(touched)},
                     predictions, checkpoint=checkpoint, method_state=method.state_dict(),
                     deltas=deltas)

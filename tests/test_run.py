@@ -234,3 +234,28 @@ def test_jobs_run_the_sweep_in_parallel_processes_with_divided_threads(synthetic
     assert runs == [("inclora", "seed0"), ("seqlora", "seed0")]
     threads = {json.loads(p.read_text())["threads"] for p in summaries}
     assert threads == {max(1, (os.cpu_count() or 1) // 2)}
+
+
+def test_eval_scope_seen_next_keeps_every_table_metric(synthetic_dir, tmp_path):
+    """--eval-scope seen+next skips only the cells no table metric reads: after stage i the tasks
+    after i+1. Training is untouched, so every cell it does evaluate equals the full run's."""
+    tasks = ["agnews", "SST-2", "yahoo"]
+    full = run(synthetic_dir, tmp_path / "all", "--method", "seqlora", "--tasks", ",".join(tasks))
+    part = run(synthetic_dir, tmp_path / "part", "--method", "seqlora", "--tasks", ",".join(tasks),
+               "--eval-scope", "seen+next")
+    assert full == part == 0
+    seq = "tasks-" + "+".join(tasks)
+
+    def summary(root):
+        return json.loads((root / "default" / "seqlora" / seq / "seed0" / "summary.json").read_text())
+
+    a, b = summary(tmp_path / "all"), summary(tmp_path / "part")
+    missing = [(i, j) for i, row in enumerate(b["accuracy_matrix"]) for j, v in enumerate(row)
+               if v is None]
+    assert missing == [(1, 2)]  # after stage 1: task 3 is neither seen nor next
+    for i, row in enumerate(b["accuracy_matrix"]):
+        for j, v in enumerate(row):
+            assert v is None or v == a["accuracy_matrix"][i][j]
+    assert b["metrics"] == a["metrics"]
+    assert set(b["metrics"]) >= {"AA", "LA", "BWT", "FWT", "forgetting"}
+    assert all(v is not None for v in b["metrics"].values())
