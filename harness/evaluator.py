@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import string
 
 import torch
@@ -24,13 +25,15 @@ def normalize(text: str) -> str:
 
 @torch.inference_mode()
 def evaluate_task(model: torch.nn.Module, batcher: Batcher, data: TaskData, *, batch_size: int,
-                  max_new_tokens: int, world: World = SINGLE) -> tuple[float, list[dict]]:
+                  max_new_tokens: int, world: World = SINGLE,
+                  bf16: bool = False) -> tuple[float, list[dict]]:
     """Accuracy (percent) on the task's test split, and one prediction record per example.
 
     Examples are batched in order of source length so padding stays small; greedy decoding stops
     as soon as every sequence of the batch has produced EOS. With several ranks, rank r generates
     batches r, r+W, ... of the same batching and rank 0 gathers the texts, so every example is
     generated in the very batch a single process would put it in. Other ranks get (nan, []).
+    `bf16` generates under CUDA bf16 autocast, the precision the profile trains in.
     """
     was_training = model.training
     model.eval()
@@ -42,8 +45,10 @@ def evaluate_task(model: torch.nn.Module, batcher: Batcher, data: TaskData, *, b
     mine: dict[int, str] = {}
     for chunk in batches[world.rank::world.size]:
         batch = batcher.eval_batch([sources[i] for i in chunk])
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False,
-                             repetition_penalty=1.0, pad_token_id=batcher.tok.pad_token_id)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=1,
+                                 do_sample=False, repetition_penalty=1.0,
+                                 pad_token_id=batcher.tok.pad_token_id)
         for i, text in zip(chunk, batcher.decode(out, batch["input_ids"].shape[1])):
             mine[i] = text
         faults.point("eval_batch")

@@ -300,7 +300,8 @@ class Runner:
                 method.select_for_eval(ctx, task)
                 acc, preds = evaluate_task(ctx.model, batcher, data[task.name],
                                            batch_size=self.profile.eval_batch_size,
-                                           max_new_tokens=self.profile.max_new_tokens, world=world)
+                                           max_new_tokens=self.profile.max_new_tokens, world=world,
+                                           bf16=self.profile.bf16 and device.type == "cuda")
                 accuracy[task.name] = acc
                 predictions += preds
             method.select_for_eval(ctx, None)

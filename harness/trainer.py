@@ -107,7 +107,9 @@ def fit(ctx: Context, method: Method, batcher: Batcher, *, batch_size: int, grad
                                               [targets[i] for i in chunk]), w) for chunk, w in weighted]
 
                 def closure(micro=micro) -> torch.Tensor:
-                    total, real = torch.zeros(()), 0
+                    # The loss stays on the device: reading it would make the host wait for the
+                    # GPU every step.
+                    total, real = torch.zeros((), device=ctx.device), 0
                     for k, (batch, w) in enumerate(micro):
                         outputs = stepper.forward(batch)
                         loss = outputs.loss
@@ -117,20 +119,21 @@ def fit(ctx: Context, method: Method, batcher: Batcher, *, batch_size: int, grad
                         stepper.backward(loss / len(micro) if w is None else loss * w,
                                          last=k == len(micro) - 1)
                         if w != 0.0:
-                            total += loss.detach().float().cpu()
+                            total += loss.detach().float()
                             real += 1
                     return total / max(1, real)
 
                 loss = method.step(ctx, closure)
                 stepper.step()
-                losses.append(float(loss))
+                losses.append(loss.detach())
                 bar.update(1)
-                if len(losses) % 10 == 0:
-                    bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.3f}")
+                if len(losses) % 10 == 0 and not bar.disable:
+                    bar.set_postfix(loss=f"{float(sum(losses[-10:])) / 10:.3f}")
                 faults.point("train_step")
     finally:
         stepper.close()
         bar.close()
+    losses = torch.stack(losses).float().cpu().tolist() if losses else []
     return FitResult(steps=len(losses), examples=len(sources) * epochs,
                      mean_loss=sum(losses) / max(1, len(losses)),
                      last_loss=losses[-1] if losses else float("nan"),
