@@ -182,8 +182,9 @@ def cmd_list(args) -> None:
                        headers=["profile", "description"]))
 
 
-def _without(argv: list[str], *options: str) -> list[str]:
-    """`argv` without the given options and their values (`--opt V` or `--opt=V`)."""
+def _without(argv: list[str], options: tuple[str, ...], flags: tuple[str, ...] = ()) -> list[str]:
+    """`argv` without the given options and their values (`--opt V` or `--opt=V`) and without the
+    given flags (which take no value)."""
     out, skip = [], False
     for token in argv:
         if skip:
@@ -192,6 +193,8 @@ def _without(argv: list[str], *options: str) -> list[str]:
         name = token.split("=", 1)[0]
         if name in options:
             skip = "=" not in token
+            continue
+        if token in flags:
             continue
         out.append(token)
     return out
@@ -205,7 +208,7 @@ def _run_jobs(args, count: int) -> int:
 
     index, shards = args.shard or (0, 1)
     threads = max(1, (os.cpu_count() or 1) // count)
-    base = _without(args.argv, "--jobs", "--shard", "--no-progress")
+    base = _without(args.argv, ("--jobs", "--shard"), flags=("--no-progress",))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, "-m", "harness", *base, "--no-progress",
@@ -406,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-        args.argv = _without(argv, "--local_rank", "--local-rank")
+        args.argv = _without(argv, ("--local_rank", "--local-rank"))
         handler = {"run": cmd_run, "import": cmd_import, "list": cmd_list, "table": cmd_table,
                    "generate": cmd_generate, "new-method": cmd_new_method}[args.command]
         code = handler(args) or 0

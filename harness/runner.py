@@ -13,6 +13,7 @@ import shutil
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 
@@ -118,6 +119,9 @@ class Runner:
         self.instructions = load_instructions(self.data_dir)
         self._data: dict[str, TaskData] = {}
         self._model_path: str | None = None
+        # The untrained backbone's accuracy and predictions per task: the base row every run of
+        # the sweep shares (same backbone, data and evaluation settings), computed once.
+        self._base_row: dict[str, tuple[float, list[dict]]] = {}
 
     # -- shared pieces -------------------------------------------------------------------------
     def task_data(self, task: Task) -> TaskData:
@@ -264,9 +268,27 @@ class Runner:
                       profile=self.profile, config=method.config, seed=spec.seed,
                       order=spec.order, batcher=batcher, device=device)
         seed_everything(spec.seed)  # after the backbone is in place, whether built or cached
+        done = run_dir.completed_stages()
+        evaluate = partial(evaluate_task, batcher=batcher, batch_size=self.profile.eval_batch_size,
+                           max_new_tokens=self.profile.max_new_tokens, world=world,
+                           bf16=self.profile.bf16 and device.type == "cuda")
+        base_row = None
+        if not done:  # stage 0: the backbone before any method touches it, the baseline FWT needs
+            start = time.perf_counter()
+            reused = all(t.name in self._base_row for t in tasks)
+            for task in tasks:
+                if task.name not in self._base_row:
+                    self._base_row[task.name] = evaluate(ctx.model, data=data[task.name])
+            if world.main:
+                run_dir.write_stage(stage_name(0, "base"), {
+                    "stage": 0, "task": None,
+                    "accuracy": {t.name: self._base_row[t.name][0] for t in tasks},
+                    "eval_seconds": time.perf_counter() - start, "reused": reused},
+                    [p for t in tasks for p in self._base_row[t.name][1]])
+            world.barrier()
+            base_row = {t.name: self._base_row[t.name][0] for t in tasks}
         method.setup(ctx)
 
-        done = run_dir.completed_stages()
         # Resume from the last complete stage that holds a checkpoint; stages after it (possible only
         # if folders were removed by hand) are trained again.
         while len(done) > 1 and not (done[-1] / "model.safetensors").exists():
@@ -283,7 +305,7 @@ class Runner:
         # Tensors created from here on (new branches, designed projections) are checkpointed even
         # when frozen, as are all that ever train; the rest is the backbone, rebuilt from its files.
         existing = {id(p) for p in ctx.model.parameters()}
-        rows = [read_json(d / "metrics.json")["accuracy"] for d in done]
+        rows = [read_json(d / "metrics.json")["accuracy"] for d in done] or [base_row]
         touched: set[str] = set(read_json(done[-1] / "metrics.json").get("saved_tensors", [])) \
             if len(done) > 1 else set()
 
@@ -298,22 +320,11 @@ class Runner:
                 scope = tasks[:stage + 1]
             for task in scope:
                 method.select_for_eval(ctx, task)
-                acc, preds = evaluate_task(ctx.model, batcher, data[task.name],
-                                           batch_size=self.profile.eval_batch_size,
-                                           max_new_tokens=self.profile.max_new_tokens, world=world,
-                                           bf16=self.profile.bf16 and device.type == "cuda")
+                acc, preds = evaluate(ctx.model, data=data[task.name])
                 accuracy[task.name] = acc
                 predictions += preds
             method.select_for_eval(ctx, None)
             return accuracy, predictions, time.perf_counter() - start
-
-        if not done:  # stage 0: the untrained model, the baseline FWT needs
-            accuracy, predictions, seconds = evaluate_all(0)
-            if world.main:
-                run_dir.write_stage(stage_name(0, "base"), {"stage": 0, "task": None,
-                                    "accuracy": accuracy, "eval_seconds": seconds}, predictions)
-            world.barrier()
-            rows.append(accuracy)
 
         # A kill between writing a stage and dropping its predecessor's checkpoint leaves two.
         if world.main:

@@ -2,11 +2,14 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+from harness.backbone import load_backbone
 from harness.cli import main
+from harness.textio import Batcher
 
 
 def run(synthetic_dir, results, *extra):
@@ -224,8 +227,8 @@ def test_jobs_run_the_sweep_in_parallel_processes_with_divided_threads(synthetic
     done = subprocess.run(
         [sys.executable, "-m", "harness", "run", "--all", "--methods", "seqlora,inclora",
          "--tasks", "agnews,SST-2", "--seeds", "0-1", "--data-dir", str(synthetic_dir),
-         "--results", str(tmp_path), "--train-per-task", "16", "--test-per-task", "8",
-         "--shard", "0/2", "--jobs", "2"], capture_output=True, text=True)
+         "--no-progress", "--results", str(tmp_path), "--train-per-task", "16",
+         "--test-per-task", "8", "--shard", "0/2", "--jobs", "2"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "done: 2 jobs" in done.stdout
     summaries = sorted(tmp_path.rglob("summary.json"))
@@ -259,3 +262,51 @@ def test_eval_scope_seen_next_keeps_every_table_metric(synthetic_dir, tmp_path):
     assert b["metrics"] == a["metrics"]
     assert set(b["metrics"]) >= {"AA", "LA", "BWT", "FWT", "forgetting"}
     assert all(v is not None for v in b["metrics"].values())
+
+
+def test_base_row_is_the_untouched_backbone_evaluated_once_per_sweep(synthetic_dir, tmp_path,
+                                                                      monkeypatch):
+    """The base row is the backbone before any method's setup (here one that perturbs every
+    weight), and the runs of one sweep share it: the second run re-uses the first's predictions."""
+    from harness.evaluator import evaluate_task
+    import harness.runner
+    from methods.seqft import SeqFT
+
+    real_setup, real_evaluate, calls = SeqFT.setup, harness.runner.evaluate_task, []
+
+    def perturbing_setup(self, ctx):
+        real_setup(self, ctx)
+        with torch.no_grad():
+            for p in ctx.model.parameters():
+                p.add_(torch.randn_like(p))
+
+    def counting_evaluate(*args, **kwargs):
+        calls.append(kwargs["data"].task.name)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(SeqFT, "setup", perturbing_setup)
+    monkeypatch.setattr(harness.runner, "evaluate_task", counting_evaluate)
+    assert run(synthetic_dir, tmp_path, "--all", "--methods", "seqft,seqlora",
+               "--tasks", "agnews,SST-2") == 0
+    seq = tmp_path / "default" / "{}" / "tasks-agnews+SST-2" / "seed0" / "stage_00-base"
+    rows = {m: json.loads((Path(str(seq).format(m)) / "metrics.json").read_text())
+            for m in ("seqft", "seqlora")}
+    preds = {m: (Path(str(seq).format(m)) / "predictions.jsonl").read_text()
+             for m in ("seqft", "seqlora")}
+    assert [rows["seqft"]["reused"], rows["seqlora"]["reused"]] == [False, True]
+    assert rows["seqft"]["accuracy"] == rows["seqlora"]["accuracy"]
+    assert preds["seqft"] == preds["seqlora"]
+    # Base row: 2 task evaluations in all; then 2 stages x 2 tasks per run.
+    assert len(calls) == 2 + 2 * 4
+
+    from harness.runner import runner_for, Options
+
+    runner = runner_for("default", Options(results=tmp_path, data_dir=synthetic_dir,
+                                           train_per_task=32, test_per_task=8))
+    backbone = load_backbone(runner.model_path())
+    task = runner.benchmark.sequence(["agnews"])[0]
+    batcher = Batcher(backbone, runner.profile.max_source_length, runner.profile.max_target_length)
+    accuracy, _ = evaluate_task(backbone.model, batcher, runner.task_data(task),
+                                batch_size=runner.profile.eval_batch_size,
+                                max_new_tokens=runner.profile.max_new_tokens)
+    assert rows["seqft"]["accuracy"]["agnews"] == accuracy
