@@ -27,6 +27,61 @@ def example_log_likelihood_grads(ctx: Context, batcher, source: str, target: str
     return torch.autograd.grad(-outputs.loss * n_tokens, list(params.values()))
 
 
+def linear_owners(model: torch.nn.Module,
+                  params: dict[str, torch.nn.Parameter]) -> dict[str, torch.nn.Linear] | None:
+    """The bias-free nn.Linear whose weight each parameter is (LoRA's A and B are), or None when
+    some parameter is not one (full fine-tuning: embeddings, layer norms)."""
+    modules = dict(model.named_modules())
+    owners = {}
+    for name, param in params.items():
+        module = modules.get(name.removesuffix(".weight"))
+        if not (name.endswith(".weight") and isinstance(module, torch.nn.Linear)
+                and module.bias is None and module.weight is param):
+            return None
+        owners[name] = module
+    return owners
+
+
+def summed_squared_example_grads(model: torch.nn.Module, batch: dict,
+                                 owners: dict[str, torch.nn.Linear]) -> dict[str, torch.Tensor]:
+    """sum_n (d log p(y_n | x_n) / dW)^2 for each Linear weight W, from one batched backward.
+
+    The per-example gradient of y = x W^T is sum over positions of g^T x, with g the gradient at
+    the layer's output; hooks keep x and g per example, so the B single-example backward passes
+    this replaces become one (Opacus computes per-sample gradients the same way). Examples do not
+    interact in an encoder-decoder forward (padding is masked, there is no batch norm), so each
+    example's part of the summed log-likelihood's gradient is its own gradient.
+    """
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in owners}
+    grads: dict[str, list[torch.Tensor]] = {name: [] for name in owners}
+
+    def keep(name):
+        def hook(module, args, output):
+            inputs[name].append(args[0].detach())
+            output.register_hook(lambda g: grads[name].append(g.detach()))
+        return hook
+
+    handles = [module.register_forward_hook(keep(name)) for name, module in owners.items()]
+    try:
+        logits, labels = model(**batch).logits, batch["labels"]
+        if not getattr(model.config, "is_encoder_decoder", False):  # causal: logits[t] -> token t+1
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        logp = -torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                                  ignore_index=-100, reduction="sum")
+        torch.autograd.grad(logp, [m.weight for m in owners.values()])
+    finally:
+        for handle in handles:
+            handle.remove()
+    squared = {}
+    for name in owners:
+        # Backward meets a module's calls in reverse order; pair each call's input and gradient.
+        per_example = sum(
+            torch.einsum("bto,bti->boi", g.flatten(1, -2), x.flatten(1, -2))
+            for x, g in zip(inputs[name], reversed(grads[name])))
+        squared[name] = (per_example ** 2).sum(0)
+    return squared
+
+
 class EWC(Sequential):
     name = "ewc"
 
@@ -45,10 +100,19 @@ class EWC(Sequential):
         total = {name: torch.zeros_like(p) for name, p in self.params.items()}
         was_training = ctx.model.training
         ctx.model.eval()  # the Fisher of the model as it predicts (no dropout)
-        for source, target in zip(train["source"][:n], train["target"][:n]):
-            grads = example_log_likelihood_grads(ctx, batcher, source, target, self.params)
-            for name, grad in zip(self.params, grads):
-                total[name] += grad.detach() ** 2
+        owners = linear_owners(ctx.model, self.params)
+        if owners is None:  # one backward per example
+            for source, target in zip(train["source"][:n], train["target"][:n]):
+                grads = example_log_likelihood_grads(ctx, batcher, source, target, self.params)
+                for name, grad in zip(self.params, grads):
+                    total[name] += grad.detach() ** 2
+        else:  # one backward per batch, per-example gradients from the Linear layers' hooks
+            size = ctx.profile.batch_size
+            for k in range(0, n, size):
+                batch = batcher.train_batch(train["source"][k:min(n, k + size)],
+                                            train["target"][k:min(n, k + size)])
+                for name, value in summed_squared_example_grads(ctx.model, batch, owners).items():
+                    total[name] += value
         ctx.model.train(was_training)
         fisher = {name: value / n for name, value in total.items()}
         if self.config.get("normalize_fisher", True):

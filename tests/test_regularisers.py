@@ -31,28 +31,63 @@ def test_replay_memory_holds_earlier_tasks_only_with_its_quota(synthetic_dir):
     assert method.memory == memory
 
 
-def test_ewc_fisher_is_mean_squared_per_example_gradient(synthetic_dir):
-    ctx, method, batcher = make_context(synthetic_dir, "ewc", n_train=8)
-    method.config.update(fisher_samples=5, normalize_fisher=False)
-    method.setup(ctx)
-    train_stage(ctx, method, batcher, 0)
-    fisher = method.fishers[0]
-    # By hand: log p(y|x) from log-softmax of the logits at the gold tokens, one example at a time.
-    params = method.params
-    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+def by_hand_fisher(ctx, batcher, params, n):
+    """log p(y|x) from log-softmax of the logits at the gold tokens, one example at a time."""
+    causal = not ctx.model.config.is_encoder_decoder
+    expected = {name: torch.zeros_like(p) for name, p in params.items()}
     ctx.model.eval()
     train = ctx.task_data.train
-    for source, target in zip(train["source"][:5], train["target"][:5]):
+    for source, target in zip(train["source"][:n], train["target"][:n]):
         batch = batcher.train_batch([source], [target])
-        logits = ctx.model(**batch).logits
-        gold = batch["labels"][0]
-        logp = F.log_softmax(logits[0], -1)[torch.arange(len(gold)), gold.clamp(min=0)]
+        logits, gold = ctx.model(**batch).logits[0], batch["labels"][0]
+        if causal:
+            logits, gold = logits[:-1], gold[1:]
+        logp = F.log_softmax(logits, -1)[torch.arange(len(gold)), gold.clamp(min=0)]
         grads = torch.autograd.grad(logp[gold != -100].sum(), list(params.values()))
-        for n, g in zip(params, grads):
-            expected[n] += g ** 2 / 5
-    for n in params:
+        for name, g in zip(params, grads):
+            expected[name] += g ** 2 / n
+    return expected
+
+
+@pytest.mark.parametrize("base", ["lora", "full"])
+def test_ewc_fisher_is_mean_squared_per_example_gradient(synthetic_dir, base):
+    """LoRA: per-example gradients from one batched backward (two batches of 16 and 4 here);
+    full fine-tuning: one backward per example. Both equal the by-hand definition."""
+    from methods.ewc import linear_owners
+
+    ctx, method, batcher = make_context(synthetic_dir, "ewc", n_train=24)
+    method.config.update(fisher_samples=20, normalize_fisher=False, base=base)
+    method.setup(ctx)
+    train_stage(ctx, method, batcher, 0)
+    assert (linear_owners(ctx.model, method.params) is None) == (base == "full")
+    fisher = method.fishers[0]
+    expected = by_hand_fisher(ctx, batcher, method.params, 20)
+    for n in method.params:
         torch.testing.assert_close(fisher[n], expected[n], rtol=1e-4, atol=1e-10)
     assert any(f.abs().sum() > 0 for f in fisher.values())
+
+
+def test_ewc_batched_fisher_of_a_causal_model(synthetic_dir, tmp_path):
+    """The batched per-example gradients take the causal shift (logits t predict token t+1)."""
+    import json
+
+    from harness.backbone import load_backbone
+    from harness.textio import Batcher
+    from methods.base import Context
+    from tests.test_causal import tiny_llama
+
+    ctx, method, _ = make_context(synthetic_dir, "ewc", n_train=24)
+    records = json.loads((synthetic_dir / "TC" / "agnews" / "train.json").read_text())
+    backbone = load_backbone(tiny_llama(tmp_path / "llama", [r["sentence"] for r in records]))
+    batcher = Batcher(backbone, 512, 50)
+    ctx = Context(model=backbone.model, backbone=backbone, tasks=ctx.tasks, data=ctx.data,
+                  profile=ctx.profile, config=method.config, seed=0, batcher=batcher)
+    method.config.update(fisher_samples=20, normalize_fisher=False)
+    method.setup(ctx)
+    train_stage(ctx, method, batcher, 0)
+    expected = by_hand_fisher(ctx, batcher, method.params, 20)
+    for n in method.params:
+        torch.testing.assert_close(method.fishers[0][n], expected[n], rtol=1e-4, atol=1e-10)
 
 
 def test_ewc_penalty_is_zero_at_the_anchor_and_follows_its_formula(synthetic_dir):
