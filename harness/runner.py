@@ -306,6 +306,9 @@ class Runner:
         # when frozen, as are all that ever train; the rest is the backbone, rebuilt from its files.
         existing = {id(p) for p in ctx.model.parameters()}
         rows = [read_json(d / "metrics.json")["accuracy"] for d in done] or [base_row]
+        # The latest row's predictions per task, for cells a method carries over unchanged.
+        latest: dict[str, list[dict]] = {t.name: self._base_row[t.name][1] for t in tasks} \
+            if not done else stage_predictions(done[-1])
         touched: set[str] = set(read_json(done[-1] / "metrics.json").get("saved_tensors", [])) \
             if len(done) > 1 else set()
 
@@ -319,10 +322,15 @@ class Runner:
             if self.options.eval_scope == "seen+next" and 0 < stage < len(tasks) and not method.joint:
                 scope = tasks[:stage + 1]
             for task in scope:
-                method.select_for_eval(ctx, task)
-                acc, preds = evaluate(ctx.model, data=data[task.name])
+                if (task.name in rows[-1] and task.name in latest
+                        and not method.joint and method.evaluates_as_before(ctx, task)):
+                    acc, preds = rows[-1][task.name], latest[task.name]
+                else:
+                    method.select_for_eval(ctx, task)
+                    acc, preds = evaluate(ctx.model, data=data[task.name])
                 accuracy[task.name] = acc
                 predictions += preds
+                latest[task.name] = preds
             method.select_for_eval(ctx, None)
             return accuracy, predictions, time.perf_counter() - start
 
@@ -377,6 +385,16 @@ class Runner:
         bar.close()
         summary = finish_run(run_dir, spec, [t.name for t in tasks], config) if world.main else None
         return world.broadcast(summary)
+
+
+def stage_predictions(stage_dir: Path) -> dict[str, list[dict]]:
+    """A stage's prediction records, by task."""
+    by_task: dict[str, list[dict]] = {}
+    with open(stage_dir / "predictions.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            record = json.loads(line)
+            by_task.setdefault(record["task"], []).append(record)
+    return by_task
 
 
 def run_parameter_metrics(folders: list[Path], n_trained: int) -> dict | None:

@@ -104,6 +104,13 @@ class Method:
         """Called before each task is evaluated (and with None after the last one): methods that
         keep a separate parametrisation per task (an oracle of task identity) switch to it here."""
 
+    def evaluates_as_before(self, ctx: Context, task: "Task") -> bool:
+        """True when, after the stage just trained, `task` is evaluated with exactly the weights
+        it was evaluated with after the previous stage (or, after the first, the untouched base
+        model): its accuracy and predictions are then carried over instead of generated again.
+        Only for methods that guarantee it (a per-task adapter frozen since it was trained)."""
+        return False
+
     # -- consolidation and reporting ----------------------------------------------------------------
     def after_task(self, ctx: Context) -> None:
         """Consolidate after training a stage (merge, Fisher, memory, buffer)."""

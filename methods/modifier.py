@@ -56,6 +56,9 @@ class Modifier(Method):
     def select_for_eval(self, ctx, task):
         self.base.select_for_eval(ctx, task)
 
+    def evaluates_as_before(self, ctx, task):
+        return self.base.evaluates_as_before(ctx, task)
+
     def after_task(self, ctx):
         self.base.after_task(ctx)
 

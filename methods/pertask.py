@@ -47,6 +47,11 @@ class PerTaskFT(Method):
         else:
             ctx.model.base_model.disable_adapter_layers()
 
+    def evaluates_as_before(self, ctx: Context, task) -> bool:
+        # Only the adapter trained this stage is new: earlier ones are frozen, later tasks still
+        # see the base model.
+        return task.name != ctx.task.name
+
     def task_deltas(self, ctx: Context) -> dict[str, torch.Tensor]:
         return branch_factors(ctx.model, branch_name(ctx.stage))
 

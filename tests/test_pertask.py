@@ -36,3 +36,38 @@ def test_each_task_uses_its_own_adapter_and_unseen_tasks_the_base(synthetic_dir)
     torch.testing.assert_close(layer_output(ctx, x)[1], layer.base_layer(x))
     method.select_for_eval(ctx, None)                              # training view restored
     assert layer.active_adapters == ["task2"] and not layer.disable_adapters
+
+
+def test_frozen_adapters_are_carried_over_not_generated_again(synthetic_dir, tmp_path, monkeypatch):
+    """After each stage only the task just trained is generated again; every carried-over cell and
+    its predictions equal what generating them again gives."""
+    import json
+
+    import harness.runner
+    from harness.cli import main
+    from methods.pertask import PerTaskFT
+
+    real_evaluate, calls = harness.runner.evaluate_task, []
+
+    def counting_evaluate(*args, **kwargs):
+        calls.append(kwargs["data"].task.name)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(harness.runner, "evaluate_task", counting_evaluate)
+    tasks = "agnews,SST-2,CB"
+
+    def run(results):
+        assert main(["run", "--method", "pertask", "--tasks", tasks, "--data-dir", str(synthetic_dir),
+                     "--results", str(results), "--train-per-task", "32", "--test-per-task", "8",
+                     "--no-progress"]) == 0
+        folder = results / "default" / "pertask" / "tasks-agnews+SST-2+CB" / "seed0"
+        return ((folder / "accuracy_matrix.csv").read_text(),
+                [(d / "predictions.jsonl").read_text() for d in sorted(folder.glob("stage_*"))])
+
+    carried = run(tmp_path / "carried")
+    assert calls == ["agnews", "SST-2", "CB", "agnews", "SST-2", "CB"]  # base row, then the diagonal
+    calls.clear()
+    monkeypatch.setattr(PerTaskFT, "evaluates_as_before", lambda self, ctx, task: False)
+    generated = run(tmp_path / "generated")
+    assert len(calls) == 3 + 3 * 3
+    assert carried == generated
