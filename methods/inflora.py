@@ -149,12 +149,12 @@ class InfLoRA(IncLoRA):
             self.memory = [None] * len(layers)
         stats = (input_statistics(ctx, layers, ctx.batcher, ctx.profile.eval_batch_size)
                  if design == "paper_svd" else [None] * len(layers))
+        short = []  # (free directions, rank) of the layers with fewer free directions than rank
         for layer, C, mem in zip(layers, stats, self.memory):
             A = layer.lora_A[new].weight
             free = free_basis(*(mem or (None, "remove")), A.shape[1])
             if free.shape[1] < layer.r[new]:
-                log.warning("inflora: only %d free input directions left for a rank-%d branch",
-                            free.shape[1], layer.r[new])
+                short.append((free.shape[1], layer.r[new]))
             if design == "paper_svd":
                 designed = design_down_projection(C, free, A.shape[0])
             elif mem is None:  # gainlora: the first task keeps peft's raw Kaiming draw
@@ -164,6 +164,10 @@ class InfLoRA(IncLoRA):
             with torch.no_grad():
                 A.copy_(designed.to(A.dtype))
             A.requires_grad_(False)  # designed, frozen: only B_t trains
+        if short:  # one line per stage, not one per layer
+            log.warning("inflora: stage %d (%s): %d of %d layers have fewer free input directions "
+                        "than the branch rank %d (as few as %d)", ctx.stage + 1, ctx.task.name,
+                        len(short), len(layers), max(r for _, r in short), min(f for f, _ in short))
 
     def after_task(self, ctx: Context) -> None:
         layers = lora_layers(ctx.model)
