@@ -197,7 +197,8 @@ def test_shards_split_the_sweep_into_disjoint_parts(synthetic_dir, tmp_path, mon
 
     monkeypatch.setattr(Runner, "run", record)
     args = ["run", "--all", "--methods", "seqlora,inclora", "--orders", "1-3", "--seeds", "0-1",
-            "--data-dir", str(synthetic_dir), "--results", str(tmp_path), "--no-progress"]
+            "--data-dir", str(synthetic_dir), "--results", str(tmp_path), "--no-progress",
+            "--jobs", "1"]
     for current in ("all", "0/3", "1/3", "2/3"):
         assert main(args + ([] if current == "all" else ["--shard", current])) == 0
     shards = [set(seen[k]) for k in ("0/3", "1/3", "2/3")]
@@ -230,7 +231,10 @@ def test_jobs_run_the_sweep_in_parallel_processes_with_divided_threads(synthetic
          "--no-progress", "--results", str(tmp_path), "--train-per-task", "16",
          "--test-per-task", "8", "--shard", "0/2", "--jobs", "2"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "done: 2 jobs" in done.stdout
+    assert "2 run(s) (2 jobs x" in done.stdout and "2 jobs x" in done.stdout.splitlines()[-1]
+    # Each job's per-run line is relayed once; the jobs' own headers and totals are not.
+    assert sum(line.startswith(("seqlora", "inclora")) for line in done.stdout.splitlines()) == 2
+    assert sum(line.startswith("benchmark:") for line in done.stdout.splitlines()) == 1
     summaries = sorted(tmp_path.rglob("summary.json"))
     runs = sorted((p.parts[-4], p.parts[-2]) for p in summaries)
     # The sweep order is sequence, method, seed: runs 0 and 2 are seqlora seed0 and inclora seed0.
@@ -287,7 +291,7 @@ def test_base_row_is_the_untouched_backbone_evaluated_once_per_sweep(synthetic_d
     monkeypatch.setattr(SeqFT, "setup", perturbing_setup)
     monkeypatch.setattr(harness.runner, "evaluate_task", counting_evaluate)
     assert run(synthetic_dir, tmp_path, "--all", "--methods", "seqft,seqlora",
-               "--tasks", "agnews,SST-2") == 0
+               "--tasks", "agnews,SST-2", "--jobs", "1") == 0
     seq = tmp_path / "default" / "{}" / "tasks-agnews+SST-2" / "seed0" / "stage_00-base"
     rows = {m: json.loads((Path(str(seq).format(m)) / "metrics.json").read_text())
             for m in ("seqft", "seqlora")}
@@ -310,3 +314,24 @@ def test_base_row_is_the_untouched_backbone_evaluated_once_per_sweep(synthetic_d
                                 batch_size=runner.profile.eval_batch_size,
                                 max_new_tokens=runner.profile.max_new_tokens)
     assert rows["seqft"]["accuracy"]["agnews"] == accuracy
+
+
+def test_auto_jobs_is_one_process_per_core_on_a_cpu_sweep(monkeypatch):
+    import os
+
+    import torch
+
+    from harness.cli import auto_jobs
+    from harness.distributed import SINGLE
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 2**20,
+                                                     "SC_PAGE_SIZE": 2**12}[name])  # 4 GiB free
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert auto_jobs(72, SINGLE) == 2        # memory: 4 GiB / 1.5 GiB per process
+    assert auto_jobs(1, SINGLE) == 1
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 2**22,
+                                                     "SC_PAGE_SIZE": 2**12}[name])  # 16 GiB
+    assert auto_jobs(72, SINGLE) == 4 and auto_jobs(3, SINGLE) == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert auto_jobs(72, SINGLE) == 1
