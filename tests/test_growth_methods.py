@@ -117,3 +117,27 @@ def test_batched_sparsity_equals_the_sum_of_per_branch_terms(form):
     grads_one = torch.autograd.grad(one_by_one, [t for a, b, _ in branches for t in (a, b)])
     grads_stacked = torch.autograd.grad(stacked, [t for a, b, _ in branches for t in (a, b)])
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(grads_one, grads_stacked))
+
+
+@pytest.mark.parametrize("orth_form,l2_form", [("code_l1", "code_norm"), ("paper_fro2", "squared")])
+def test_olora_batched_penalty_equals_the_per_layer_formula(orth_form, l2_form):
+    """Same value and gradients as lambda1 * sum_l orthogonality_term + lambda2 * norm_term, with
+    layers of two shapes, and with no old branch (the first stage: the L2 term only)."""
+    from methods.olora import batched_penalty
+
+    g = torch.Generator().manual_seed(0)
+
+    def layer(d_in, d_out, old_rows):
+        a = torch.randn(4, d_in, generator=g).requires_grad_()
+        b = torch.randn(d_out, 4, generator=g).requires_grad_()
+        return (torch.randn(old_rows, d_in, generator=g) if old_rows else None), a, b
+
+    for old_rows in (8, 0):
+        pairs = [layer(6, 6, old_rows), layer(6, 6, old_rows), layer(6, 10, old_rows)]
+        params = [p for _, a, b in pairs for p in (a, b)]
+        got = batched_penalty(pairs, 0.5, 0.1, orth_form, l2_form)
+        want = (0.5 * sum(orthogonality_term(a_old, a, orth_form) for a_old, a, _ in pairs)
+                + 0.1 * norm_term(params, l2_form))
+        torch.testing.assert_close(got, want)
+        for x, y in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+            torch.testing.assert_close(x, y)
