@@ -29,7 +29,7 @@ from matplotlib.patches import Rectangle
 
 from harness.errors import HarnessError
 from harness.stats import describe
-from harness.table import PAPER_ORDER
+from methods.registry import table_entry
 
 STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9,
          "ytick.labelsize": 9, "legend.fontsize": 8,
@@ -219,8 +219,7 @@ def aa_table(runs: pd.DataFrame) -> pd.DataFrame:
         low, high = bootstrap_ci(values)
         rows.append({"method": method, "mean": values.mean(),
                      "ci_low": low, "ci_high": high, "n": len(values)})
-    key = [(PAPER_ORDER.index(r["method"]) if r["method"] in PAPER_ORDER else len(PAPER_ORDER),
-            r["method"]) for r in rows]
+    key = [table_entry(r["method"])[0] for r in rows]
     return pd.DataFrame([r for _, r in sorted(zip(key, rows), key=lambda p: p[0])],
                         columns=["method", "mean", "ci_low", "ci_high", "n"])
 

@@ -19,15 +19,10 @@ import pandas as pd
 from harness import stats
 from harness.errors import HarnessError
 from harness.paths import PROJECT_ROOT
+from methods.registry import table_entry
 
 BASELINES_DIR = PROJECT_ROOT / "baselines"
-# Display order of the papers' tables; other methods follow alphabetically.
-PAPER_ORDER = ["seqft", "seqlora", "inclora", "replay", "ewc", "lwf", "olora", "nlora", "inflora",
-               "gorp", "pertask", "mtl"]
-# Our plugin names -> the names the papers print.
-PAPER_NAMES = {"seqft": "SeqFT", "seqlora": "SeqLoRA", "inclora": "IncLoRA", "replay": "Replay",
-               "ewc": "EWC", "lwf": "LwF", "olora": "O-LoRA", "nlora": "N-LoRA",
-               "inflora": "InfLoRA", "gorp": "GORP", "pertask": "PerTaskFT", "mtl": "MTL"}
+# Methods appear in the order their plugins declare (`table_rank`); others follow alphabetically.
 METRICS = ["AA", "BWT", "FWT", "forgetting", "LA"]
 PARAMETER_METRICS = ["ACR", "GSR_hoyer", "OO"]
 LEGEND = (
@@ -81,7 +76,7 @@ def load_summaries(results: Path, profile: str | None = None) -> pd.DataFrame:
 
 
 def _method_key(methods: pd.Index) -> list:
-    return [(PAPER_ORDER.index(m) if m in PAPER_ORDER else len(PAPER_ORDER), m) for m in methods]
+    return [table_entry(m)[0] for m in methods]
 
 
 def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
@@ -199,7 +194,7 @@ def compare_published(df: pd.DataFrame, backbone: str, fmt: str = "github",
             for name, orders in (("avg_1_3", "123"), ("avg_4_6", "456")):
                 if all(k in cells for k in orders):
                     cells[name] = float(np.mean([cells[k] for k in orders]))
-            paper_name = PAPER_NAMES.get(method, method)
+            paper_name = table_entry(method)[1]
             for order, value in cells.items():
                 matches = published[(published["method"] == paper_name)
                                     & (published["order"] == order)]

@@ -54,6 +54,12 @@ class Method:
     """
 
     name: str = ""
+    # How the tables show the method: its name in the published tables (matched for
+    # --compare-published) and its row position in the paper layout (lower first). Read from the
+    # class that declares them only, so a subclass registered under another name does not take
+    # its parent's; a method without them follows the ranked ones, under its own name.
+    paper_name: str = ""
+    table_rank: int | None = None
     # True for methods trained once on the whole sequence (one stage, one row of R) rather than
     # task after task.
     joint: bool = False

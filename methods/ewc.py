@@ -84,6 +84,8 @@ def summed_squared_example_grads(model: torch.nn.Module, batch: dict,
 
 class EWC(Sequential):
     name = "ewc"
+    paper_name = "EWC"
+    table_rank = 4
 
     def __init__(self, config: dict[str, Any] | None = None):
         super().__init__(config)

@@ -149,6 +149,8 @@ def _targets(ctx: Context) -> str | list[str]:
 
 class GORP(IncLoRA):
     name = "gorp"
+    paper_name = "GORP"
+    table_rank = 9
     # ProjectedAdamW projects each gradient as a matrix; ZeRO-1/2 hand the optimizer flat
     # partitions instead, so only ZeRO-0 (plain data parallel) keeps the method what it is.
     max_zero_stage = 0

@@ -23,6 +23,8 @@ def branch_name(stage: int) -> str:
 
 class IncLoRA(Method):
     name = "inclora"
+    paper_name = "IncLoRA"
+    table_rank = 2
 
     def __init__(self, config: dict[str, Any] | None = None):
         super().__init__(config)

@@ -133,6 +133,8 @@ def input_statistics(ctx: Context, layers: list, batcher, batch_size: int) -> li
 
 class InfLoRA(IncLoRA):
     name = "inflora"
+    paper_name = "InfLoRA"
+    table_rank = 8
 
     def __init__(self, config: dict[str, Any] | None = None):
         super().__init__(config)

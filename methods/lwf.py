@@ -27,6 +27,8 @@ def distillation_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 class LwF(Sequential):
     name = "lwf"
+    paper_name = "LwF"
+    table_rank = 5
     teacher: torch.nn.Module | None = None
 
     def before_task(self, ctx: Context) -> None:

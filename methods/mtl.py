@@ -15,6 +15,8 @@ from methods.sequential import Sequential
 
 class MTL(Sequential):
     name = "mtl"
+    paper_name = "MTL"
+    table_rank = 11
     joint = True
 
     def training_data(self, ctx: Context) -> datasets.Dataset:

@@ -47,6 +47,8 @@ def batched_sparsity(branches: list[tuple[torch.Tensor, torch.Tensor, float]], f
 
 class NLoRA(IncLoRA):
     name = "nlora"
+    paper_name = "N-LoRA"
+    table_rank = 7
 
     def before_task(self, ctx: Context) -> None:
         super().before_task(ctx)

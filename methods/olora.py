@@ -75,6 +75,8 @@ def stage_lambdas(config: dict, ctx: Context, names: tuple[str, ...]) -> list[fl
 
 class OLoRA(IncLoRA):
     name = "olora"
+    paper_name = "O-LoRA"
+    table_rank = 6
 
     def before_task(self, ctx: Context) -> None:
         super().before_task(ctx)

@@ -19,6 +19,8 @@ from methods.lora import add_branch, train_only
 
 class PerTaskFT(Method):
     name = "pertask"
+    paper_name = "PerTaskFT"
+    table_rank = 10
 
     def __init__(self, config: dict[str, Any] | None = None):
         super().__init__(config)

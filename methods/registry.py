@@ -7,6 +7,7 @@ package registers its own, so `pip install some-package` adds methods without ed
 from __future__ import annotations
 
 import difflib
+import math
 import tomllib
 from functools import lru_cache
 from importlib.metadata import entry_points
@@ -41,6 +42,19 @@ def method_class(name: str) -> type[Method]:
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise HarnessError(f"entry point {name!r} ({methods[name].value}) is not a Method subclass")
     return cls
+
+
+@lru_cache(maxsize=None)
+def table_entry(name: str) -> tuple[tuple[float, str], str]:
+    """(sort key in the tables, name in the published tables) as the method's own class declares
+    them (`table_rank`, `paper_name`); a name that is no installed method (a combination, an
+    imported run under another name) sorts after the ranked ones under its own name."""
+    try:
+        own = vars(method_class(name))
+    except (HarnessError, ImportError):
+        own = {}
+    rank = own.get("table_rank")
+    return (math.inf if rank is None else rank, name), own.get("paper_name") or name
 
 
 def method_config(name: str, profile: str, cls: type[Method] | None = None) -> dict[str, Any]:

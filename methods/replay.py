@@ -21,6 +21,8 @@ from methods.sequential import Sequential
 
 class Replay(Sequential):
     name = "replay"
+    paper_name = "Replay"
+    table_rank = 3
 
     def __init__(self, config: dict[str, Any] | None = None):
         super().__init__(config)

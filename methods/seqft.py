@@ -11,4 +11,6 @@ from methods.sequential import Sequential
 
 class SeqFT(Sequential):
     name = "seqft"
+    paper_name = "SeqFT"
+    table_rank = 0
     base = "full"

@@ -8,4 +8,6 @@ from methods.sequential import Sequential
 
 class SeqLoRA(Sequential):
     name = "seqlora"
+    paper_name = "SeqLoRA"
+    table_rank = 1
     base = "lora"

@@ -89,3 +89,26 @@ def test_table_out_writes_tables_and_plots(tree, tmp_path, capsys):
 def test_unknown_reference_is_refused(tree, capsys):
     assert main(["table", "--results", str(tree), "--reference", "nosuch"]) == 2
     assert "--reference nosuch" in capsys.readouterr().err
+
+
+def test_table_entries_come_from_each_plugin_class_itself(monkeypatch):
+    """Row order and published name are what the method's own class declares; a subclass under
+    another name does not inherit them, and names no plugin declares follow the ranked ones."""
+    from methods import registry
+    from methods.olora import OLoRA
+
+    class MyOLoRA(OLoRA):
+        name = "myolora"
+
+    real = registry.method_class
+    monkeypatch.setattr(registry, "method_class",
+                        lambda name: MyOLoRA if name == "myolora" else real(name))
+    registry.table_entry.cache_clear()
+    try:
+        assert registry.table_entry("olora") == ((OLoRA.table_rank, "olora"), "O-LoRA")
+        assert registry.table_entry("myolora")[1] == "myolora"
+        names = ["zeta+sam", "myolora", "mtl", "seqft", "olora"]
+        assert sorted(names, key=lambda n: registry.table_entry(n)[0]) == \
+            ["seqft", "olora", "mtl", "myolora", "zeta+sam"]
+    finally:
+        registry.table_entry.cache_clear()
