@@ -47,39 +47,39 @@ def summed_squared_example_grads(model: torch.nn.Module, batch: dict,
     """sum_n (d log p(y_n | x_n) / dW)^2 for each Linear weight W, from one batched backward.
 
     The per-example gradient of y = x W^T is sum over positions of g^T x, with g the gradient at
-    the layer's output; hooks keep x and g per example, so the B single-example backward passes
-    this replaces become one (Opacus computes per-sample gradients the same way). Examples do not
-    interact in an encoder-decoder forward (padding is masked, there is no batch norm), so each
-    example's part of the summed log-likelihood's gradient is its own gradient.
+    the layer's output; a hook keeps each call's x and output, so the B single-example backward
+    passes this replaces become one (Opacus computes per-sample gradients the same way). Examples
+    do not interact in an encoder-decoder forward (padding is masked, there is no batch norm), so
+    each example's part of the summed log-likelihood's gradient is its own gradient.
     """
-    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in owners}
-    grads: dict[str, list[torch.Tensor]] = {name: [] for name in owners}
+    calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (weight, input, output) per call
 
     def keep(name):
         def hook(module, args, output):
-            inputs[name].append(args[0].detach())
-            output.register_hook(lambda g: grads[name].append(g.detach()))
+            calls.append((name, args[0].detach(), output))
         return hook
 
     handles = [module.register_forward_hook(keep(name)) for name, module in owners.items()]
     try:
         logits, labels = model(**batch).logits, batch["labels"]
-        if not getattr(model.config, "is_encoder_decoder", False):  # causal: logits[t] -> token t+1
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        logp = -torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                                  ignore_index=-100, reduction="sum")
-        torch.autograd.grad(logp, [m.weight for m in owners.values()])
     finally:
         for handle in handles:
             handle.remove()
-    squared = {}
-    for name in owners:
-        # Backward meets a module's calls in reverse order; pair each call's input and gradient.
-        per_example = sum(
-            torch.einsum("bto,bti->boi", g.flatten(1, -2), x.flatten(1, -2))
-            for x, g in zip(inputs[name], reversed(grads[name])))
-        squared[name] = (per_example ** 2).sum(0)
-    return squared
+    if not getattr(model.config, "is_encoder_decoder", False):  # causal: logits[t] -> token t+1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    logp = -torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                              ignore_index=-100, reduction="sum")
+    # The gradient at each call's output (None for a call the loss does not reach).
+    output_grads = torch.autograd.grad(logp, [output for _, _, output in calls], allow_unused=True)
+    squared_sum = {name: torch.zeros_like(module.weight) for name, module in owners.items()}
+    per_example: dict[str, torch.Tensor] = {}
+    for (name, x, _), g in zip(calls, output_grads):
+        if g is not None:  # a module called twice contributes both calls
+            part = torch.einsum("bto,bti->boi", g.flatten(1, -2), x.flatten(1, -2))
+            per_example[name] = per_example[name] + part if name in per_example else part
+    for name, per in per_example.items():
+        squared_sum[name] = (per ** 2).sum(0)
+    return squared_sum
 
 
 class EWC(Sequential):
