@@ -279,14 +279,13 @@ class Runner:
             for task in tasks:
                 if task.name not in self._base_row:
                     self._base_row[task.name] = evaluate(ctx.model, data=data[task.name])
+            base_row = {t.name: self._base_row[t.name][0] for t in tasks}
             if world.main:
                 run_dir.write_stage(stage_name(0, "base"), {
-                    "stage": 0, "task": None,
-                    "accuracy": {t.name: self._base_row[t.name][0] for t in tasks},
+                    "stage": 0, "task": None, "accuracy": base_row,
                     "eval_seconds": time.perf_counter() - start, "reused": reused},
                     [p for t in tasks for p in self._base_row[t.name][1]])
             world.barrier()
-            base_row = {t.name: self._base_row[t.name][0] for t in tasks}
         method.setup(ctx)
 
         # Resume from the last complete stage that holds a checkpoint; stages after it (possible only
