@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="after each stage evaluate every task (default; the whole accuracy "
                      "matrix) or only the tasks seen so far and the next one (what AA, LA, BWT, "
                      "forgetting and FWT need; the base and last rows stay whole)")
+    run.add_argument("--eval-split", choices=["test", "heldout"], default="test",
+                     help="score on the test split (default), or on records of train.json that the "
+                     "training sub-sample left out (stratified, seeded): the split to choose "
+                     "learning rates and other settings on, never the test set")
     run.add_argument("--jobs", type=_jobs, default="auto", help="run J runs at once, one process "
                      "each, with the CPU threads divided between them; auto (default): one per "
                      "core on a machine without a GPU (a small model keeps one core busy better "
@@ -320,7 +324,7 @@ def cmd_run(args) -> int:
                       drop_unlabelled=args.drop_unlabelled, progress=not args.no_progress,
                       profile_overrides=tuple(o for o in args.overrides if o not in method_sets),
                       method_overrides=tuple(method_sets), deepspeed_config=args.deepspeed_config,
-                      eval_scope=args.eval_scope)
+                      eval_scope=args.eval_scope, eval_split=args.eval_split)
     if args.no_progress:  # transformers draws its own bar while loading weights
         from transformers.utils import logging as hf_logging
 

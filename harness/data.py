@@ -143,12 +143,16 @@ class TaskData:
 def load_task(data_dir: Path, task: Task, instructions: dict[str, str], *,
               train_per_task: int | None = None, test_per_task: int | None = None,
               seed: int = 0, drop_unlabelled: bool = False,
-              fmt: PromptFormat = PromptFormat()) -> TaskData:
+              fmt: PromptFormat = PromptFormat(), eval_split: str = "test") -> TaskData:
     """Read, validate, sub-sample and format one task.
 
     Labels outside labels.json: in the test split they are kept by default, as the reference does
     (they then count as errors; the real MNLI test has 131 records labelled `-`), and reported once;
     `drop_unlabelled` removes them. In the train split they are an error unless dropped.
+
+    `eval_split="heldout"` puts in `test` a stratified sample of the train split's records that the
+    training sub-sample left out, for choosing hyperparameters without the test split (upstream
+    `dev.json` is a copy of `test.json`); the training sub-sample is the same either way.
     """
     data_dir = Path(data_dir)
     check_labels_file(data_dir, task)
@@ -158,7 +162,7 @@ def load_task(data_dir: Path, task: Task, instructions: dict[str, str], *,
     instruction = instructions.get(task.category)
     label_set = set(task.labels)
 
-    def prepare(split: str, cap: int | None, split_seed: int) -> tuple[datasets.Dataset, int]:
+    def read(split: str) -> tuple[list[dict], int]:
         records = [dict(r, index=i) for i, r in enumerate(read_split(data_dir, task, split))]
         outside = [r for r in records if r["label"] not in label_set]
         if outside:
@@ -176,14 +180,25 @@ def load_task(data_dir: Path, task: Task, instructions: dict[str, str], *,
                 records = [r for r in records if r["label"] in label_set]
                 if not records:
                     raise HarnessError(f"{path}: no records left after dropping unlabelled ones")
-        records = stratified_sample(records, cap, split_seed)
-        rows = {
+        return records, len(outside)
+
+    def dataset(records: list[dict]) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({
             "source": [build_source(task, r["sentence"], instruction, fmt) for r in records],
             "target": [r["label"] for r in records],
             "index": [r["index"] for r in records],
-        }
-        return datasets.Dataset.from_dict(rows), len(outside)
+        })
 
-    train, _ = prepare("train", train_per_task, seed)
-    test, n_outside = prepare("test", test_per_task, seed + 1)
-    return TaskData(task=task, train=train, test=test, unlabelled_in_test=n_outside)
+    records, _ = read("train")
+    train = stratified_sample(records, train_per_task, seed)
+    if eval_split == "heldout":
+        chosen = {r["index"] for r in train}
+        rest = [r for r in records if r["index"] not in chosen]
+        if not rest:
+            raise HarnessError(f"{data_dir / task.folder / 'train.json'}: no records left for a "
+                               f"held-out split; set --train-per-task below {len(records)}")
+        test, n_outside = stratified_sample(rest, test_per_task, seed + 1), 0
+    else:
+        test, n_outside = read("test")
+        test = stratified_sample(test, test_per_task, seed + 1)
+    return TaskData(task=task, train=dataset(train), test=dataset(test), unlabelled_in_test=n_outside)

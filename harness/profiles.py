@@ -36,13 +36,17 @@ class Profile:
     max_new_tokens: int
     bf16: bool = False               # bf16 weights and autocast (GPU; DeepSpeed's bf16 section)
     gradient_checkpointing: bool = False
+    group_by_length: bool = False    # training batches of similar length (less padding)
     deepspeed_config: str = "zero2"  # a shipped config (zero0/zero1/zero2) or a JSON file
     lora: dict[str, Any] = field(default_factory=dict)
     embedded: dict[str, Any] = field(default_factory=dict)
     overrides: tuple[str, ...] = ()  # the --set arguments applied, for the record
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        if not self.group_by_length:  # so that runs made before the setting existed keep their
+            del out["group_by_length"]  # fingerprint
+        return out
 
 
 def available() -> list[str]:
@@ -84,7 +88,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], where: str) -> di
 _OPTIONAL = {
     "data": ("train_per_task", "test_per_task", "seed"),
     "train": ("grad_accum", "max_grad_norm", "max_source_length", "max_target_length", "bf16",
-              "gradient_checkpointing"),
+              "gradient_checkpointing", "group_by_length"),
     "eval": ("batch_size", "max_new_tokens"),
     "deepspeed": ("config",),
 }
@@ -116,6 +120,7 @@ def load_profile(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Prof
             max_new_tokens=evaluation.get("max_new_tokens", 50),
             bf16=train.get("bf16", False),
             gradient_checkpointing=train.get("gradient_checkpointing", False),
+            group_by_length=train.get("group_by_length", False),
             deepspeed_config=raw["deepspeed"].get("config", "zero2"),
             lora=raw.get("lora", {}), embedded=raw.get("embedded", {}),
             overrides=tuple(overrides))
@@ -140,7 +145,7 @@ def _validate(profile: Profile, where: str) -> None:
             or profile.max_grad_norm < 0:
         raise HarnessError(f"{where}: max_grad_norm must be a number >= 0 (0 = no clipping), "
                            f"got {profile.max_grad_norm!r}")
-    for key in ("bf16", "gradient_checkpointing"):
+    for key in ("bf16", "gradient_checkpointing", "group_by_length"):
         if not isinstance(getattr(profile, key), bool):
             raise HarnessError(f"{where}: {key} must be true or false, got {getattr(profile, key)!r}")
     if "r" in profile.lora:

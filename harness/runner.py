@@ -29,6 +29,7 @@ from harness.data import TaskData, load_instructions, load_task
 from harness.distributed import SINGLE, World, device_for
 from harness.errors import HarnessError
 from harness.evaluator import evaluate_task
+from harness.models import resolve_model
 from harness.paths import synthetic_data_dir
 from harness.profiles import Profile, load_profile
 from harness.param_metrics import parameter_metrics
@@ -76,6 +77,7 @@ class Options:
     method_overrides: tuple[str, ...] = ()    # --set method.key=value
     deepspeed_config: str | None = None       # a shipped name or a file; None: the profile's
     eval_scope: str = "all"                   # "all" tasks after every stage, or "seen+next"
+    eval_split: str = "test"                  # or "heldout": train.json records not trained on
 
 
 def resolve_data_dir(options: Options) -> tuple[Path, str]:
@@ -130,11 +132,13 @@ class Runner:
                 self.data_dir, task, self.instructions,
                 train_per_task=self.options.train_per_task or self.profile.train_per_task,
                 test_per_task=self.options.test_per_task or self.profile.test_per_task,
-                seed=self.profile.data_seed, drop_unlabelled=self.options.drop_unlabelled)
+                seed=self.profile.data_seed, drop_unlabelled=self.options.drop_unlabelled,
+                eval_split=self.options.eval_split)
         return self._data[task.name]
 
     def model_path(self) -> str:
-        """The backbone folder: --model, the profile's model, or the embedded default."""
+        """The backbone folder: --model, the profile's model, or the embedded default (a GGUF
+        file, a named model or a hub id resolves to a cached folder, see harness.models)."""
         if self._model_path is None:
             model = self.options.model or self.profile.model
             if not model:
@@ -147,6 +151,8 @@ class Runner:
                     corpus += list(data.train["source"]) + list(data.train["target"])
                 spec = EmbeddedSpec.from_dict(self.profile.embedded)
                 model = str(embedded_backbone_dir(corpus, spec))
+            else:
+                model = str(resolve_model(model))
             self._model_path = model
         return self._model_path
 
@@ -171,7 +177,10 @@ class Runner:
             "profile": self.profile.as_dict(),
             "method_config": method_config,
             "model": self.options.model or self.profile.model,
-            "benchmark": {"kind": self.data_kind, "data_dir": str(self.data_dir)},
+            "benchmark": {"kind": self.data_kind, "data_dir": str(self.data_dir),
+                          # Only when not the test split, so earlier runs keep their fingerprint.
+                          **({"split": self.options.eval_split}
+                             if self.options.eval_split != "test" else {})},
             "train_per_task": self.options.train_per_task or self.profile.train_per_task,
             "test_per_task": self.options.test_per_task or self.profile.test_per_task,
             "drop_unlabelled": self.options.drop_unlabelled,

@@ -62,7 +62,9 @@ def load_summaries(results: Path, profile: str | None = None) -> pd.DataFrame:
                          "seed": summary["seed"], "model": summary.get("model", ""),
                          "kind": summary["benchmark"]["kind"],
                          "benchmark": f"{summary['benchmark']['kind']} "
-                                      f"({summary['benchmark']['data_dir']})",
+                                      f"({summary['benchmark']['data_dir']})"
+                                      + (f" [{summary['benchmark']['split']} split]"
+                                         if "split" in summary["benchmark"] else ""),
                          **{k: v for k, v in summary["metrics"].items()},
                          **{k: params.get(k) for k in PARAMETER_METRICS},
                          "path": str(path.parent)})

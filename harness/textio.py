@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from harness.backbone import Backbone
@@ -17,13 +19,17 @@ class Batcher:
     """
 
     def __init__(self, backbone: Backbone, max_source_length: int, max_target_length: int,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, head_at_labels: bool = True):
         self.device = device or torch.device("cpu")  # where the batches go (the model's device)
         self.tok = backbone.tokenizer
         self.is_seq2seq = backbone.is_seq2seq
         self.max_source_length = max_source_length
         self.max_target_length = max_target_length
         self._cache: dict[tuple[str, bool], list[int]] = {}
+        # Causal models whose forward can compute the head at the last positions only (the
+        # vocabulary projection is a fifth of SmolLM2's forward); others get whole-row logits.
+        self.head_at_labels = not self.is_seq2seq and head_at_labels and \
+            "logits_to_keep" in inspect.signature(backbone.model.forward).parameters
 
     def _ids(self, texts: list[str], target: bool = False, **kwargs) -> list[list[int]]:
         """Token ids of each text (`target`: tokenised as a label), tokenising only unseen ones,
@@ -34,6 +40,12 @@ class Batcher:
                        else self.tok(missing, **kwargs)).input_ids
             self._cache.update(((t, target), ids) for t, ids in zip(missing, encoded))
         return [self._cache[(t, target)] for t in texts]
+
+    def source_lengths(self, sources: list[str]) -> list[int]:
+        """Token count of each source, as a training batch tokenises it (for grouping by length)."""
+        kwargs = dict(max_length=self.max_source_length, truncation=True) if self.is_seq2seq \
+            else dict(add_special_tokens=False)
+        return [len(ids) for ids in self._ids(sources, **kwargs)]
 
     def _pad(self, rows: list[list[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(map(len, rows))
@@ -52,7 +64,8 @@ class Batcher:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.device.type == "cpu":
             return batch
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
 
     def _train_batch(self, sources: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
         """Labels are the target tokens (+ EOS); pad positions are -100 so the loss ignores them."""
@@ -69,16 +82,27 @@ class Batcher:
         plain = self._ids(sources, add_special_tokens=False)
         joint = self._ids([src + " " + tgt for src, tgt in zip(sources, targets)],
                           add_special_tokens=False)
+        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
         for s, full in zip(plain, joint):
-            t = full[len(s):][: self.max_target_length]
-            s = s[: self.max_source_length]
-            bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
-            ids = bos + s + t + [self.tok.eos_token_id]
-            rows.append(ids)
-            label_rows.append([-100] * (len(bos) + len(s)) + t + [self.tok.eos_token_id])
-        input_ids, mask = self._pad(rows, self.tok.pad_token_id)
-        labels, _ = self._pad(label_rows, -100)
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+            t = full[len(s):][: self.max_target_length] + [self.tok.eos_token_id]
+            rows.append(bos + s[: self.max_source_length] + t)
+            label_rows.append(t)
+        if not self.head_at_labels:
+            input_ids, mask = self._pad(rows, self.tok.pad_token_id)
+            labels, _ = self._pad([[-100] * (len(r) - len(t)) + t for r, t in zip(rows, label_rows)],
+                                  -100)
+            return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        # The language-model head only where the loss reads it: padded on the left, every row ends
+        # at the last column, so the labels sit in the last K columns and the logits that predict
+        # them in the K + 1 before the end. transformers computes just those (`logits_to_keep`), and
+        # its loss shifts the K + 1 kept labels as it would the whole row. Position ids count real
+        # tokens only, so each row is computed as it would be unpadded.
+        input_ids, mask = self._pad(rows, self.tok.pad_token_id, left=True)
+        keep = max(map(len, label_rows)) + 1
+        labels, _ = self._pad(label_rows, -100, left=True)
+        labels = torch.cat([torch.full((len(rows), keep - labels.shape[1]), -100), labels], dim=1)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
+                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), "logits_to_keep": keep}
 
     def _eval_batch(self, sources: list[str]) -> dict[str, torch.Tensor]:
         if self.is_seq2seq:
@@ -86,11 +110,24 @@ class Batcher:
                                                   truncation=True), self.tok.pad_token_id)
             return {"input_ids": input_ids, "attention_mask": mask}
         # Causal: BOS + source, no EOS (generation continues the prompt), padded on the left.
-        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
-        rows = [bos + ids[: self.max_source_length]
-                for ids in self._ids(sources, add_special_tokens=False)]
-        input_ids, mask = self._pad(rows, self.tok.pad_token_id, left=True)
+        input_ids, mask = self._pad(self.prompt_rows(sources), self.tok.pad_token_id, left=True)
         return {"input_ids": input_ids, "attention_mask": mask}
+
+    def prompt_rows(self, sources: list[str]) -> list[list[int]]:
+        """A causal model's prompt token ids: BOS + the truncated source."""
+        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
+        return [bos + ids[: self.max_source_length]
+                for ids in self._ids(sources, add_special_tokens=False)]
+
+    def eval_batch_after_prefix(self, sources: list[str], n_prefix: int) -> dict[str, torch.Tensor]:
+        """A causal generation batch whose first `n_prefix` prompt tokens, the same in every row,
+        are already in a key/value cache: the prefix, then each row's rest padded on the left (the
+        padding sits between them, masked; positions count real tokens only)."""
+        rows = self.prompt_rows(sources)
+        rest, rest_mask = self._pad([r[n_prefix:] for r in rows], self.tok.pad_token_id, left=True)
+        prefix = torch.tensor([rows[0][:n_prefix]]).expand(len(rows), -1)
+        return self._to_device({"input_ids": torch.cat([prefix, rest], dim=1),
+                                "attention_mask": torch.cat([torch.ones_like(prefix), rest_mask], 1)})
 
     def decode(self, generated: torch.Tensor, prompt_width: int) -> list[str]:
         if self.is_seq2seq:

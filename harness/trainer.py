@@ -51,6 +51,22 @@ class LocalStep:
         pass
 
 
+def epoch_steps(perm: list[int], per_step: int, lengths: list[int] | None = None,
+                generator: torch.Generator | None = None, group: int = 8) -> list[list[int]]:
+    """One epoch's optimizer steps: consecutive slices of `per_step` examples of the shuffled
+    `perm` (the last may be smaller). With `lengths`, examples are grouped by length as HF's
+    `group_by_length` does: every `group` steps' worth of the shuffle is sorted by length before it
+    is cut into steps, so a batch pads little, and the steps are then shuffled (by `generator`)
+    so that long and short batches alternate at random instead of running longest first."""
+    if lengths is None:
+        return [perm[k:k + per_step] for k in range(0, len(perm), per_step)]
+    steps = []
+    for g in range(0, len(perm), per_step * group):
+        part = sorted(perm[g:g + per_step * group], key=lambda i: -lengths[i])
+        steps += [part[k:k + per_step] for k in range(0, len(part), per_step)]
+    return [steps[i] for i in torch.randperm(len(steps), generator=generator).tolist()]
+
+
 def fit(ctx: Context, method: Method, batcher: Batcher, *, batch_size: int, grad_accum: int,
         epochs: int, max_grad_norm: float, seed: int, progress: bool = True,
         desc: str = "train", world: World = SINGLE,
@@ -84,6 +100,7 @@ def fit(ctx: Context, method: Method, batcher: Batcher, *, batch_size: int, grad
                             autocast=ctx.profile.bf16 and ctx.device.type == "cuda")
     generator = torch.Generator().manual_seed(seed)
     per_step = batch_size * grad_accum * world.size
+    lengths = batcher.source_lengths(sources) if ctx.profile.group_by_length else None
     steps_per_epoch = -(-len(sources) // per_step)  # the last step may be smaller, as in HF Trainer
     total_steps = steps_per_epoch * epochs
     losses: list[float] = []
@@ -93,8 +110,7 @@ def fit(ctx: Context, method: Method, batcher: Batcher, *, batch_size: int, grad
     try:
         for _ in range(epochs):
             perm = torch.randperm(len(sources), generator=generator).tolist()
-            for step in range(steps_per_epoch):
-                ids = perm[step * per_step:(step + 1) * per_step]
+            for ids in epoch_steps(perm, per_step, lengths, generator):
                 chunks = [ids[k:k + batch_size] for k in range(0, len(ids), batch_size)]
                 if engine_config is None:
                     weighted = [(chunk, None) for chunk in chunks]  # None: divide by their count
