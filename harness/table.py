@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 
 from harness import stats
 from harness.errors import HarnessError
@@ -212,6 +213,7 @@ def compare_published(df: pd.DataFrame, backbone: str, fmt: str = "github",
         if not rows:
             continue
         table = pd.DataFrame(rows).set_index("method")
+        correlation = rank_correlation(table)
         title = (f"AA (%): ours vs published ({backbone}); ours: {where}; seeds per cell "
                  f"{group.groupby(['method', 'sequence']).seed.nunique().min()}-"
                  f"{group.groupby(['method', 'sequence']).seed.nunique().max()}")
@@ -219,10 +221,29 @@ def compare_published(df: pd.DataFrame, backbone: str, fmt: str = "github",
             title += f"\nNote: our backbone differs from the published {backbone}; compare trends only."
         title += ("\nsecondary = read in another paper's reprint or in notes, not in the paper "
                   "itself (baselines/SOURCES.md)")
-        out.append(_render(table, fmt, title))
+        out.append(_render(table, fmt, title, correlation))
     if not out:
         raise HarnessError("no runs on the benchmark orders 1-6 to compare with published numbers")
     return "\n\n".join(out)
+
+
+def rank_correlation(comparison: pd.DataFrame) -> str:
+    """Per order: Kendall's tau-b (`scipy.stats.kendalltau`, ties handled) between our AA and the
+    published AA over the methods that have both (a method's published numbers averaged when
+    several papers give one), with its two-sided p-value; does the ranking of methods carry over?"""
+    lines = []
+    pairs = comparison.dropna(subset=["published"]).reset_index()
+    for order, group in pairs.groupby("order", sort=True):
+        per_method = group.groupby("method")[["ours", "published"]].mean()
+        if len(per_method) < 3:
+            continue
+        tau, p = scipy.stats.kendalltau(per_method["ours"], per_method["published"])
+        lines.append(f"order {order}: Kendall's tau {tau:.2f} (p = {p:.3g}, {len(per_method)} "
+                     f"methods: {', '.join(per_method.sort_values('published').index)})")
+    if not lines:
+        return ""
+    return "Rank correlation of our AA with the published AA, per order (tau-b, two-sided):\n" + \
+        "\n".join(lines)
 
 
 def leaderboard(results: Path, profile: str | None = None, fmt: str = "github",

@@ -135,3 +135,21 @@ def test_indices_point_into_the_file_after_dropping(tmp_path):
     write_task(tmp_path, "SC", "amazon", list(SC.labels), _records(SC.labels, 5), test)
     data = load_task(tmp_path, SC, load_instructions(tmp_path), drop_unlabelled=True)
     assert list(data.test["index"]) == [1, 2, 3, 4]
+
+
+def test_heldout_split_is_carved_from_train_outside_the_training_sample(synthetic_dir):
+    """--eval-split heldout: records of train.json the training sub-sample left out, stratified;
+    the training sub-sample is the very one a test-split run trains on."""
+    bench = load_benchmark()
+    task = bench.task("agnews")
+    instructions = load_instructions(synthetic_dir)
+    on_test = load_task(synthetic_dir, task, instructions, train_per_task=40, test_per_task=20)
+    held = load_task(synthetic_dir, task, instructions, train_per_task=40, test_per_task=20,
+                     eval_split="heldout")
+    assert held.train["index"] == on_test.train["index"]
+    assert len(held.test) == 20 and not set(held.test["index"]) & set(held.train["index"])
+    train_records = json.loads((synthetic_dir / task.folder / "train.json").read_text())
+    assert [train_records[i]["label"] for i in held.test["index"]] == held.test["target"]
+    assert sorted(set(held.test["target"])) == sorted(task.labels)  # every label, stratified
+    with pytest.raises(HarnessError, match="no records left for a held-out split"):
+        load_task(synthetic_dir, task, instructions, eval_split="heldout")  # all of train trains

@@ -112,3 +112,29 @@ def test_table_entries_come_from_each_plugin_class_itself(monkeypatch):
             ["seqft", "olora", "mtl", "myolora", "zeta+sam"]
     finally:
         registry.table_entry.cache_clear()
+
+
+def test_compare_with_published_gives_kendalls_tau_of_the_ranking(tmp_path):
+    """tau-b and its p-value as scipy computes them, over the methods that have a published
+    number (a method with two published numbers counts once, at their mean)."""
+    import scipy.stats
+
+    root = tmp_path / "results"
+    ours = {"seqlora": 30.0, "inclora": 20.0, "olora": 50.0, "nlora": 60.0, "replay": 10.0}
+    for method, aa in ours.items():
+        write_summary(root, method, 1, 0, AA=aa)
+    write_summary(root, "pertask", 1, 0, AA=99.0)  # nothing published: not ranked
+    published = {"SeqLoRA": [44.6], "IncLoRA": [66.0], "O-LoRA": [75.4, 75.0], "N-LoRA": [79.2],
+                 "Replay": [55.2]}
+    baselines = tmp_path / "baselines"
+    baselines.mkdir()
+    (baselines / "p.csv").write_text("paper,arxiv_id,table,model,method,metric,order,value\n" + "".join(
+        f"P,1,T,t5-large,{m},AA,1,{v}\n" for m, values in published.items() for v in values))
+    text = table.compare_published(table.load_summaries(root), "t5-large", directory=baselines)
+    line = next(l for l in text.splitlines() if l.startswith("order 1:"))
+    x = [ours[m] for m in ("seqlora", "inclora", "olora", "nlora", "replay")]
+    y = [44.6, 66.0, 75.2, 79.2, 55.2]
+    tau, p = scipy.stats.kendalltau(x, y)
+    assert f"Kendall's tau {tau:.2f} (p = {p:.3g}, 5 methods" in line
+    assert tau == pytest.approx(0.6)  # 8 concordant, 2 discordant pairs of the 10
+    assert "pertask" not in line
