@@ -109,8 +109,8 @@ class CausalBench:
                                       weight_decay=0.0, fused=self.device.type == "cuda" or None)
         sources, targets = list(self.data.train["source"]), list(self.data.train["target"])
         tok.padding_side = "right"
-        batches = []
-        for ids in self.step_plan(batcher):
+
+        def batch(ids):  # tokenised per batch, as a hand-written loop does
             prompts = [tok(sources[i], add_special_tokens=False).input_ids for i in ids]
             full = [tok(sources[i] + " " + targets[i], add_special_tokens=False).input_ids
                     for i in ids]
@@ -120,14 +120,16 @@ class CausalBench:
             mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
             labels = torch.tensor([[-100] * (1 + len(p)) + r[1 + len(p):] + [-100] * (width - len(r))
                                    for p, r in zip(prompts, rows)])
-            batches.append((input_ids, mask, labels))
+            return input_ids.to(self.device), mask.to(self.device), labels.to(self.device)
+
+        plan = self.step_plan(batcher)
         model.train()
         sync(self.device)
         start = time.perf_counter()
-        for input_ids, mask, labels in batches:
+        for ids in plan:
+            input_ids, mask, labels = batch(ids)
             with self.autocast():
-                loss = model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                             labels=labels.to(self.device)).loss
+                loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()

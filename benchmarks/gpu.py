@@ -16,6 +16,12 @@ Rows, each measured in this run on the same data, batches and seed:
   with the predictions compared;
 * the published throughput of the reference implementation on T5-large for comparison (16.4
   training samples/s and 89-109 evaluation samples/s, on 2 GPUs, from its logs).
+
+With `--model smollm2-135m` (or any causal checkpoint `run --model` takes) it measures a real
+pretrained LLaMA-architecture model instead: the rows of benchmarks/causal.py on the GPU, fp32
+and bf16 (training tokens/s against a bare transformers loop with the share of the bf16 peak,
+evaluation against plain `generate`), then the `smollm2` profile end to end in bf16 on orders
+`--orders` for `--methods`, with its wall time and AA per run.
 """
 
 from __future__ import annotations
@@ -301,7 +307,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the table as Markdown to this file")
     parser.add_argument("--watchdog", type=float, default=0,
                         help="print every thread's stack every this many seconds (to see a hang)")
+    parser.add_argument("--model", help="a pretrained causal model instead of the T5-large shape "
+                        "(e.g. smollm2-135m)")
+    parser.add_argument("--orders", default="1-3", help="with --model: orders of the end-to-end run")
+    parser.add_argument("--methods", default="seqlora,inclora,olora,nlora,replay,lwf",
+                        help="with --model: methods of the end-to-end run")
     args = parser.parse_args()
+    if args.model:
+        return causal_model_rows(args)
     if args.watchdog:
         import faulthandler
 
@@ -340,6 +353,46 @@ def main() -> None:
             f"{device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; T5-large shape, "
             f"{params / 1e6:.0f}M parameters, random weights; {args.task} from CL_Benchmark; "
             f"{time.perf_counter() - start:.0f} s in all. {REFERENCE}.\n\n{table}\n")
+
+
+def causal_model_rows(args) -> None:
+    """benchmarks/causal.py's rows on the GPU (fp32, bf16), then the profile end to end."""
+    import json
+    import subprocess
+    from types import SimpleNamespace
+
+    from benchmarks.causal import CausalBench
+
+    rows = []
+    for bf16 in (False, True):
+        bench = CausalBench(SimpleNamespace(
+            data_dir=args.data_dir, model=args.model, task=args.task, steps=32, test=args.test,
+            repeats=2, device="cuda", bf16=bf16))
+        bench.row7()
+        bench.row8()
+        rows += [(f"{r[1]} ({'bf16' if bf16 else 'fp32'})", *r[2:]) for r in bench.rows]
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "harness", "run", "--all", "--profile", "smollm2",
+                        "--model", args.model, "--data-dir", str(args.data_dir), "--orders",
+                        args.orders, "--methods", args.methods, "--set", "train.bf16=true",
+                        "--results", tmp, "--no-progress"], check=True, cwd=ROOT)
+        seconds = time.perf_counter() - start
+        for path in sorted(Path(tmp).rglob("summary.json")):
+            summary = json.loads(path.read_text())
+            rows.append((f"run: {summary['method']} {summary['sequence']} (bf16)",
+                         f"AA {summary['metrics']['AA']:.1f}",
+                         f"{summary['train_seconds']:.0f} s train", f"{summary['eval_seconds']:.0f} s eval"))
+    rows.append((f"run --all --orders {args.orders} --methods {args.methods}",
+                 f"{seconds / 60:.1f} min", "", ""))
+    from tabulate import tabulate
+
+    table = tabulate(rows, headers=["what", "harness", "baseline", "ratio"], tablefmt="github")
+    print("\n" + table)
+    if args.out:
+        args.out.write_text(f"# GPU rows, {args.model}\n\n`python benchmarks/gpu.py --model "
+                            f"{args.model}` on {torch.cuda.get_device_name()}, torch "
+                            f"{torch.__version__}, {time.strftime('%Y-%m-%d')}.\n\n{table}\n")
 
 
 if __name__ == "__main__":

