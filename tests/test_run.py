@@ -145,7 +145,7 @@ def test_table_prints_leaderboard(first_run, capsys):
     (["run", "--method", "seqlora", "--order", "1", "--seed", str(2**64)], "out of range"),
     (["run", "--method", "seqlora", "--order", "1", "--seeds", "1,2"], "only apply with --all"),
     (["run", "--all", "--tasks", "agnews", "--orders", "1"], "not both"),
-    (["run", "--method", "seqlora", "--order", "1", "--model", "/no/such/model"], "not a model folder"),
+    (["run", "--method", "seqlora", "--order", "1", "--model", "/no/such/model"], "no such file or folder"),
     (["run", "--all", "--shard", "3/3"], "expected 0 <= i < N"),
     (["run", "--all", "--shard", "x"], "expected i/N"),
     (["run", "--method", "seqlora", "--order", "1", "--shard", "0/2"], "only apply with --all"),

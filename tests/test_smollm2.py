@@ -139,8 +139,8 @@ def harness_run(data_dir, results, kill_at=None):
     return subprocess.run(
         [sys.executable, "-m", "harness", "run", "--method", "olora", "--tasks", "SST-2,COPA",
          "--profile", "smollm2", "--data-dir", str(data_dir), "--results", str(results),
-         "--train-per-task", "8", "--test-per-task", "4", "--set", "train.batch_size=4",
-         "--set", "eval.max_new_tokens=4", "--no-progress"],
+         "--train-per-task", "8", "--test-per-task", "2", "--set", "train.batch_size=4",
+         "--set", "eval.max_new_tokens=3", "--no-progress"],
         env=env, capture_output=True, text=True)
 
 
