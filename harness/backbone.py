@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +19,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
                           T5Config, T5ForConditionalGeneration)
 
 from harness.errors import HarnessError
-from harness.paths import cache_dir
+from harness.paths import cache_dir, cached_folder
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -114,11 +111,8 @@ def embedded_backbone_dir(corpus: list[str], spec: EmbeddedSpec) -> Path:
         digest.update(text.encode())
         digest.update(b"\0")
     target = cache_dir() / "backbones" / f"t5-embedded-{digest.hexdigest()[:16]}"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
-    try:
+
+    def build(folder: Path) -> None:
         tokenizer = _train_tokenizer(corpus, spec.vocab_size)
         config = T5Config(
             vocab_size=len(tokenizer), d_model=spec.d_model, d_ff=spec.d_ff, d_kv=spec.d_kv,
@@ -129,13 +123,7 @@ def embedded_backbone_dir(corpus: list[str], spec: EmbeddedSpec) -> Path:
         with torch.random.fork_rng():  # building must not disturb the caller's random state
             torch.manual_seed(spec.init_seed)
             model = T5ForConditionalGeneration(config)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process built it first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return cached_folder(target, build)

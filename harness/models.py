@@ -11,19 +11,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from harness.errors import HarnessError
-from harness.paths import cache_dir
+from harness.paths import cache_dir, cached_folder
+from harness.store import sha256
 
 # name -> (the package that ships its GGUF file, the command that installs it)
 NAMED = {
@@ -86,36 +83,16 @@ def _download(repo_id: str) -> Path:
                            f"it ({first})") from exc
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def from_gguf(path: Path) -> Path:
-    """The cached Hugging Face folder of a GGUF checkpoint, dequantized to float32 on first use.
+    """The cached Hugging Face folder of a GGUF checkpoint, dequantized to float32 on first use
+    and keyed by the file's hash (written under a temporary name, then renamed)."""
+    digest = sha256(path)
 
-    The folder is keyed by the file's hash and written under a temporary name, then renamed, so a
-    killed conversion leaves nothing that looks complete and two processes never share a half.
-    """
-    digest = file_digest(path)
-    target = cache_dir() / "backbones" / f"{path.stem}-{digest[:16]}"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".gguf-"))
-    try:
-        _dequantize(path, tmp)
-        (tmp / "source.json").write_text(json.dumps({"gguf": path.name, "sha256": digest}, indent=1))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process converted it first: keep theirs
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    def build(folder: Path) -> None:
+        _dequantize(path, folder)
+        (folder / "source.json").write_text(json.dumps({"gguf": path.name, "sha256": digest}))
+
+    return cached_folder(cache_dir() / "backbones" / f"{path.stem}-{digest[:16]}", build)
 
 
 def _dequantize(path: Path, out: Path) -> None:

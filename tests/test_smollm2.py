@@ -18,6 +18,7 @@ from harness.benchmark import load_benchmark
 from harness.cli import main
 from harness.data import load_instructions, load_task
 from harness.evaluator import evaluate_task
+from harness.store import sha256
 from harness.textio import Batcher
 from tests.conftest import SHARED_DATA
 
@@ -37,9 +38,9 @@ def test_named_model_resolves_once_to_a_cached_checkpoint(smol, tmp_path):
     folder = models.resolve_model("smollm2-135m")
     assert folder == models.from_gguf(gguf) == models.resolve_model(str(gguf)) \
         == models.resolve_model(str(gguf.parent))  # the file, or the folder holding it
-    assert folder.name.endswith(models.file_digest(gguf)[:16])
+    assert folder.name.endswith(sha256(gguf)[:16])
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
-    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".gguf-")]  # no leftovers
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".build-")]  # no leftovers
     assert sum(p.numel() for p in smol.model.parameters()) == 134_515_008
     assert type(smol.model).__name__ == "LlamaForCausalLM" and not smol.is_seq2seq
     assert smol.model.lm_head.weight is smol.model.model.embed_tokens.weight  # tied, as the GGUF
