@@ -27,7 +27,7 @@ SPLITS = ("train", "dev", "test")
 
 @dataclass(frozen=True)
 class PromptFormat:
-    """The reference prompt (METHODS.md §2.1); both prefixes are on in every reference script."""
+    """The reference prompt; both prefixes are on in every reference script."""
 
     add_task_name: bool = True
     add_dataset_name: bool = True

@@ -21,7 +21,7 @@ _PUNCT = str.maketrans("", "", string.punctuation)
 def normalize(text: str) -> str:
     """The reference normalisation: lower-case, drop ASCII punctuation, collapse whitespace.
 
-    Articles are kept (the reference says so explicitly; METHODS.md §4).
+    Articles are kept (the reference says so explicitly).
     """
     return " ".join(text.lower().translate(_PUNCT).split())
 

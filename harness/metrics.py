@@ -1,4 +1,4 @@
-"""Accuracy-matrix metrics (METHODS.md §7.1), as pure functions of R.
+"""Accuracy-matrix metrics, as pure functions of R.
 
 `R` is a (T+1) x T array: row 0 is the untrained model, row i (1..T) the model after stage i,
 column j task j of the sequence; NaN marks an entry that was not evaluated. A metric that needs a

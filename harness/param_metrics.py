@@ -1,4 +1,4 @@
-"""Parameter metrics of the per-task weight updates dW_t (METHODS.md §7.2), vectorised in torch.
+"""Parameter metrics of the per-task weight updates dW_t, vectorised in torch.
 
 Input: one dict per task, as `methods.deltas` stores them (`<module>::A` and `<module>::B` with
 dW = B A, or a dense `<module>::W`). Every metric is computed per adapted layer (a module present

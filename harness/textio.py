@@ -75,7 +75,7 @@ class Batcher:
             labels, _ = self._pad(self._ids(targets, target=True, max_length=self.max_target_length,
                                             truncation=True), -100)
             return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-        # Causal: BOS + source + label + EOS, loss on the label and EOS only (METHODS.md §2.3).
+        # Causal: BOS + source + label + EOS, loss on the label and EOS only.
         rows, label_rows = [], []
         # Tokenise source and label together (a label alone can split differently), and take the
         # label's tokens as what follows the source's own tokens.

@@ -1,4 +1,4 @@
-"""Per-task weight updates dW_t of the adapted layers, for the parameter metrics (METHODS.md §7.2).
+"""Per-task weight updates dW_t of the adapted layers, for the parameter metrics.
 
 A method's `task_deltas` hook returns a flat dict of tensors keyed `<module>::<part>`:
 - `<module>::A` (k x d_in) and `<module>::B` (d_out x k), with dW = B @ A (LoRA scaling folded into
@@ -27,7 +27,7 @@ def branch_factors(model, branch: str) -> dict[str, torch.Tensor]:
 
 class StageChange:
     """dW_t = theta after stage t - theta before it, for methods that carry one parametrisation
-    through every task (METHODS.md §7.2: the harness's choice for SeqFT and SeqLoRA).
+    through every task (the harness's choice for SeqFT and SeqLoRA).
 
     With a LoRA adapter the change s(B_t A_t - B_{t-1} A_{t-1}) is kept in factored form (rank <= 2r:
     B = [s B_t, -s B_{t-1}], A = [A_t; A_{t-1}]); with full fine-tuning it is the dense difference of

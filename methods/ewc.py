@@ -1,4 +1,4 @@
-"""EWC: elastic weight consolidation (METHODS.md §5.5; standard definition, no reference code).
+"""EWC: elastic weight consolidation (standard definition, no reference code).
 
 After stage t, the diagonal empirical Fisher F_t[i] = mean over N_F training examples of
 (d log p(y_n | x_n) / d theta_i)^2, each gradient taken on one example (squaring a batch-mean

@@ -1,4 +1,4 @@
-"""GORP: continual gradient low-rank projection (METHODS.md §5.12).
+"""GORP: continual gradient low-rank projection.
 
 The intended behaviour by default, the public code's quirks as options (below). Hyperparameters
 may differ per order group (`per_order`, as the paper's scripts for orders 4-6).

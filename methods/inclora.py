@@ -1,5 +1,5 @@
 """IncLoRA: a new LoRA branch per task; earlier branches and the backbone frozen; inference uses the
-sum of all branches (METHODS.md §5.3). It is O-LoRA with both regularisers at zero.
+sum of all branches. It is O-LoRA with both regularisers at zero.
 
 One known difference from the O-LoRA code, shared by every growth method here: peft gives each
 branch its own LoRA dropout, so with dropout > 0 the frozen and the new branch see independent masks,

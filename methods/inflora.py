@@ -1,4 +1,4 @@
-"""InfLoRA: interference-free LoRA (METHODS.md §5.11; the paper's design by default).
+"""InfLoRA: interference-free LoRA (the paper's design by default).
 
 Per task and adapted linear: a new branch whose down-projection A_t (r x d_in) is designed before
 training and frozen, and whose up-projection B_t (zero at the start) is the only trained part.

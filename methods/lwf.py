@@ -1,4 +1,4 @@
-"""LwF: learning without forgetting, adapted to seq2seq (METHODS.md §5.6; no reference code).
+"""LwF: learning without forgetting, adapted to seq2seq (no reference code).
 
 Before stage t > 1 the model is copied as a frozen teacher (eval mode). On every batch the teacher
 runs with the same inputs and gold decoder inputs, and the penalty is

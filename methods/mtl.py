@@ -1,4 +1,4 @@
-"""MTL: the multi-task upper bound (METHODS.md §5.7).
+"""MTL: the multi-task upper bound.
 
 One stage on the shuffled union of every task's training set, with the parametrisation of the
 compared family (`base = "lora"`, one adapter, by default; `"full"` as an option) and the profile's

@@ -1,4 +1,4 @@
-"""N-LoRA: non-collision through sparsity (METHODS.md §5.10).
+"""N-LoRA: non-collision through sparsity.
 
 The growth of IncLoRA plus one L1 term on the new branch, summed over every adapted layer:
 - `code_rxr` (default, the reference code): lambda1 * sum |A_t B_t|, the entry-wise L1 of the r x r

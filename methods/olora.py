@@ -1,4 +1,4 @@
-"""O-LoRA: orthogonal subspaces (METHODS.md §5.9).
+"""O-LoRA: orthogonal subspaces.
 
 The growth of IncLoRA (a new branch per task, earlier branches frozen, all summed at inference)
 plus two loss terms on the new branch, summed over every adapted layer l:

@@ -1,4 +1,4 @@
-"""PerTaskFT: the independent-model upper bound (METHODS.md §5.8).
+"""PerTaskFT: the independent-model upper bound.
 
 Each task trains a fresh LoRA adapter from the base model, alone. At evaluation the task identity
 is an oracle: task j is scored with its own adapter, and a task not trained yet with the base model

@@ -1,5 +1,5 @@
 """Replay: a fixed-size, label-stratified, seeded memory of earlier tasks' training examples, mixed
-into the training set of each later stage (METHODS.md §5.4; no reference code).
+into the training set of each later stage (no reference code).
 
 After stage t, m examples of task t are stored (default m = 2% of its training set, at least one per
 label; or an absolute `memory_per_task`). At stage t > 1 the training set is the current task plus

@@ -1,4 +1,4 @@
-"""RWP modifier: random weight perturbation (METHODS.md §5.14).
+"""RWP modifier: random weight perturbation.
 
 Per step: g0 = grad L(theta); noise eps is drawn (seeded) and added to the perturbed tensors, whose
 exact values are saved; g1 = grad L(theta + eps) on the same batch; the tensors are restored by

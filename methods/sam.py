@@ -1,4 +1,4 @@
-"""SAM modifier: sharpness-aware minimisation of the trainable parameters (METHODS.md §5.13).
+"""SAM modifier: sharpness-aware minimisation of the trainable parameters.
 
 g = grad L(theta); eps = rho g / (||g|| + 1e-12) over all trainable tensors jointly (adaptive:
 eps_i = rho theta_i^2 g_i / (|| |theta| * g || + 1e-12)); the same batch is run again at

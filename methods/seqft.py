@@ -1,4 +1,4 @@
-"""SeqFT: sequential full fine-tuning, the lower bound (METHODS.md §5.1).
+"""SeqFT: sequential full fine-tuning, the lower bound.
 
 One model is carried from stage to stage and every backbone weight trains, except the shared token
 embedding, which the reference training script always freezes.

@@ -1,5 +1,5 @@
 """SeqLoRA: one LoRA adapter (peft) trained through all tasks; the backbone stays frozen
-(METHODS.md §5.2). The optimizer is re-created at every stage; the adapter carries over."""
+. The optimizer is re-created at every stage; the adapter carries over."""
 
 from __future__ import annotations
 
