@@ -104,6 +104,14 @@ class Batcher:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
                 "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), "logits_to_keep": keep}
 
+    def predicts_label(self, labels: torch.Tensor) -> torch.Tensor:
+        """Which logit positions of a training batch predict a label token: a seq2seq decoder's
+        sit at their labels; a causal model's logits at position i predict token i + 1."""
+        is_label = labels != -100
+        if self.is_seq2seq:
+            return is_label
+        return torch.cat([is_label[:, 1:], torch.zeros_like(is_label[:, :1])], dim=1)
+
     def _eval_batch(self, sources: list[str]) -> dict[str, torch.Tensor]:
         if self.is_seq2seq:
             input_ids, mask = self._pad(self._ids(sources, max_length=self.max_source_length,

@@ -2,7 +2,9 @@
 
 Before stage t > 1 the model is copied as a frozen teacher (eval mode). On every batch the teacher
 runs with the same inputs and gold decoder inputs, and the penalty is
-lambda * T^2 * mean over non-pad target positions of KL(softmax(z_T / T) || softmax(z_S / T)).
+lambda * T^2 * mean over the positions whose logits predict a target token (the target positions of
+a seq2seq decoder; for a causal model, the positions one before them) of
+KL(softmax(z_T / T) || softmax(z_S / T)).
 """
 
 from __future__ import annotations
@@ -43,6 +45,6 @@ class LwF(Sequential):
             return None
         with torch.no_grad():
             teacher_logits = self.teacher(**batch).logits
-        mask = (batch["labels"] != -100).float()
+        mask = ctx.batcher.predicts_label(batch["labels"]).float()
         return float(self.config.get("lambda", 1.0)) * distillation_term(
             outputs.logits, teacher_logits, mask, float(self.config.get("temperature", 2.0)))

@@ -67,3 +67,32 @@ def test_causal_batches_mask_the_prompt_and_pad_left(synthetic_dir, tmp_path):
     ev = batcher.eval_batch(["a long prompt here Answer:", "short Answer:"])
     assert ev["attention_mask"][1, 0] == 0 and ev["attention_mask"][1, -1] == 1  # left padding
     assert tok.eos_token_id not in ev["input_ids"][0].tolist()  # the prompt is continued
+
+
+def test_lwf_distils_the_logits_that_predict_the_labels(synthetic_dir, llama_dir):
+    """A causal model's logits at position i predict token i + 1: the distillation term must read
+    the last prompt position (it predicts the first label token) and not the EOS position (it
+    predicts nothing)."""
+    from harness.backbone import load_backbone
+    from harness.textio import Batcher
+    from methods.base import Context
+
+    for head_at_labels in (True, False):
+        batcher = Batcher(load_backbone(llama_dir), 512, 50, head_at_labels=head_at_labels)
+        batch = batcher.train_batch(["a long prompt here Answer:", "short Answer:"], ["Good", "Bad"])
+        labels = batch["labels"]
+        predicts = batcher.predicts_label(labels)
+        assert predicts.sum() == (labels != -100).sum()
+        for row, last in zip(range(len(labels)), (labels != -100).int().cumsum(1).argmax(1)):
+            first = int((labels[row] != -100).int().argmax())
+            assert predicts[row, first - 1] and not predicts[row, last]
+        method = registry.create("lwf", "default")
+        teacher = torch.zeros(*labels.shape, 5)
+        method.teacher = lambda **_: type("Out", (), {"logits": teacher})()
+        ctx = Context(model=None, backbone=None, tasks=None, data={}, profile=None,
+                      config=method.config, seed=0, batcher=batcher)
+        student = teacher.clone()
+        student[:, :, 0] = predicts.float() * 3.0  # differs exactly where a label is predicted
+        moved = method.penalty(ctx, batch, type("Out", (), {"logits": student})()).item()
+        student[:, :, 0] = (~predicts).float() * 3.0  # differs everywhere else
+        assert moved > 0 and method.penalty(ctx, batch, type("Out", (), {"logits": student})()).item() == 0
