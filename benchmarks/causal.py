@@ -1,6 +1,6 @@
 """The harness on a real pretrained causal LM against bare Hugging Face code, side by side.
 
-    python benchmarks/causal.py --data-dir ../shared/CL_Benchmark [--model smollm2-135m]
+    python benchmarks/causal.py --data-dir /path/to/CL_Benchmark [--model smollm2-135m]
         [--task dbpedia] [--steps 8] [--test 48] [--device cpu|cuda] [--bf16] [--out FILE]
 
 Rows (same model, same examples, same batches, one process):

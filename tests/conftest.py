@@ -7,6 +7,16 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "CL_Benchmark"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Under pytest-xdist the workers share the cores: each gets its share of threads (as `run --jobs`
+# divides them), for itself and for the runs it starts as subprocesses.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    import torch
+
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_THREADS)
+
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory) -> Path:
