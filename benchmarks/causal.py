@@ -73,7 +73,7 @@ class CausalBench:
                           device=self.device, head_at_labels=head_at_labels)
         ctx = Context(model=backbone.model, backbone=backbone, tasks=(self.task,),
                       data={self.task.name: self.data}, profile=self.profile,
-                      config=method.config, seed=SEED, batcher=batcher, device=self.device)
+                      seed=SEED, batcher=batcher, device=self.device)
         method.setup(ctx)
         method.before_task(ctx)
         return ctx, method, batcher

@@ -100,7 +100,7 @@ class GpuBench:
         batcher = Batcher(backbone, profile.max_source_length, profile.max_target_length,
                           device=self.device)
         ctx = Context(model=backbone.model, backbone=backbone, tasks=(self.task,),
-                      data={self.task.name: self.data}, profile=profile, config=method.config,
+                      data={self.task.name: self.data}, profile=profile,
                       seed=SEED, batcher=batcher, device=self.device)
         method.setup(ctx)
         method.before_task(ctx)

@@ -71,7 +71,7 @@ class Bench:
         method = registry.create(method_name, "default")
         batcher = Batcher(backbone, self.profile.max_source_length, self.profile.max_target_length)
         ctx = Context(model=backbone.model, backbone=backbone, tasks=(self.task,),
-                      data={self.task.name: self.data}, profile=self.profile, config=method.config,
+                      data={self.task.name: self.data}, profile=self.profile,
                       seed=SEED, batcher=batcher)
         method.setup(ctx)
         method.before_task(ctx)

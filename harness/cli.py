@@ -9,7 +9,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -192,91 +191,10 @@ def cmd_list(args) -> None:
                        headers=["profile", "description"]))
 
 
-def _without(argv: list[str], options: tuple[str, ...], flags: tuple[str, ...] = ()) -> list[str]:
-    """`argv` without the given options and their values (`--opt V` or `--opt=V`) and without the
-    given flags (which take no value)."""
-    out, skip = [], False
-    for token in argv:
-        if skip:
-            skip = False
-            continue
-        name = token.split("=", 1)[0]
-        if name in options:
-            skip = "=" not in token
-            continue
-        if token in flags:
-            continue
-        out.append(token)
-    return out
+def _check_run_flags(args) -> None:
+    """Combinations of `run` arguments that cannot mean anything."""
+    from harness.distributed import launched
 
-
-def _threads(jobs: int) -> int:
-    return max(1, (os.cpu_count() or 1) // jobs)
-
-
-def auto_jobs(runs: int, world) -> int:
-    """--jobs auto: one process per core for a sweep on a machine without a GPU (each with one
-    thread: the small embedded model does not keep two cores busy, two processes do; measured
-    1.23x on 2 cores), at most one per 1.5 GiB of free memory; 1 otherwise."""
-    import torch
-
-    if runs < 2 or world.size > 1 or torch.cuda.is_available():
-        return 1
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        free = 1 << 62
-    return max(1, min(os.cpu_count() or 1, runs, int(free // (1.5 * 2**30))))
-
-
-def _run_jobs(args, count: int, total: int) -> int:
-    """`--jobs J`: J processes, each running a round-robin share of the sweep (nested inside any
-    --shard i/N, so job j of shard i takes share i + j*N of N*J), each with cores/J threads. Their
-    per-run lines are relayed under one progress bar over the whole share."""
-    import subprocess
-    import threading
-
-    from tqdm.auto import tqdm
-
-    index, shards = args.shard or (0, 1)
-    threads = _threads(count)
-    base = _without(args.argv, ("--jobs", "--shard"), flags=("--no-progress",))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    start = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-m", "harness", *base, "--no-progress",
-                               "--jobs", "1", "--shard", f"{index + j * shards}/{shards * count}"],
-                              env=env, stdout=subprocess.PIPE, text=True, bufsize=1)
-             for j in range(count)]
-    bar = tqdm(total=total, desc="runs", unit="run", disable=args.no_progress)
-    lock = threading.Lock()
-
-    def relay(proc) -> None:
-        for line in proc.stdout:
-            if line.startswith(("benchmark:", "done:")):  # the parent says these once
-                continue
-            with lock:
-                tqdm.write(line.rstrip("\n"))
-                bar.update(1)  # every other line a job prints is one run done or skipped
-
-    readers = [threading.Thread(target=relay, args=(p,), daemon=True) for p in procs]
-    for reader in readers:
-        reader.start()
-    codes = [p.wait() for p in procs]
-    for reader in readers:
-        reader.join()
-    bar.close()
-    print(f"done: {total} run(s) in {time.perf_counter() - start:.1f}s, {count} jobs x {threads} "
-          f"thread(s) (exit codes {codes})", flush=True)
-    return next((c for c in codes if c), 0)
-
-
-def cmd_run(args) -> int:
-    from harness.benchmark import load_benchmark
-    from harness.distributed import SINGLE, launch_command, launched
-    from harness.runner import Options, RunBusy, RunSpec, runner_for
-    from methods import registry
-
-    bench = load_benchmark()
     for seed in (args.seeds or []) + ([args.seed] if args.seed is not None else []):
         if not 0 <= seed < 2**63:
             raise HarnessError(f"run: --seed {seed} is out of range (0 <= seed < 2**63)")
@@ -285,6 +203,10 @@ def cmd_run(args) -> int:
         extra += ["--jobs"] if args.jobs not in ("auto", 1) else []
         if extra:
             raise HarnessError(f"run: {', '.join(extra)} only apply with --all")
+        if not args.method:
+            raise HarnessError("run: give --method NAME or --all")
+        if args.order is None and not args.tasks:
+            raise HarnessError("run: give --order K or --tasks a,b,c")
     if args.tasks and args.orders:
         raise HarnessError("run: give --orders or --tasks, not both")
     if args.launcher != "deepspeed" and not launched():
@@ -297,57 +219,67 @@ def cmd_run(args) -> int:
                            "deepspeed every run already uses all ranks")
     if args.results.exists() and not args.results.is_dir():
         raise HarnessError(f"--results {args.results}: not a directory")
-    if args.all:
-        methods = args.methods or list(registry.available())
-        orders = args.orders or sorted(bench.orders)
-        seeds = args.seeds or [0 if args.seed is None else args.seed]
-        if args.tasks:
-            sequences = [(None, tuple(args.tasks))]
-        else:
-            sequences = [(k, bench.order(k)) for k in orders]
-    else:
-        if not args.method:
-            raise HarnessError("run: give --method NAME or --all")
-        if args.order is None and not args.tasks:
-            raise HarnessError("run: give --order K or --tasks a,b,c")
-        methods = [args.method]
-        seeds = [0 if args.seed is None else args.seed]
-        sequences = [(args.order, bench.order(args.order))] if args.order is not None \
-            else [(None, tuple(args.tasks))]
+
+
+def _sweep_contents(args, bench) -> tuple[list[str], list[tuple[int | None, tuple[str, ...]]], list[int]]:
+    """(methods, (order, tasks) sequences, seeds) that the arguments ask for."""
+    from methods import registry
     from methods.modifier import Modifier
 
-    if args.all and not args.methods:  # modifiers only run combined with a base method
-        methods = [m for m in methods if not issubclass(registry.method_class(m), Modifier)]
+    seed = 0 if args.seed is None else args.seed
+    if not args.all:
+        sequences = [(args.order, bench.order(args.order))] if args.order is not None \
+            else [(None, tuple(args.tasks))]
+        return [args.method], sequences, [seed]
+    methods = args.methods or [m for m in registry.available()  # modifiers only run combined
+                               if not issubclass(registry.method_class(m), Modifier)]
+    sequences = [(None, tuple(args.tasks))] if args.tasks else \
+        [(k, bench.order(k)) for k in args.orders or sorted(bench.orders)]
+    return methods, sequences, args.seeds or [seed]
+
+
+def _run_options(args):
+    from harness.runner import Options
+
     method_sets = [o for o in args.overrides if o.split("=", 1)[0].startswith("method.")]
-    options = Options(results=args.results, data_dir=args.data_dir, model=args.model,
-                      train_per_task=args.train_per_task, test_per_task=args.test_per_task,
-                      drop_unlabelled=args.drop_unlabelled, progress=not args.no_progress,
-                      profile_overrides=tuple(o for o in args.overrides if o not in method_sets),
-                      method_overrides=tuple(method_sets), deepspeed_config=args.deepspeed_config,
-                      eval_scope=args.eval_scope, eval_split=args.eval_split)
+    return Options(results=args.results, data_dir=args.data_dir, model=args.model,
+                   train_per_task=args.train_per_task, test_per_task=args.test_per_task,
+                   drop_unlabelled=args.drop_unlabelled, progress=not args.no_progress,
+                   profile_overrides=tuple(o for o in args.overrides if o not in method_sets),
+                   method_overrides=tuple(method_sets), deepspeed_config=args.deepspeed_config,
+                   eval_scope=args.eval_scope, eval_split=args.eval_split)
+
+
+def _runner(args, options):
+    """The world this process is part of and its runner; the DeepSpeed config is read (and
+    refused if bad) here, before any rank starts."""
+    from harness.distributed import SINGLE, init_world, launched, load_config
+    from harness.runner import runner_for
+
+    world = init_world() if launched() else SINGLE
+    runner = runner_for(args.profile, options, world)
+    if world is SINGLE and args.launcher == "deepspeed":  # the ZeRO stage is checked per method
+        runner.engine_config = load_config(args.deepspeed_config or runner.profile.deepspeed_config,
+                                           runner.profile, 1)
+    return world, runner
+
+
+def cmd_run(args) -> int:
+    from harness import sweep
+    from harness.benchmark import load_benchmark
+    from harness.distributed import SINGLE, launch_command
+
+    _check_run_flags(args)
+    bench = load_benchmark()
+    methods, sequences, seeds = _sweep_contents(args, bench)
+    options = _run_options(args)
     if args.no_progress:  # transformers draws its own bar while loading weights
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    world = SINGLE
-    if launched():
-        from harness.distributed import init_world
-
-        world = init_world()
-    elif args.launcher == "deepspeed":  # checked here first: bad input fails before any rank starts
-        from harness.distributed import load_config
-        from harness.profiles import load_profile
-
-        profile = load_profile(args.profile, options.profile_overrides)
-        load_config(args.deepspeed_config or profile.deepspeed_config, profile, 1)
-    runner = runner_for(args.profile, options, world)
-    if world is SINGLE and args.launcher == "deepspeed":  # validate the ZeRO stage per method too
-        from harness.distributed import load_config
-
-        runner.engine_config = load_config(args.deepspeed_config or runner.profile.deepspeed_config,
-                                           runner.profile, 1)
+    world, runner = _runner(args, options)
     for name in methods:
-        runner.create_method(name)  # unknown names and bad combinations fail first
+        runner.create_method(name)  # unknown names, bad settings and combinations fail first
     for _, seq in sequences:
         bench.sequence(list(seq))
     if world is SINGLE and args.launcher == "deepspeed":
@@ -357,37 +289,16 @@ def cmd_run(args) -> int:
 
         ranks = args.num_gpus or max(1, torch.cuda.device_count())
         return subprocess.call(launch_command(args.argv, ranks))
-    specs = [RunSpec(method=m, tasks=tuple(seq), seed=s, profile=args.profile, order=k)
-             for (k, seq) in sequences for m in methods for s in seeds]
-    if args.shard:  # round robin over the fixed sweep order: shards get similar mixes of runs
-        index, count = args.shard
-        specs = specs[index::count]
-    jobs = args.jobs if args.jobs != "auto" else auto_jobs(len(specs), world)
-    say = print if world.main else (lambda *a, **k: None)
-    ranks = f"; {world.size} DeepSpeed rank(s)" if world.engine else ""
-    split = f" ({jobs} jobs x {_threads(jobs)} thread(s))" if jobs > 1 else ""
-    say(f"benchmark: {runner.data_kind} ({runner.data_dir}); profile: {args.profile}{ranks}; "
-        f"{len(specs)} run(s){split} -> {args.results}", flush=True)
+    specs = sweep.expand(methods, sequences, seeds, args.profile, args.shard)
+    jobs = args.jobs if args.jobs != "auto" else sweep.auto_jobs(len(specs), world)
+    if world.main:
+        ranks = f"; {world.size} DeepSpeed rank(s)" if world.engine else ""
+        split = f" ({jobs} jobs x {sweep.threads_per_job(jobs)} thread(s))" if jobs > 1 else ""
+        print(f"benchmark: {runner.data_kind} ({runner.data_dir}); profile: {args.profile}{ranks}; "
+              f"{len(specs)} run(s){split} -> {args.results}", flush=True)
     if jobs > 1:
-        return _run_jobs(args, jobs, len(specs))
-    from tqdm.auto import tqdm
-
-    start = time.perf_counter()
-    for spec in tqdm(specs, desc="runs", unit="run",
-                     disable=args.no_progress or len(specs) == 1 or not world.main):
-        try:
-            summary = runner.run(spec, force=args.force)
-        except RunBusy as exc:
-            if world.main:
-                tqdm.write(f"skipped: {exc}")
-            continue
-        m = summary["metrics"]
-        if world.main:
-            tqdm.write(f"{spec.method:10s} {spec.sequence_name:12s} seed{spec.seed}  "
-                       f"AA {m['AA']:.2f}  BWT {m.get('BWT') if m.get('BWT') is None else round(m['BWT'], 2)}  "
-                       f"({summary['wall_seconds']:.1f}s)")
-    say(f"done: {len(specs)} run(s) in {time.perf_counter() - start:.1f}s", flush=True)
-    return 0
+        return sweep.run_in_jobs(args.argv, jobs, args.shard, len(specs), not args.no_progress)
+    return sweep.run_here(runner, specs, force=args.force, progress=not args.no_progress, world=world)
 
 
 def _metric(value: float | None) -> str:
@@ -458,10 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     # DeepSpeed's ZeRO calls a torch.distributed API deprecated in torch 2.x; nothing to act on.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    from harness.sweep import without
+
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-        args.argv = _without(argv, ("--local_rank", "--local-rank"))
+        args.argv = without(argv, ("--local_rank", "--local-rank"))
         handler = {"run": cmd_run, "import": cmd_import, "list": cmd_list, "table": cmd_table,
                    "generate": cmd_generate, "new-method": cmd_new_method}[args.command]
         code = handler(args) or 0

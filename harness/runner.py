@@ -242,7 +242,7 @@ class Runner:
 
     def _run(self, spec: RunSpec, run_dir: RunDir, force: bool, held: ExitStack) -> dict:
         method = self.create_method(spec.method)
-        config = self.run_config(spec, method.config)
+        config = self.run_config(spec, method.recorded_config())
         if run_dir.is_complete() and not force:
             summary = read_json(run_dir.summary_path)
             if summary.get("fingerprint") != config["fingerprint"]:
@@ -274,7 +274,7 @@ class Runner:
         batcher = Batcher(backbone, self.profile.max_source_length, self.profile.max_target_length,
                           device=device)
         ctx = Context(model=backbone.model, backbone=backbone, tasks=tasks, data=data,
-                      profile=self.profile, config=method.config, seed=spec.seed,
+                      profile=self.profile, seed=spec.seed,
                       order=spec.order, batcher=batcher, device=device)
         seed_everything(spec.seed)  # after the backbone is in place, whether built or cached
         done = run_dir.completed_stages()

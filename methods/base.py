@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from harness.errors import HarnessError
+
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
 
@@ -28,7 +30,6 @@ class Context:
     tasks: tuple["Task", ...]            # the task sequence of the run
     data: dict[str, "TaskData"]          # task name -> its data
     profile: "Profile"
-    config: dict[str, Any]               # this method's hyperparameters for the profile
     seed: int
     order: int | None = None             # the benchmark order, None for a custom sequence
     batcher: "Batcher | None" = None     # text -> model batches, the runner's
@@ -42,6 +43,15 @@ class Context:
     @property
     def task_data(self) -> "TaskData":
         return self.data[self.task.name]
+
+
+class SettingError(HarnessError):
+    """A bad value of one method setting; `key` names it, so that the caller can say where it was
+    given (the method's config file or a `--set`)."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key} {problem}")
+        self.key = key
 
 
 class Method:
@@ -70,7 +80,47 @@ class Method:
     max_zero_stage: int = 2
 
     def __init__(self, config: dict[str, Any] | None = None):
+        """`config`: the method's hyperparameters for the profile (its config file, then `--set`).
+        A subclass reads and checks each setting it uses here, so a bad value stops the run before
+        anything is written, and declares here every attribute its hooks set."""
         self.config = dict(config or {})
+
+    # -- reading settings (in __init__) -------------------------------------------------------
+    # Each reads `self.config`, or `config` where a method keeps variants of it (per order).
+    def choice(self, key: str, choices: tuple[str, ...], default: str,
+               config: dict[str, Any] | None = None) -> str:
+        value = (self.config if config is None else config).get(key, default)
+        if value not in choices:
+            raise SettingError(key, f"must be one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    def number(self, key: str, default: float | None = None, *, low: float | None = None,
+               high: float | None = None, above: float | None = None, integer: bool = False,
+               config: dict[str, Any] | None = None) -> Any:
+        """A numeric setting within [low, high] (and > `above`); an int if `integer`."""
+        value = (self.config if config is None else config).get(key, default)
+        if value is None:
+            raise SettingError(key, "is required")
+        kind = "an integer" if integer else "a number"
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            raise SettingError(key, f"must be {kind}; got {value!r}")
+        if (low is not None and value < low) or (high is not None and value > high) or \
+                (above is not None and not value > above):
+            bounds = [f">= {low}" if low is not None else "", f"> {above}" if above is not None else "",
+                      f"<= {high}" if high is not None else ""]
+            raise SettingError(key, f"must be {kind} {' and '.join(b for b in bounds if b)}; "
+                                    f"got {value!r}")
+        return int(value) if integer else float(value)
+
+    def flag(self, key: str, default: bool, config: dict[str, Any] | None = None) -> bool:
+        value = (self.config if config is None else config).get(key, default)
+        if not isinstance(value, bool):
+            raise SettingError(key, f"must be true or false; got {value!r}")
+        return value
+
+    def recorded_config(self) -> dict[str, Any]:
+        """The settings a run records in its config (and its fingerprint)."""
+        return self.config
 
     # -- structure ---------------------------------------------------------------------------
     def setup(self, ctx: Context) -> None:
@@ -89,8 +139,8 @@ class Method:
     def make_optimizer(self, ctx: Context, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         """A fresh optimizer per stage, as in the reference code (Adam moments reset per task).
         On CUDA the fused AdamW: one kernel for every parameter instead of several per tensor."""
-        return torch.optim.AdamW(params, lr=float(ctx.config["lr"]), betas=(0.9, 0.999), eps=1e-8,
-                                 weight_decay=float(ctx.config.get("weight_decay", 0.0)),
+        return torch.optim.AdamW(params, lr=float(self.config["lr"]), betas=(0.9, 0.999), eps=1e-8,
+                                 weight_decay=float(self.config.get("weight_decay", 0.0)),
                                  fused=ctx.device.type == "cuda" or None)
 
     # -- the step ------------------------------------------------------------------------------

@@ -33,11 +33,11 @@ class StageChange:
     B = [s B_t, -s B_{t-1}], A = [A_t; A_{t-1}]); with full fine-tuning it is the dense difference of
     the weights of the modules the profile's LoRA targets name, the layers the metrics compare."""
 
-    def __init__(self, ctx: Context, branch: str = "seq"):
+    def __init__(self, ctx: Context, config: dict, branch: str = "seq"):
         self.branch = branch
         self.lora = bool(lora_layers(ctx.model))
-        if not self.lora:
-            targets = lora_config(ctx).target_modules
+        if not self.lora:  # the modules the LoRA targets of the profile and `config` name
+            targets = lora_config(ctx, config).target_modules
             self.modules = {n: ctx.model.get_submodule(n) for n in matching_modules(ctx.model, targets)}
         self.before = self._state(ctx)
 

@@ -89,6 +89,12 @@ class EWC(Sequential):
 
     def __init__(self, config: dict[str, Any] | None = None):
         super().__init__(config)
+        self.lam = self.number("lambda", low=0)
+        self.online = self.flag("online", False)
+        self.gamma = self.number("gamma", 1.0, low=0)
+        self.fisher_samples = self.number("fisher_samples", 1000, integer=True, low=1)
+        self.normalize_fisher = self.flag("normalize_fisher", True)
+        self.params: dict[str, torch.nn.Parameter] = {}
         self.fishers: list[dict[str, torch.Tensor]] = []
         self.anchors: list[dict[str, torch.Tensor]] = []
 
@@ -98,7 +104,7 @@ class EWC(Sequential):
 
     def fisher(self, ctx: Context, batcher) -> dict[str, torch.Tensor]:
         train = ctx.task_data.train
-        n = min(int(self.config.get("fisher_samples", 1000)), len(train))
+        n = min(self.fisher_samples, len(train))
         total = {name: torch.zeros_like(p) for name, p in self.params.items()}
         was_training = ctx.model.training
         ctx.model.eval()  # the Fisher of the model as it predicts (no dropout)
@@ -117,7 +123,7 @@ class EWC(Sequential):
                     total[name] += value
         ctx.model.train(was_training)
         fisher = {name: value / n for name, value in total.items()}
-        if self.config.get("normalize_fisher", True):
+        if self.normalize_fisher:
             mean = torch.cat([f.flatten() for f in fisher.values()]).mean()
             if mean > 0:
                 fisher = {name: f / mean for name, f in fisher.items()}
@@ -126,9 +132,8 @@ class EWC(Sequential):
     def after_task(self, ctx: Context) -> None:
         fisher = self.fisher(ctx, ctx.batcher)
         anchor = {name: p.detach().clone() for name, p in self.params.items()}
-        if self.config.get("online", False) and self.fishers:
-            gamma = float(self.config.get("gamma", 1.0))
-            fisher = {n: gamma * self.fishers[0][n] + f for n, f in fisher.items()}
+        if self.online and self.fishers:
+            fisher = {n: self.gamma * self.fishers[0][n] + f for n, f in fisher.items()}
             self.fishers, self.anchors = [fisher], [anchor]
         else:
             self.fishers.append(fisher)
@@ -140,7 +145,7 @@ class EWC(Sequential):
         total = sum(
             (fisher[n] * (p - anchor[n]) ** 2).sum()
             for fisher, anchor in zip(self.fishers, self.anchors) for n, p in self.params.items())
-        return 0.5 * float(self.config["lambda"]) * total
+        return 0.5 * self.lam * total
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"count": len(self.fishers)}

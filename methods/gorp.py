@@ -32,7 +32,7 @@ from typing import Any, Iterable
 import torch
 
 from harness.errors import HarnessError
-from methods.base import Context
+from methods.base import Context, SettingError
 from methods.deltas import branch_factors
 from methods.inclora import IncLoRA, branch_name
 from methods.lora import lora_layers, matching_modules
@@ -140,13 +140,6 @@ class ProjectedAdamW(torch.optim.Optimizer):
         return loss
 
 
-def _targets(ctx: Context) -> str | list[str]:
-    key = "full_rank_targets" if ctx.backbone.is_seq2seq else "causal_full_rank_targets"
-    if key not in ctx.config:
-        raise HarnessError(f"gorp: the config has no {key}")
-    return ctx.config[key]
-
-
 class GORP(IncLoRA):
     name = "gorp"
     paper_name = "GORP"
@@ -157,33 +150,56 @@ class GORP(IncLoRA):
 
     def __init__(self, config: dict[str, Any] | None = None):
         super().__init__(config)
+        self.persist_full_rank = self.flag("persist_full_rank", True)
+        self.enable_reg_terms = self.flag("enable_reg_terms", False)
+        self._check(self.config)
+        for order, overrides in self.config.get("per_order", {}).items():
+            if not isinstance(overrides, dict):
+                raise SettingError(f"per_order.{order}", f"must be a table; got {overrides!r}")
+            self._check({**self.config, **overrides})
         self.memory: dict[str, torch.Tensor] = {}   # parameter key -> basis (may be empty)
         self.full_rank: dict[str, torch.nn.Parameter] = {}
         self.initial: dict[str, torch.Tensor] = {}  # full-rank weights as loaded
         self.optimizer: ProjectedAdamW | None = None
+        self.stage_config: dict[str, Any] = dict(self.config)  # with this order's overrides
+        self.stage_start: dict[str, torch.Tensor] = {}
+        self.new_a: dict[str, torch.nn.Parameter] = {}
+        self.pairs: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+
+    def _check(self, config: dict[str, Any]) -> None:
+        """The settings an order group may change, as one stage reads them."""
+        self.choice("memory_source", MEMORY_SOURCES, "previous_stage", config=config)
+        for key in ("galore_lr", "galore_scale", "eps"):
+            self.number(key, above=0, config=config)
+        for key in ("galore_rank", "update_proj_gap"):
+            self.number(key, integer=True, low=1, config=config)
+        for key in ("lambda1", "lambda2", "lambda3", "weight_decay"):
+            self.number(key, 0.0, low=0, config=config)
 
     def setup(self, ctx: Context) -> None:
-        source = self.config.get("memory_source", "previous_stage")
-        if source not in MEMORY_SOURCES:
-            raise HarnessError(f"gorp: memory_source must be one of {MEMORY_SOURCES}, got {source!r}")
-        targets = _targets(ctx)
+        targets = self._targets(ctx)
         names = matching_modules(ctx.model, targets)
         if not names:
             raise HarnessError(f"gorp: full_rank_targets {targets!r} match no module of "
                                f"{ctx.backbone.path}")
         self.full_rank = {n: ctx.model.get_submodule(n).weight for n in names}
-        if not self.config.get("persist_full_rank", True) or self._lambda3():
+        if not self.persist_full_rank or self._lambda3():
             self.initial = {n: w.detach().clone() for n, w in self.full_rank.items()}
 
+    def _targets(self, ctx: Context) -> str | list[str]:
+        key = "full_rank_targets" if ctx.backbone.is_seq2seq else "causal_full_rank_targets"
+        if key not in self.config:
+            raise HarnessError(f"gorp: the config has no {key}")
+        return self.config[key]
+
     def _lambda3(self) -> float:
-        config = getattr(self, "stage_config", self.config)
-        return float(config.get("lambda3", 0.0)) if config.get("enable_reg_terms") else 0.0
+        return float(self.stage_config.get("lambda3", 0.0)) if self.enable_reg_terms else 0.0
 
     def before_task(self, ctx: Context) -> None:
         super().before_task(ctx)
         self.stage_config = {**self.config,
                              **self.config.get("per_order", {}).get(str(ctx.order), {})}
-        if not self.config.get("persist_full_rank", True):  # the public code reloads the backbone
+        if not self.persist_full_rank:  # the public code reloads the backbone
             with torch.no_grad():
                 for name, weight in self.full_rank.items():
                     weight.copy_(self.initial[name])
@@ -194,7 +210,7 @@ class GORP(IncLoRA):
         self.new_a = {f"lora{i}": layer.lora_A[new].weight
                       for i, layer in enumerate(lora_layers(ctx.model))}
         self.pairs = []
-        if self.config.get("enable_reg_terms"):
+        if self.enable_reg_terms:
             for layer in lora_layers(ctx.model):
                 a_old = torch.cat([layer.lora_A[b].weight.detach() for b in old]) if old else None
                 self.pairs.append((a_old, layer.lora_A[new].weight, layer.lora_B[new].weight))
@@ -223,7 +239,7 @@ class GORP(IncLoRA):
         return {**self.new_a, **self.full_rank}
 
     def penalty(self, ctx: Context, batch: dict, outputs) -> torch.Tensor | None:
-        if not self.config.get("enable_reg_terms"):
+        if not self.enable_reg_terms:
             return None
         lambda1, lambda2 = (float(self.stage_config.get(k, 0.0)) for k in ("lambda1", "lambda2"))
         total = lambda1 * sum(orthogonality_term(a_old, a, "code_l1") for a_old, a, _ in self.pairs)

@@ -32,7 +32,7 @@ class IncLoRA(Method):
 
     def _grow(self, ctx: Context, stage: int) -> None:
         name = branch_name(stage)
-        model = add_branch(ctx, name)
+        model = add_branch(ctx, name, self.config)
         self.branches.append(name)
         # Activate every branch (their outputs add up), then train the newest one only.
         model.base_model.set_adapter(self.branches)

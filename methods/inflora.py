@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-from harness.errors import HarnessError
 from methods.base import Context
 from methods.inclora import IncLoRA, branch_name
 from methods.lora import lora_layers
 
 log = logging.getLogger(__name__)
 DESIGNS = ("paper_svd", "random_projected")
+MEMORIES = ("dualgpm", "gpm")
 
 
 def first_memory(C: torch.Tensor, eps: float, dual: bool) -> tuple[torch.Tensor, str]:
@@ -138,26 +138,27 @@ class InfLoRA(IncLoRA):
 
     def __init__(self, config: dict[str, Any] | None = None):
         super().__init__(config)
+        self.design = self.choice("design", DESIGNS, "paper_svd")
+        self.dual = self.choice("memory", MEMORIES, "dualgpm") == "dualgpm"
+        self.eps_lo = self.number("eps_lo", 0.995, low=0, high=1)
+        self.eps_hi = self.number("eps_hi", 1.0, low=self.eps_lo, high=1)
         self.memory: list[tuple[torch.Tensor, str] | None] = []
 
     def before_task(self, ctx: Context) -> None:
-        design = self.config.get("design", "paper_svd")
-        if design not in DESIGNS:
-            raise HarnessError(f"inflora: design must be one of {DESIGNS}, got {design!r}")
         super().before_task(ctx)
         new = branch_name(ctx.stage)
         layers = lora_layers(ctx.model)
         if not self.memory:
             self.memory = [None] * len(layers)
         stats = (input_statistics(ctx, layers, ctx.batcher, ctx.profile.eval_batch_size)
-                 if design == "paper_svd" else [None] * len(layers))
+                 if self.design == "paper_svd" else [None] * len(layers))
         short = []  # (free directions, rank) of the layers with fewer free directions than rank
         for layer, C, mem in zip(layers, stats, self.memory):
             A = layer.lora_A[new].weight
             free = free_basis(*(mem or (None, "remove")), A.shape[1])
             if free.shape[1] < layer.r[new]:
                 short.append((free.shape[1], layer.r[new]))
-            if design == "paper_svd":
+            if self.design == "paper_svd":
                 designed = design_down_projection(C, free, A.shape[0])
             elif mem is None:  # gainlora: the first task keeps peft's raw Kaiming draw
                 designed = A.detach()
@@ -174,10 +175,9 @@ class InfLoRA(IncLoRA):
     def after_task(self, ctx: Context) -> None:
         layers = lora_layers(ctx.model)
         stats = input_statistics(ctx, layers, ctx.batcher, ctx.profile.eval_batch_size)
-        lo, hi = float(self.config.get("eps_lo", 0.995)), float(self.config.get("eps_hi", 1.0))
-        eps = lo + (hi - lo) * ctx.stage / len(ctx.tasks)
-        dual = self.config.get("memory", "dualgpm") == "dualgpm"
-        updated = [first_memory(C, eps, dual) if mem is None else update_memory(*mem, C, eps, dual)
+        eps = self.eps_lo + (self.eps_hi - self.eps_lo) * ctx.stage / len(ctx.tasks)
+        updated = [first_memory(C, eps, self.dual) if mem is None
+                   else update_memory(*mem, C, eps, self.dual)
                    for C, mem in zip(stats, self.memory)]
         # Contiguous copies: the same layout as after a reload, so a resumed run is bitwise equal.
         self.memory = [(M.contiguous().clone(), kind) for M, kind in updated]

@@ -10,13 +10,13 @@ from harness.errors import HarnessError
 from methods.base import Context
 
 
-def lora_config(ctx: Context) -> LoraConfig:
-    """The profile's LoRA shape (rank, alpha, dropout, target modules); a method's config may
+def lora_config(ctx: Context, config: dict) -> LoraConfig:
+    """The profile's LoRA shape (rank, alpha, dropout, target modules); a method's `config` may
     override any of them under the same keys prefixed `lora_`. Seq2seq backbones use `targets`,
     causal ones `causal_targets` (T5 names its projections q/v, LLaMA q_proj/v_proj). Targets are a
     list of module-name suffixes, or one regular expression matched against the full module name
     (peft's two forms; GORP adapts only self-attention, `.*SelfAttention\\.(q|v)`)."""
-    spec = {**ctx.profile.lora, **{k[5:]: v for k, v in ctx.config.items() if k.startswith("lora_")}}
+    spec = {**ctx.profile.lora, **{k[5:]: v for k, v in config.items() if k.startswith("lora_")}}
     key = "targets" if ctx.backbone.is_seq2seq else "causal_targets"
     if key not in spec:
         raise HarnessError(f"profile {ctx.profile.name!r}: [lora] has no {key} for this backbone")
@@ -37,12 +37,13 @@ def matching_modules(model, targets: str | list[str]) -> list[str]:
     return [n for n in names if n.rsplit(".", 1)[-1] in targets]
 
 
-def add_branch(ctx: Context, name: str) -> PeftModel:
-    """Add a LoRA branch called `name` (A Kaiming-uniform, B zero) and return the peft model."""
+def add_branch(ctx: Context, name: str, config: dict) -> PeftModel:
+    """Add a LoRA branch called `name` (A Kaiming-uniform, B zero), shaped by the profile and the
+    method's `config`, and return the peft model."""
     if isinstance(ctx.model, PeftModel):
-        ctx.model.add_adapter(name, lora_config(ctx))
+        ctx.model.add_adapter(name, lora_config(ctx, config))
     else:
-        ctx.model = get_peft_model(ctx.model, lora_config(ctx), adapter_name=name)
+        ctx.model = get_peft_model(ctx.model, lora_config(ctx, config), adapter_name=name)
     return ctx.model
 
 

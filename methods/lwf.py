@@ -10,6 +10,7 @@ KL(softmax(z_T / T) || softmax(z_S / T)).
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,12 @@ class LwF(Sequential):
     name = "lwf"
     paper_name = "LwF"
     table_rank = 5
-    teacher: torch.nn.Module | None = None
+
+    def __init__(self, config: dict[str, Any] | None = None):
+        super().__init__(config)
+        self.lam = self.number("lambda", 1.0, low=0)
+        self.temperature = self.number("temperature", 2.0, above=0)
+        self.teacher: torch.nn.Module | None = None
 
     def before_task(self, ctx: Context) -> None:
         super().before_task(ctx)
@@ -46,5 +52,4 @@ class LwF(Sequential):
         with torch.no_grad():
             teacher_logits = self.teacher(**batch).logits
         mask = ctx.batcher.predicts_label(batch["labels"]).float()
-        return float(self.config.get("lambda", 1.0)) * distillation_term(
-            outputs.logits, teacher_logits, mask, float(self.config.get("temperature", 2.0)))
+        return self.lam * distillation_term(outputs.logits, teacher_logits, mask, self.temperature)

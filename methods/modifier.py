@@ -1,8 +1,8 @@
 """Modifiers: plugins that change only the training step and compose with any base method
 (`seqlora+sam`, `olora+rwp`). A modifier wraps the base method and forwards every other hook.
 
-Its hyperparameters sit in the context config under its own name (`ctx.config["sam"]`), beside the
-base method's, so the two never clash.
+Its own settings are its `config`; a run records them under its name beside the base method's
+(`recorded_config`), so the two never clash.
 """
 
 from __future__ import annotations
@@ -16,8 +16,12 @@ from methods.base import Context, Method
 
 class Modifier(Method):
     def __init__(self, base: Method, config: dict[str, Any] | None = None):
-        super().__init__({**base.config, type(self).name: dict(config or {})})
+        super().__init__(config)
         self.base = base
+        self.params: list[torch.nn.Parameter] = []
+
+    def recorded_config(self) -> dict[str, Any]:
+        return {**self.base.recorded_config(), type(self).name: self.config}
 
     @property
     def joint(self) -> bool:
@@ -29,10 +33,6 @@ class Modifier(Method):
 
     # A modifier reads the whole gradient between its two passes (ZeRO-2 partitions it away).
     own_max_zero_stage: int = 0
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        return self.config[type(self).name]
 
     def setup(self, ctx):
         self.base.setup(ctx)

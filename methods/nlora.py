@@ -9,6 +9,8 @@ No orthogonality and no L2 term.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from harness.errors import HarnessError
@@ -50,11 +52,15 @@ class NLoRA(IncLoRA):
     paper_name = "N-LoRA"
     table_rank = 7
 
+    def __init__(self, config: dict[str, Any] | None = None):
+        super().__init__(config)
+        self.l1_form = self.choice("l1_form", L1_FORMS, "code_rxr")
+        self.number("lambda1", 0.0, low=0)
+        self.lambda1 = 0.0  # this stage's (per-task values may replace it)
+        self.new_branches: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+
     def before_task(self, ctx: Context) -> None:
         super().before_task(ctx)
-        self.l1_form = self.config.get("l1_form", "code_rxr")
-        if self.l1_form not in L1_FORMS:
-            raise HarnessError(f"nlora: l1_form must be one of {L1_FORMS}, got {self.l1_form!r}")
         (self.lambda1,) = stage_lambdas(self.config, ctx, ("lambda1",))
         new = branch_name(ctx.stage)
         self.new_branches = [(layer.lora_A[new].weight, layer.lora_B[new].weight, layer.scaling[new])

@@ -13,9 +13,10 @@ applied to the orders listed in `per_task_orders`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from harness.errors import HarnessError
 from methods.base import Context
 from methods.inclora import IncLoRA, branch_name
 from methods.lora import lora_layers
@@ -78,13 +79,17 @@ class OLoRA(IncLoRA):
     paper_name = "O-LoRA"
     table_rank = 6
 
+    def __init__(self, config: dict[str, Any] | None = None):
+        super().__init__(config)
+        self.orth_form = self.choice("orth_form", ORTH_FORMS, "code_l1")
+        self.l2_form = self.choice("l2_form", L2_FORMS, "code_norm")
+        for key in ("lambda1", "lambda2"):
+            self.number(key, 0.0, low=0)
+        self.lambda1 = self.lambda2 = 0.0  # this stage's (per-task values may replace them)
+        self.pairs: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+
     def before_task(self, ctx: Context) -> None:
         super().before_task(ctx)
-        self.orth_form = self.config.get("orth_form", "code_l1")
-        self.l2_form = self.config.get("l2_form", "code_norm")
-        if self.orth_form not in ORTH_FORMS or self.l2_form not in L2_FORMS:
-            raise HarnessError(f"olora: orth_form must be one of {ORTH_FORMS} and l2_form one of "
-                               f"{L2_FORMS}; got {self.orth_form!r}, {self.l2_form!r}")
         self.lambda1, self.lambda2 = stage_lambdas(self.config, ctx, ("lambda1", "lambda2"))
         new, old = branch_name(ctx.stage), self.branches[:-1]
         # Old branches are frozen: stack their A's once per stage instead of every step.

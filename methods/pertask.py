@@ -32,7 +32,7 @@ class PerTaskFT(Method):
         train_only(ctx.model, adapter)
 
     def _grow(self, ctx: Context, stage: int) -> None:
-        add_branch(ctx, branch_name(stage))
+        add_branch(ctx, branch_name(stage), self.config)
         self.trained.append(ctx.tasks[stage].name)
         self._activate(ctx, branch_name(stage))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
-from methods.base import Method
+from methods.base import Method, SettingError
 
 GROUP = "harness.methods"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -57,11 +57,15 @@ def table_entry(name: str) -> tuple[tuple[float, str], str]:
     return (math.inf if rank is None else rank, name), own.get("paper_name") or name
 
 
+def config_path(name: str, cls: type[Method]) -> Path:
+    return Path(getattr(cls, "config_file", None) or CONFIG_DIR / f"{name}.toml")
+
+
 def method_config(name: str, profile: str, cls: type[Method] | None = None) -> dict[str, Any]:
     """Hyperparameters of a method for a profile: the `[common]` table of its config file
     (`methods/configs/<name>.toml`, or the class's `config_file`), overlaid with `[<profile>]`."""
     cls = cls or method_class(name)
-    path = Path(getattr(cls, "config_file", None) or CONFIG_DIR / f"{name}.toml")
+    path = config_path(name, cls)
     if not path.exists():
         raise HarnessError(f"{path}: config file of method {name!r} not found")
     try:
@@ -82,20 +86,36 @@ def _validate(config: dict[str, Any], where: str) -> None:
                 raise HarnessError(f"{where}: {key} must be a positive number, got {value!r}")
 
 
-def apply_method_overrides(method: Method, overrides: list[str]) -> None:
-    """`--set method.KEY=VALUE`: change the base method's hyperparameter KEY (it must exist)."""
+def apply_overrides(name: str, config: dict[str, Any], overrides: list[str]) -> dict[str, str]:
+    """`--set method.KEY=VALUE`: change the method's setting KEY (it must exist) in `config`.
+    Returns KEY -> the argument that set it."""
     from harness.profiles import parse_override
 
-    base = method
+    given = {}
     for text in overrides:
         keys, value = parse_override(text)
         if len(keys) != 2 or keys[0] != "method":
             raise HarnessError(f"--set {text}: method settings are written method.KEY=VALUE")
-        if keys[1] not in base.config:
-            raise HarnessError(f"--set {text}: method {base.name!r} has no setting {keys[1]!r} "
-                               f"(it has: {', '.join(sorted(base.config))})")
-        base.config[keys[1]] = value
-    _validate(base.config, f"--set {' '.join(overrides)}")
+        if keys[1] not in config:
+            raise HarnessError(f"--set {text}: method {name!r} has no setting {keys[1]!r} "
+                               f"(it has: {', '.join(sorted(config))})")
+        config[keys[1]] = value
+        given[keys[1]] = f"--set {text}"
+    _validate({k: config[k] for k in given}, f"--set {' '.join(overrides)}")
+    return given
+
+
+def build(name: str, profile: str, cls: type[Method], make, overrides: list[str] = ()) -> Method:
+    """`make(config)`, the method with its settings read and checked; a bad one is reported as
+    the argument or config file that gave it."""
+    config = method_config(name, profile, cls)
+    given = apply_overrides(name, config, list(overrides))
+    try:
+        method = make(config)
+    except SettingError as exc:
+        where = given.get(exc.key.split(".")[0]) or f"{config_path(name, cls)} [{profile}]"
+        raise HarnessError(f"{where}: method {name}: {exc}") from None
+    return method
 
 
 def create(name: str, profile: str, overrides: list[str] | tuple[str, ...] = ()) -> Method:
@@ -108,15 +128,13 @@ def create(name: str, profile: str, overrides: list[str] | tuple[str, ...] = ())
     if issubclass(cls, Modifier):
         raise HarnessError(f"{base_name!r} is a modifier; combine it with a base method, "
                            f"e.g. seqlora+{base_name}")
-    method = cls(method_config(base_name, profile, cls))
+    method = build(base_name, profile, cls, cls, overrides)
     method.name = base_name
-    if overrides:
-        apply_method_overrides(method, list(overrides))
     for modifier in modifiers:
         mod_cls = method_class(modifier)
         if not issubclass(mod_cls, Modifier):
             raise HarnessError(f"{modifier!r} in {name!r} is not a modifier (a step-changing plugin "
                                "such as sam or rwp)")
-        method = mod_cls(method, method_config(modifier, profile, mod_cls))
+        method = build(modifier, profile, mod_cls, lambda config, base=method: mod_cls(base, config))
     method.name = name
     return method

@@ -26,12 +26,15 @@ class Replay(Sequential):
 
     def __init__(self, config: dict[str, Any] | None = None):
         super().__init__(config)
+        self.per_task = (self.number("memory_per_task", integer=True, low=0)
+                         if "memory_per_task" in self.config else None)
+        self.fraction = self.number("memory_fraction", 0.02, low=0, high=1)
         self.memory: dict[str, list[dict]] = {}  # task name -> stored records
 
     def quota(self, n_train: int, n_labels: int) -> int:
-        if "memory_per_task" in self.config:
-            return int(self.config["memory_per_task"])
-        return max(n_labels, math.ceil(float(self.config.get("memory_fraction", 0.02)) * n_train))
+        if self.per_task is not None:
+            return self.per_task
+        return max(n_labels, math.ceil(self.fraction * n_train))
 
     def training_data(self, ctx: Context) -> datasets.Dataset:
         current = ctx.task_data.train

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from harness.errors import HarnessError
 from methods.modifier import Modifier
 
 SCALES = ("var_abs", "std_abs", "filter")
@@ -29,29 +28,30 @@ def noise_std(param: torch.Tensor, sigma: float, law: str) -> torch.Tensor:
             return sigma * param.norm().expand_as(param)
         rows = param.reshape(param.shape[0], -1).norm(dim=1)
         return sigma * rows.reshape(-1, *([1] * (param.dim() - 1))).expand_as(param)
-    raise HarnessError(f"rwp: noise_scale must be one of {SCALES}, got {law!r}")
+    raise ValueError(f"noise law {law!r} is none of {SCALES}")
 
 
 class RWP(Modifier):
     name = "rwp"
+
+    def __init__(self, base, config=None):
+        super().__init__(base, config)
+        self.scope = self.choice("scope", ("lora", "full"), "lora")
+        self.noise_scale = self.choice("noise_scale", SCALES, "var_abs")
+        self.sigma = self.number("sigma", 0.01, low=0)
+        self.mix = self.number("lambda", 0.5, low=0, high=1)  # weight of the perturbed gradient
+        self.generator = torch.Generator()
 
     def before_task(self, ctx):
         super().before_task(ctx)
         self.generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.stage)
 
     def perturbed_tensors(self, ctx) -> list[torch.Tensor]:
-        scope = self.settings.get("scope", "lora")
-        if scope == "lora":
-            return list(self.params)
-        if scope == "full":
-            return list(ctx.model.parameters())
-        raise HarnessError(f"rwp: scope must be 'lora' or 'full', got {scope!r}")
+        return list(self.params) if self.scope == "lora" else list(ctx.model.parameters())
 
     def sample_noise(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        sigma = float(self.settings.get("sigma", 0.01))
-        law = self.settings.get("noise_scale", "var_abs")
         return [torch.randn(t.shape, generator=self.generator, dtype=t.dtype) *
-                noise_std(t.detach(), sigma, law) for t in tensors]
+                noise_std(t.detach(), self.sigma, self.noise_scale) for t in tensors]
 
     def step(self, ctx, closure):
         loss = self.gradient_pass(ctx, closure)
@@ -63,7 +63,7 @@ class RWP(Modifier):
             for t, e in zip(tensors, noise):
                 t.add_(e)
         self.gradient_pass(ctx, closure)
-        lam = float(self.settings.get("lambda", 0.5))
+        lam = self.mix
         with torch.no_grad():
             for t, s in zip(tensors, saved):
                 t.copy_(s)

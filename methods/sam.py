@@ -16,10 +16,14 @@ from methods.modifier import Modifier
 class SAM(Modifier):
     name = "sam"
 
+    def __init__(self, base, config=None):
+        super().__init__(base, config)
+        self.rho = self.number("rho", 0.05, low=0)
+        self.adaptive = self.flag("adaptive", False)
+
     def step(self, ctx, closure):
         loss = self.gradient_pass(ctx, closure)
-        rho = float(self.settings.get("rho", 0.05))
-        adaptive = bool(self.settings.get("adaptive", False))
+        rho, adaptive = self.rho, self.adaptive
         params = [p for p in self.params if p.grad is not None]
         with torch.no_grad():
             if adaptive:

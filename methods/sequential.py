@@ -4,9 +4,10 @@ the regularisation and replay baselines and MTL read it from their config key `b
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from harness.errors import HarnessError
 from methods.base import Context, Method
 from methods.deltas import StageChange
 from methods.lora import add_branch
@@ -18,18 +19,20 @@ class Sequential(Method):
     # The parametrisation; None reads the config's `base` (default "lora").
     base: str | None = None
 
+    def __init__(self, config: dict[str, Any] | None = None):
+        super().__init__(config)
+        self.parametrisation = self.base or self.choice("base", BASES, "lora")
+        self.change: StageChange | None = None
+
     def setup(self, ctx: Context) -> None:
-        base = self.base or self.config.get("base", "lora")
-        if base == "lora":
-            add_branch(ctx, "seq")
-        elif base == "full":
+        if self.parametrisation == "lora":
+            add_branch(ctx, "seq", self.config)
+        else:
             ctx.model.requires_grad_(True)
             ctx.model.get_input_embeddings().weight.requires_grad_(False)
-        else:
-            raise HarnessError(f"{self.name}: base must be one of {BASES}, got {base!r}")
 
     def before_task(self, ctx: Context) -> None:
-        self.change = StageChange(ctx)
+        self.change = StageChange(ctx, self.config)
 
     def task_deltas(self, ctx: Context) -> dict[str, torch.Tensor]:
         return self.change.delta(ctx)

@@ -17,7 +17,9 @@ TINY = EmbeddedSpec(d_model=32, d_ff=64, num_heads=2, d_kv=16, num_layers=1, num
                     vocab_size=600)
 
 
-def make_context(data_dir: Path, method_name: str, tasks=("agnews", "yahoo"), n_train=32):
+def make_context(data_dir: Path, method_name: str, tasks=("agnews", "yahoo"), n_train=32,
+                 settings: dict | None = None):
+    """`settings` replace entries of the method's config for the default profile."""
     bench = load_benchmark()
     instructions = load_instructions(data_dir)
     seq = bench.sequence(list(tasks))
@@ -26,11 +28,12 @@ def make_context(data_dir: Path, method_name: str, tasks=("agnews", "yahoo"), n_
     corpus = [s for d in data.values() for s in list(d.train["source"]) + list(d.train["target"])]
     backbone = load_backbone(embedded_backbone_dir(corpus, TINY))
     profile = load_profile("default")
-    method = registry.create(method_name, profile.name)
+    config = {**registry.method_config(method_name, profile.name), **(settings or {})}
+    method = registry.method_class(method_name)(config)
     torch.manual_seed(0)
     batcher = Batcher(backbone, 512, 50)
     ctx = Context(model=backbone.model, backbone=backbone, tasks=seq, data=data, profile=profile,
-                  config=method.config, seed=0, batcher=batcher)
+                  seed=0, batcher=batcher)
     return ctx, method, batcher
 
 

@@ -126,6 +126,22 @@ CASES = [
      lambda t: ["run", "--results", str(t["results"]), "--data-dir", str(t["synthetic"]),
                 "--no-progress", "--method", "seqlora", *SEQ, "--eval-split", "heldout"],
      "no records left for a held-out split"),
+    *[(f"{method} {setting}", lambda t, m=method, s=setting: run_args(t, "--method", m, *SEQ, "--set",
+                                                                      f"method.{s}"), message)
+      for method, setting, message in [
+          ("olora", "orth_form='bogus'", "--set method.orth_form='bogus': method olora: orth_form "
+                                         "must be one of code_l1, paper_fro2; got 'bogus'"),
+          ("nlora", "l1_form='l2'", "l1_form must be one of code_rxr, paper_full"),
+          ("inflora", "design='svd'", "design must be one of paper_svd, random_projected"),
+          ("inflora", "eps_lo=1.5", "eps_lo must be a number >= 0 and <= 1"),
+          ("gorp", "memory_source='none'", "memory_source must be one of previous_stage"),
+          ("gorp", "galore_rank=0.5", "galore_rank must be an integer"),
+          ("ewc", "fisher_samples=0", "fisher_samples must be an integer >= 1; got 0"),
+          ("ewc", "online='yes'", "online must be true or false"),
+          ("lwf", "temperature=0", "temperature must be a number > 0"),
+          ("replay", "memory_fraction=2", "memory_fraction must be a number >= 0 and <= 1"),
+          ("replay", "base='adapter'", "base must be one of lora, full"),
+      ]],
     ("import from a missing folder", lambda t: ["import", "olora", str(t["root"] / "nowhere"),
                                                 "--method", "olora", "--order", "1", "--results",
                                                 str(t["results"])], "nowhere"),
@@ -145,6 +161,20 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(trees, capsys, name
 
 def test_the_table_has_at_least_15_cases():
     assert len(CASES) >= 15
+
+
+def test_a_bad_setting_in_a_method_config_file_names_the_file(trees, capsys, monkeypatch, tmp_path):
+    from methods.rwp import RWP
+
+    config = tmp_path / "rwp.toml"
+    config.write_text('[common]\nsigma = 0.01\nnoise_scale = "gauss"\n')
+    monkeypatch.setattr(RWP, "config_file", str(config), raising=False)
+    before = snapshot(trees["results"])
+    assert main(run_args(trees, "--method", "seqlora+rwp", *SEQ)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {config} [default]: method rwp: noise_scale must be one of var_abs, "
+                   "std_abs, filter; got 'gauss'")
+    assert snapshot(trees["results"]) == before
 
 
 def test_a_named_model_without_its_package_names_the_install_command(trees, capsys, monkeypatch):

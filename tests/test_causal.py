@@ -90,7 +90,7 @@ def test_lwf_distils_the_logits_that_predict_the_labels(synthetic_dir, llama_dir
         teacher = torch.zeros(*labels.shape, 5)
         method.teacher = lambda **_: type("Out", (), {"logits": teacher})()
         ctx = Context(model=None, backbone=None, tasks=None, data={}, profile=None,
-                      config=method.config, seed=0, batcher=batcher)
+                      seed=0, batcher=batcher)
         student = teacher.clone()
         student[:, :, 0] = predicts.float() * 3.0  # differs exactly where a label is predicted
         moved = method.penalty(ctx, batch, type("Out", (), {"logits": student})()).item()

@@ -115,8 +115,8 @@ def test_structure_old_branches_frozen_and_cross_attention_trained(synthetic_dir
 
 
 def test_quirk_options_drop_memory_and_full_rank_updates(synthetic_dir):
-    ctx, method, batcher = make_context(synthetic_dir, "gorp")
-    method.config.update(memory_source="current_dir_quirk", persist_full_rank=False)
+    ctx, method, batcher = make_context(synthetic_dir, "gorp", settings=dict(
+        memory_source="current_dir_quirk", persist_full_rank=False))
     method.setup(ctx)
     pristine = {n: w.detach().clone() for n, w in method.full_rank.items()}
     train_stage(ctx, method, batcher, 0)
@@ -132,8 +132,8 @@ def test_quirk_options_drop_memory_and_full_rank_updates(synthetic_dir):
 def test_regulariser_terms_only_when_enabled(synthetic_dir):
     ctx, method, _ = at_second_stage(synthetic_dir, "gorp")
     assert method.penalty(ctx, {}, None) is None  # the public code's loss: the task loss only
-    ctx, method, batcher = make_context(synthetic_dir, "gorp")
-    method.config.update(enable_reg_terms=True, lambda1=0.5, lambda2=0.0, lambda3=0.0)
+    ctx, method, batcher = make_context(synthetic_dir, "gorp", settings=dict(
+        enable_reg_terms=True, lambda1=0.5, lambda2=0.0, lambda3=0.0))
     method.setup(ctx)
     train_stage(ctx, method, batcher, 0)
     ctx.stage = 1

@@ -79,8 +79,7 @@ def test_olora_training_reduces_the_overlap(synthetic_dir):
     from harness.trainer import fit
 
     def overlaps(lambda1):
-        ctx, method, batcher = make_context(synthetic_dir, "olora")
-        method.config["lambda1"] = lambda1
+        ctx, method, batcher = make_context(synthetic_dir, "olora", settings={"lambda1": lambda1})
         method.setup(ctx)
         train_stage(ctx, method, batcher, 0)
         ctx.stage = 1

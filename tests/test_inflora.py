@@ -89,8 +89,7 @@ def test_design_with_low_rank_statistics_stays_free():
 def test_random_projected_design_keeps_the_first_draw_then_avoids_the_memory(synthetic_dir):
     from tests.helpers import make_context
 
-    ctx, method, batcher = make_context(synthetic_dir, "inflora")
-    method.config["design"] = "random_projected"
+    ctx, method, batcher = make_context(synthetic_dir, "inflora", settings={"design": "random_projected"})
     method.setup(ctx)
     ctx.stage = 0
     method.before_task(ctx)  # the first task: peft's draw, unscaled (rows are not 1/sqrt(3))

@@ -26,7 +26,7 @@ class Quadratic(torch.nn.Module):
 
 def setup(modifier_cls, **settings):
     model = Quadratic()
-    ctx = Context(model=model, backbone=None, tasks=(), data={}, profile=None, config={}, seed=0)
+    ctx = Context(model=model, backbone=None, tasks=(), data={}, profile=None, seed=0)
     method = modifier_cls(Method({}), settings)
     method.trainable_parameters(ctx)
 
@@ -100,7 +100,8 @@ def test_rwp_with_sigma_zero_is_the_base_gradient():
 def test_composition_by_name():
     method = registry.create("olora+sam", "default")
     assert isinstance(method, SAM) and method.base.name == "olora"
-    assert method.config["lambda1"] == 0.5 and method.config["sam"]["rho"] == 0.05
+    assert method.base.config["lambda1"] == 0.5 and method.config["rho"] == 0.05
+    assert method.recorded_config() == {**method.base.config, "sam": method.config}
     with pytest.raises(HarnessError, match="is a modifier"):
         registry.create("sam", "default")
     with pytest.raises(HarnessError, match="not a modifier"):

@@ -10,8 +10,7 @@ from tests.helpers import at_second_stage, make_context, train_stage
 
 def test_replay_memory_holds_earlier_tasks_only_with_its_quota(synthetic_dir):
     ctx, method, batcher = make_context(synthetic_dir, "replay", tasks=("agnews", "SST-2", "CB"),
-                                        n_train=40)
-    method.config["memory_per_task"] = 6
+                                        n_train=40, settings={"memory_per_task": 6})
     method.setup(ctx)
     for stage in range(3):
         ctx.stage = stage
@@ -55,8 +54,8 @@ def test_ewc_fisher_is_mean_squared_per_example_gradient(synthetic_dir, base):
     full fine-tuning: one backward per example. Both equal the by-hand definition."""
     from methods.ewc import linear_owners
 
-    ctx, method, batcher = make_context(synthetic_dir, "ewc", n_train=24)
-    method.config.update(fisher_samples=20, normalize_fisher=False, base=base)
+    ctx, method, batcher = make_context(synthetic_dir, "ewc", n_train=24, settings=dict(
+        fisher_samples=20, normalize_fisher=False, base=base))
     method.setup(ctx)
     train_stage(ctx, method, batcher, 0)
     assert (linear_owners(ctx.model, method.params) is None) == (base == "full")
@@ -76,13 +75,13 @@ def test_ewc_batched_fisher_of_a_causal_model(synthetic_dir, tmp_path):
     from methods.base import Context
     from tests.test_causal import tiny_llama
 
-    ctx, method, _ = make_context(synthetic_dir, "ewc", n_train=24)
+    ctx, method, _ = make_context(synthetic_dir, "ewc", n_train=24,
+                                  settings=dict(fisher_samples=20, normalize_fisher=False))
     records = json.loads((synthetic_dir / "TC" / "agnews" / "train.json").read_text())
     backbone = load_backbone(tiny_llama(tmp_path / "llama", [r["sentence"] for r in records]))
     batcher = Batcher(backbone, 512, 50)
     ctx = Context(model=backbone.model, backbone=backbone, tasks=ctx.tasks, data=ctx.data,
-                  profile=ctx.profile, config=method.config, seed=0, batcher=batcher)
-    method.config.update(fisher_samples=20, normalize_fisher=False)
+                  profile=ctx.profile, seed=0, batcher=batcher)
     method.setup(ctx)
     train_stage(ctx, method, batcher, 0)
     expected = by_hand_fisher(ctx, batcher, method.params, 20)
@@ -91,8 +90,7 @@ def test_ewc_batched_fisher_of_a_causal_model(synthetic_dir, tmp_path):
 
 
 def test_ewc_penalty_is_zero_at_the_anchor_and_follows_its_formula(synthetic_dir):
-    ctx, method, batcher = make_context(synthetic_dir, "ewc", n_train=8)
-    method.config.update(fisher_samples=4)
+    ctx, method, batcher = make_context(synthetic_dir, "ewc", n_train=8, settings={"fisher_samples": 4})
     method.setup(ctx)
     train_stage(ctx, method, batcher, 0)
     ctx.stage = 1

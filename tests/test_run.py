@@ -321,7 +321,7 @@ def test_auto_jobs_is_one_process_per_core_on_a_cpu_sweep(monkeypatch):
 
     import torch
 
-    from harness.cli import auto_jobs
+    from harness.sweep import auto_jobs
     from harness.distributed import SINGLE
 
     monkeypatch.setattr(os, "cpu_count", lambda: 4)

@@ -119,7 +119,7 @@ def test_lora_lands_on_the_real_projection_names(smol):
     profile = load_profile("smollm2")
     method = registry.create("seqlora", "smollm2")
     ctx = Context(model=smol.model, backbone=smol, tasks=(), data={}, profile=profile,
-                  config=method.config, seed=0)
+                  seed=0)
     method.setup(ctx)
     try:
         adapted = sorted({n.split(".lora_A")[0] for n, _ in ctx.model.named_parameters() if ".lora_A" in n})
