@@ -37,7 +37,7 @@ from harness.models import resolve_model  # noqa: E402
 from harness.profiles import load_profile  # noqa: E402
 from harness.runner import seed_everything  # noqa: E402
 from harness.textio import Batcher  # noqa: E402
-from harness.trainer import epoch_steps, fit  # noqa: E402
+from harness.trainer import FitSettings, epoch_steps, fit  # noqa: E402
 from methods import registry  # noqa: E402
 from methods.base import Context  # noqa: E402
 
@@ -87,8 +87,9 @@ class CausalBench:
         ctx, method, batcher = self.context(head_at_labels)
         sync(self.device)
         start = time.perf_counter()
-        fit(ctx, method, batcher, batch_size=self.profile.batch_size, grad_accum=1, epochs=1,
-            max_grad_norm=1.0, seed=SEED, progress=False)
+        fit(ctx, method, batcher, FitSettings(batch_size=self.profile.batch_size, seed=SEED,
+                                              group_by_length=self.profile.group_by_length,
+                                              progress=False))
         sync(self.device)
         return time.perf_counter() - start
 

@@ -43,7 +43,7 @@ from harness.evaluator import evaluate_task  # noqa: E402
 from harness.profiles import load_profile  # noqa: E402
 from harness.runner import Options, Runner, RunSpec, seed_everything  # noqa: E402
 from harness.textio import Batcher  # noqa: E402
-from harness.trainer import fit  # noqa: E402
+from harness.trainer import FitSettings, fit  # noqa: E402
 from methods import registry  # noqa: E402
 from methods.base import Context  # noqa: E402
 
@@ -115,8 +115,9 @@ class GpuBench:
         p = ctx.profile
         sync()
         start = time.perf_counter()
-        fit(ctx, method, batcher, batch_size=p.batch_size, grad_accum=1, epochs=1,
-            max_grad_norm=p.max_grad_norm, seed=SEED, progress=True)
+        fit(ctx, method, batcher, FitSettings(
+            batch_size=p.batch_size, max_grad_norm=p.max_grad_norm, seed=SEED,
+            group_by_length=p.group_by_length, autocast=p.bf16 and ctx.device.type == "cuda"))
         sync()
         return time.perf_counter() - start
 

@@ -45,7 +45,7 @@ from harness.evaluator import evaluate_task  # noqa: E402
 from harness.runner import Options, Runner, RunSpec, seed_everything  # noqa: E402
 from harness.profiles import load_profile  # noqa: E402
 from harness.textio import Batcher  # noqa: E402
-from harness.trainer import fit  # noqa: E402
+from harness.trainer import FitSettings, fit  # noqa: E402
 from methods import registry  # noqa: E402
 from methods.base import Context  # noqa: E402
 
@@ -80,9 +80,7 @@ class Bench:
     def harness_fit(self, method_name: str, progress: bool = True) -> tuple[float, Context]:
         ctx, method, batcher = self.context(method_name)
         start = time.perf_counter()
-        fit(ctx, method, batcher, batch_size=self.profile.batch_size, grad_accum=1,
-            epochs=self.profile.epochs, max_grad_norm=self.profile.max_grad_norm, seed=SEED,
-            progress=progress)
+        fit(ctx, method, batcher, FitSettings.of_profile(self.profile, seed=SEED, progress=progress))
         return time.perf_counter() - start, ctx
 
     def bare_fit(self, method_name: str) -> float:

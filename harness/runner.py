@@ -36,7 +36,7 @@ from harness.param_metrics import parameter_metrics
 from harness.store import DELTAS, LOCK, RunDir, read_json, stage_name, write_atomic, write_json
 from harness.synthetic import ensure_synthetic, is_synthetic
 from harness.textio import Batcher
-from harness.trainer import fit
+from harness.trainer import FitSettings, fit
 from methods import registry
 from methods.base import Context
 
@@ -243,6 +243,39 @@ class Runner:
     def _run(self, spec: RunSpec, run_dir: RunDir, force: bool, held: ExitStack) -> dict:
         method = self.create_method(spec.method)
         config = self.run_config(spec, method.recorded_config())
+        finished = self._finished(run_dir, config, force)
+        if finished is not None:
+            return finished
+        # Everything that can fail on bad input is loaded before the run folder is touched.
+        tasks = self.benchmark.sequence(list(spec.tasks))
+        data = {t.name: self.task_data(t) for t in tasks}
+        backbone = load_backbone(self.model_path())
+        finished = self._claim_on_every_rank(run_dir, config, force, held)
+        if finished is not None:
+            return finished
+        ctx = self._context(spec, tasks, data, backbone)
+        seed_everything(spec.seed)  # after the backbone is in place, whether built or cached
+        evaluate = partial(evaluate_task, batcher=ctx.batcher, batch_size=self.profile.eval_batch_size,
+                           max_new_tokens=self.profile.max_new_tokens, world=self.world,
+                           bf16=self.profile.bf16 and ctx.device.type == "cuda")
+        done = run_dir.completed_stages()
+        if not done:  # stage 0: the backbone before any method touches it, the baseline FWT needs
+            self._write_base_row(ctx, run_dir, evaluate)
+        method.setup(ctx)
+        done = self._resume(method, ctx, run_dir, done)
+        # The rows so far and the latest row's predictions (for cells a method carries over).
+        rows = [read_json(d / "metrics.json")["accuracy"] for d in done] or [self._base_row_of(tasks)]
+        latest = stage_predictions(done[-1]) if done else \
+            {t.name: self._base_row[t.name][1] for t in tasks}
+        evaluation = StageEvaluation(evaluate, ctx, method, len(method.stages(ctx)),
+                                     self.options.eval_scope == "seen+next", rows[-1], latest)
+        self._train_stages(spec, method, ctx, run_dir, done, evaluation, len(rows) - 1)
+        summary = finish_run(run_dir, spec, [t.name for t in tasks], config) if self.world.main else None
+        return self.world.broadcast(summary)
+
+    def _finished(self, run_dir: RunDir, config: dict, force: bool) -> dict | None:
+        """The summary of a complete run of this configuration (to skip it); refuses a folder
+        that holds another configuration's run."""
         if run_dir.is_complete() and not force:
             summary = read_json(run_dir.summary_path)
             if summary.get("fingerprint") != config["fingerprint"]:
@@ -253,55 +286,58 @@ class Runner:
             return summary
         if not force:
             run_dir.check_config(config)
-        # Everything that can fail on bad input is loaded before the run folder is touched.
-        tasks = self.benchmark.sequence(list(spec.tasks))
-        data = {t.name: self.task_data(t) for t in tasks}
-        backbone = load_backbone(self.model_path())
-        world = self.world
-        status = self._claim(run_dir, config, force, held) if world.main else None
-        status = world.broadcast(status)  # only rank 0 locks and writes; the others follow it
+        return None
+
+    def _claim_on_every_rank(self, run_dir: RunDir, config: dict, force: bool,
+                             held: ExitStack) -> dict | None:
+        """Rank 0 claims the folder and the others follow it: None to go on, the summary if the
+        run was completed meanwhile; RunBusy if another process holds it."""
+        status = self._claim(run_dir, config, force, held) if self.world.main else None
+        status = self.world.broadcast(status)
         if status == "complete":
             return read_json(run_dir.summary_path)
         if status is not None:
             raise RunBusy(status)
-        world.barrier()
+        self.world.barrier()
+        return None
 
-        device = device_for(world)
+    def _context(self, spec: RunSpec, tasks, data: dict[str, TaskData], backbone) -> Context:
+        """The model on this rank's device, with the batcher every hook and evaluation shares."""
+        device = device_for(self.world)
         backbone.model.to(device)
         if self.profile.gradient_checkpointing:
             backbone.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         batcher = Batcher(backbone, self.profile.max_source_length, self.profile.max_target_length,
                           device=device)
-        ctx = Context(model=backbone.model, backbone=backbone, tasks=tasks, data=data,
-                      profile=self.profile, seed=spec.seed,
-                      order=spec.order, batcher=batcher, device=device)
-        seed_everything(spec.seed)  # after the backbone is in place, whether built or cached
-        done = run_dir.completed_stages()
-        evaluate = partial(evaluate_task, batcher=batcher, batch_size=self.profile.eval_batch_size,
-                           max_new_tokens=self.profile.max_new_tokens, world=world,
-                           bf16=self.profile.bf16 and device.type == "cuda")
-        base_row = None
-        if not done:  # stage 0: the backbone before any method touches it, the baseline FWT needs
-            start = time.perf_counter()
-            reused = all(t.name in self._base_row for t in tasks)
-            for task in tasks:
-                if task.name not in self._base_row:
-                    self._base_row[task.name] = evaluate(ctx.model, data=data[task.name])
-            base_row = {t.name: self._base_row[t.name][0] for t in tasks}
-            if world.main:
-                run_dir.write_stage(stage_name(0, "base"), {
-                    "stage": 0, "task": None, "accuracy": base_row,
-                    "eval_seconds": time.perf_counter() - start, "reused": reused},
-                    [p for t in tasks for p in self._base_row[t.name][1]])
-            world.barrier()
-        method.setup(ctx)
+        return Context(model=backbone.model, backbone=backbone, tasks=tasks, data=data,
+                       profile=self.profile, seed=spec.seed, order=spec.order, batcher=batcher,
+                       device=device)
 
-        # Resume from the last complete stage that holds a checkpoint; stages after it (possible only
-        # if folders were removed by hand) are trained again.
+    def _base_row_of(self, tasks) -> dict[str, float]:
+        return {t.name: self._base_row[t.name][0] for t in tasks}
+
+    def _write_base_row(self, ctx: Context, run_dir: RunDir, evaluate) -> None:
+        """Stage 0: every task evaluated on the untouched backbone, once per sweep."""
+        start = time.perf_counter()
+        reused = all(t.name in self._base_row for t in ctx.tasks)
+        for task in ctx.tasks:
+            if task.name not in self._base_row:
+                self._base_row[task.name] = evaluate(ctx.model, data=ctx.data[task.name])
+        if self.world.main:
+            run_dir.write_stage(stage_name(0, "base"), {
+                "stage": 0, "task": None, "accuracy": self._base_row_of(ctx.tasks),
+                "eval_seconds": time.perf_counter() - start, "reused": reused},
+                [p for t in ctx.tasks for p in self._base_row[t.name][1]])
+        self.world.barrier()
+
+    def _resume(self, method, ctx: Context, run_dir: RunDir, done: list[Path]) -> list[Path]:
+        """Rebuild the model and the method's state after the last complete stage that holds a
+        checkpoint; stages after it (possible only if folders were removed by hand) are trained
+        again. Returns the complete stages kept (the base stage first)."""
         while len(done) > 1 and not (done[-1] / "model.safetensors").exists():
             done.pop()
-        if len(done) > 1:  # resume after the last complete training stage
+        if len(done) > 1:
             model_state, method_state = RunDir.load_checkpoint(done[-1])
             method.load_state_dict(method_state, ctx, completed_stages=len(done) - 1)
             missing = set(model_state) - set(ctx.model.state_dict())
@@ -310,89 +346,115 @@ class Runner:
                                    f"({sorted(missing)[:3]}...)")
             ctx.model.load_state_dict(model_state, strict=False)
             log.info("%s: resuming after stage %d", run_dir.path, len(done) - 1)
-        # Tensors created from here on (new branches, designed projections) are checkpointed even
-        # when frozen, as are all that ever train; the rest is the backbone, rebuilt from its files.
-        existing = {id(p) for p in ctx.model.parameters()}
-        rows = [read_json(d / "metrics.json")["accuracy"] for d in done] or [base_row]
-        # The latest row's predictions per task, for cells a method carries over unchanged.
-        latest: dict[str, list[dict]] = {t.name: self._base_row[t.name][1] for t in tasks} \
-            if not done else stage_predictions(done[-1])
-        touched: set[str] = set(read_json(done[-1] / "metrics.json").get("saved_tensors", [])) \
-            if len(done) > 1 else set()
-
-        def evaluate_all(stage: int) -> tuple[dict[str, float], list[dict], float]:
-            """Evaluate after `stage` stages: every task, or under --eval-scope seen+next the tasks
-            seen so far and the next one (what LA, BWT, forgetting and FWT need; the base row and
-            the last row, which AA and FWT's baseline need, are always whole)."""
-            start = time.perf_counter()
-            accuracy, predictions = {}, []
-            scope = tasks
-            if self.options.eval_scope == "seen+next" and 0 < stage < len(tasks) and not method.joint:
-                scope = tasks[:stage + 1]
-            for task in scope:
-                if (task.name in rows[-1] and task.name in latest
-                        and not method.joint and method.evaluates_as_before(ctx, task)):
-                    acc, preds = rows[-1][task.name], latest[task.name]
-                else:
-                    method.select_for_eval(ctx, task)
-                    acc, preds = evaluate(ctx.model, data=data[task.name])
-                accuracy[task.name] = acc
-                predictions += preds
-                latest[task.name] = preds
-            method.select_for_eval(ctx, None)
-            return accuracy, predictions, time.perf_counter() - start
-
-        # A kill between writing a stage and dropping its predecessor's checkpoint leaves two.
-        if world.main:
+        if self.world.main:  # a kill between writing a stage and dropping its predecessor's leaves two
             for older in done[1:-1]:
                 RunDir.drop_checkpoint(older)
+        return done
+
+    def _train_stages(self, spec: RunSpec, method, ctx: Context, run_dir: RunDir, done: list[Path],
+                      evaluation: "StageEvaluation", first: int) -> None:
+        """Stages `first`.. in the hook order: before_task, fit, after_task, task_deltas, evaluation,
+        write (rank 0)."""
+        labels = method.stages(ctx)
+        saved = SavedTensors(ctx.model, read_json(done[-1] / "metrics.json").get("saved_tensors", [])
+                             if len(done) > 1 else [])
         previous = done[-1] if len(done) > 1 else None
-        n_stages = 1 if method.joint else len(tasks)
-        bar = tqdm(total=n_stages, initial=len(rows) - 1, desc=f"{spec.method} {spec.sequence_name} "
-                   f"seed{spec.seed}", leave=False, disable=not self.options.progress or not world.main,
-                   unit="task")
-        for stage in range(len(rows) - 1, n_stages):
+        bar = tqdm(total=len(labels), initial=first, desc=f"{spec.method} {spec.sequence_name} "
+                   f"seed{spec.seed}", leave=False, unit="task",
+                   disable=not self.options.progress or not self.world.main)
+        for stage in range(first, len(labels)):
             ctx.stage = stage
             seed_everything(stage_seed(spec.seed, stage))
-            start = time.perf_counter()
-            method.before_task(ctx)
-            prepare_seconds = time.perf_counter() - start
-            touched |= {n for n, p in ctx.model.named_parameters()
-                        if p.requires_grad or id(p) not in existing}
-            trained = "all" if method.joint else tasks[stage].name
-            result = fit(ctx, method, batcher, batch_size=self.profile.batch_size,
-                         grad_accum=self.profile.grad_accum, epochs=self.profile.epochs,
-                         max_grad_norm=self.profile.max_grad_norm, seed=stage_seed(spec.seed, stage),
-                         progress=self.options.progress, desc=trained, world=world,
-                         engine_config=self.engine_config)
-            start = time.perf_counter()
-            method.after_task(ctx)
-            consolidate_seconds = time.perf_counter() - start
+            prepare_seconds = timed(method.before_task, ctx)
+            saved.note(ctx.model)
+            result = fit(ctx, method, ctx.batcher, self.fit_settings(spec, stage, labels[stage], ctx))
+            consolidate_seconds = timed(method.after_task, ctx)
             deltas = method.task_deltas(ctx)
-            accuracy, predictions, eval_seconds = evaluate_all(stage + 1)
-            if world.main:
-                params = dict(ctx.model.named_parameters())
-                checkpoint = {n: params[n] for n in sorted(touched)}
+            accuracy, predictions, eval_seconds = evaluation(stage + 1)
+            if self.world.main:
                 stage_dir = run_dir.write_stage(
-                    stage_name(stage + 1, trained),
-                    {"stage": stage + 1, "task": trained, "accuracy": accuracy,
-                     "train": {**asdict(result), "ranks": world.size,
+                    stage_name(stage + 1, labels[stage]),
+                    {"stage": stage + 1, "task": labels[stage], "accuracy": accuracy,
+                     "train": {**asdict(result), "ranks": self.world.size,
                                "prepare_seconds": prepare_seconds,
                                "consolidate_seconds": consolidate_seconds},
-                     "eval_seconds": eval_seconds, "saved_tensors": sorted(touched)},
-                    predictions, checkpoint=checkpoint, method_state=method.state_dict(),
+                     "eval_seconds": eval_seconds, "saved_tensors": sorted(saved.names)},
+                    predictions, checkpoint=saved.tensors(ctx.model), method_state=method.state_dict(),
                     deltas=deltas)
                 faults.point("stage_done")
                 if previous is not None:  # only the latest stage's checkpoint is kept
                     RunDir.drop_checkpoint(previous)
                 previous = stage_dir
                 bar.set_postfix(acc=f"{accuracy[ctx.task.name]:.1f}")
-            world.barrier()
-            rows.append(accuracy)
+            self.world.barrier()
             bar.update(1)
         bar.close()
-        summary = finish_run(run_dir, spec, [t.name for t in tasks], config) if world.main else None
-        return world.broadcast(summary)
+
+    def fit_settings(self, spec: RunSpec, stage: int, label: str, ctx: Context) -> FitSettings:
+        return FitSettings.of_profile(
+            self.profile, seed=stage_seed(spec.seed, stage), progress=self.options.progress,
+            desc=label, world=self.world, engine_config=self.engine_config,
+            autocast=self.profile.bf16 and ctx.device.type == "cuda")
+
+
+def timed(hook, ctx: Context) -> float:
+    start = time.perf_counter()
+    hook(ctx)
+    return time.perf_counter() - start
+
+
+class SavedTensors:
+    """The tensors a stage checkpoint holds: every one that ever trained, or that was created after
+    the run's model was built and resumed (new branches, designed projections), frozen or not; the
+    rest is the backbone, rebuilt from its files."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str]):
+        self.existing = {id(p) for p in model.parameters()}
+        self.names = set(names)
+
+    def note(self, model: torch.nn.Module) -> None:
+        self.names |= {n for n, p in model.named_parameters()
+                       if p.requires_grad or id(p) not in self.existing}
+
+    def tensors(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        params = dict(model.named_parameters())
+        return {n: params[n] for n in sorted(self.names)}
+
+
+class StageEvaluation:
+    """Evaluation after each stage: every task; under --eval-scope seen+next, after a stage before
+    the last, only the tasks seen so far and the next one (what LA, BWT, forgetting and FWT read;
+    the base row and the last row, which AA and FWT's baseline need, stay whole). A task the method
+    evaluates with unchanged weights (`evaluates_as_before`) carries over its previous cell and
+    predictions instead of generating them again."""
+
+    def __init__(self, evaluate, ctx: Context, method, n_stages: int, seen_and_next: bool,
+                 row: dict[str, float], predictions: dict[str, list[dict]]):
+        self.evaluate, self.ctx, self.method = evaluate, ctx, method
+        self.n_stages, self.seen_and_next = n_stages, seen_and_next
+        self.row, self.latest = dict(row), dict(predictions)  # the previous row, by task
+
+    def scope(self, stage: int) -> tuple[Task, ...]:
+        tasks = self.ctx.tasks
+        return tasks[:stage + 1] if self.seen_and_next and 0 < stage < self.n_stages else tasks
+
+    def __call__(self, stage: int) -> tuple[dict[str, float], list[dict], float]:
+        """The row after `stage` stages: accuracy by task, the prediction records, the seconds."""
+        start = time.perf_counter()
+        accuracy, predictions = {}, []
+        for task in self.scope(stage):
+            if (task.name in self.row and task.name in self.latest
+                    and self.method.evaluates_as_before(self.ctx, task)):
+                acc, preds = self.row[task.name], self.latest[task.name]
+            else:
+                self.method.select_for_eval(self.ctx, task)
+                acc, preds = self.evaluate(self.ctx.model, data=self.ctx.data[task.name])
+            accuracy[task.name] = acc
+            predictions += preds
+            self.latest[task.name] = preds
+        self.method.select_for_eval(self.ctx, None)
+        self.row = accuracy
+        return accuracy, predictions, time.perf_counter() - start
 
 
 def stage_predictions(stage_dir: Path) -> dict[str, list[dict]]:

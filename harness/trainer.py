@@ -67,81 +67,113 @@ def epoch_steps(perm: list[int], per_step: int, lengths: list[int] | None = None
     return [steps[i] for i in torch.randperm(len(steps), generator=generator).tolist()]
 
 
-def fit(ctx: Context, method: Method, batcher: Batcher, *, batch_size: int, grad_accum: int,
-        epochs: int, max_grad_norm: float, seed: int, progress: bool = True,
-        desc: str = "train", world: World = SINGLE,
-        engine_config: dict | None = None) -> FitResult:
+@dataclass(frozen=True)
+class FitSettings:
+    """How one stage trains (from the profile, the run's seed and the world)."""
+
+    batch_size: int                  # per micro-batch, per rank
+    grad_accum: int = 1
+    epochs: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 0                    # seeds the stage's shuffles
+    group_by_length: bool = False
+    autocast: bool = False           # bf16 autocast (the plain loop on a GPU)
+    progress: bool = True
+    desc: str = "train"
+    world: World = SINGLE
+    engine_config: dict | None = None  # DeepSpeed's; None: the plain loop
+
+    @classmethod
+    def of_profile(cls, profile, **rest) -> "FitSettings":
+        return cls(batch_size=profile.batch_size, grad_accum=profile.grad_accum,
+                   epochs=profile.epochs, max_grad_norm=profile.max_grad_norm,
+                   group_by_length=profile.group_by_length, **rest)
+
+
+def rank_micro_batches(step: list[int], batch_size: int, grad_accum: int, rank: int = 0,
+                       ranks: int = 1, engine: bool = False) -> list[tuple[list[int], float | None]]:
+    """This rank's micro-batches of one optimizer step (example ids), each with its loss weight.
+
+    The step is cut into micro-batches of `batch_size`; rank r takes micro-batches r*grad_accum to
+    (r+1)*grad_accum - 1. The plain loop (one rank) takes them all with weight None: divide by their
+    count. The engine divides every loss by grad_accum and averages over ranks, so each gets
+    ranks * grad_accum / (micro-batches in the step): the step's gradient is then the mean over the
+    micro-batches that exist, the last, smaller step of an epoch included; a rank left without one
+    runs a zero-weighted pass on the step's first, so that every rank joins the same collectives.
+    """
+    chunks = [step[k:k + batch_size] for k in range(0, len(step), batch_size)]
+    if not engine:
+        return [(chunk, None) for chunk in chunks]
+    weight = ranks * grad_accum / len(chunks)
+    mine = chunks[rank * grad_accum:(rank + 1) * grad_accum]
+    return [(chunk, weight) for chunk in mine] + [(chunks[0], 0.0)] * (grad_accum - len(mine))
+
+
+def _stepper(ctx: Context, method: Method, settings: FitSettings, params):
+    optimizer = method.make_optimizer(ctx, params)
+    if settings.engine_config is not None:
+        from harness.distributed import EngineStep
+
+        return EngineStep(ctx.model, optimizer, settings.engine_config)
+    return LocalStep(ctx.model, optimizer, params, settings.max_grad_norm, settings.autocast)
+
+
+def _closure(ctx: Context, method: Method, stepper, micro: list[tuple[dict, float | None]]):
+    """Forward and backward over one step's micro-batches (task loss + the method's penalty);
+    returns their mean loss, kept on the device (reading it would make the host wait)."""
+
+    def closure() -> torch.Tensor:
+        total, real = torch.zeros((), device=ctx.device), 0
+        for k, (batch, w) in enumerate(micro):
+            outputs = stepper.forward(batch)
+            loss = outputs.loss
+            extra = method.penalty(ctx, batch, outputs)
+            if extra is not None:
+                loss = loss + extra
+            stepper.backward(loss / len(micro) if w is None else loss * w, last=k == len(micro) - 1)
+            if w != 0.0:
+                total += loss.detach().float()
+                real += 1
+        return total / max(1, real)
+
+    return closure
+
+
+def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -> FitResult:
     """Train one stage: AdamW (or the method's optimizer), constant LR, gradient accumulation.
 
     Each optimizer step consumes `grad_accum` micro-batches of `batch_size` on each of the
-    `world.size` ranks; the data order is shuffled every epoch by a generator seeded from `seed`,
-    so a stage is reproducible on its own (which is what lets a run resume at a stage boundary with
-    the same result). The gradient of a step is the mean over its micro-batches of their mean
-    losses. Rank r takes micro-batches r*grad_accum ... of each global step, so W ranks compute
-    exactly what one process with accumulation W*grad_accum computes, the last (smaller) step of
-    an epoch included: there each micro-batch's loss is weighted so that the engine's averaging
-    over ranks and accumulation gives the mean over the micro-batches that exist, and a rank left
-    without one runs a zero-weighted pass so that every rank joins the same collectives.
+    `world.size` ranks (`rank_micro_batches`); the data order is shuffled every epoch by a
+    generator seeded from `seed`, so a stage is reproducible on its own (which is what lets a run
+    resume at a stage boundary with the same result). The gradient of a step is the mean over its
+    micro-batches of their mean losses, so W ranks compute exactly what one process with
+    accumulation W * grad_accum computes.
     """
-    model = ctx.model
-    model.train()
+    s, world = settings, settings.world
+    ctx.model.train()
     dataset = method.training_data(ctx)
     sources, targets = list(dataset["source"]), list(dataset["target"])
     params = method.trainable_parameters(ctx)
     if not params:
         raise RuntimeError(f"method {method.name!r} left no trainable parameters at stage {ctx.stage}")
-    optimizer = method.make_optimizer(ctx, params)
-    if engine_config is not None:
-        from harness.distributed import EngineStep
-
-        stepper = EngineStep(model, optimizer, engine_config)
-    else:
-        stepper = LocalStep(model, optimizer, params, max_grad_norm,
-                            autocast=ctx.profile.bf16 and ctx.device.type == "cuda")
-    generator = torch.Generator().manual_seed(seed)
-    per_step = batch_size * grad_accum * world.size
-    lengths = batcher.source_lengths(sources) if ctx.profile.group_by_length else None
-    steps_per_epoch = -(-len(sources) // per_step)  # the last step may be smaller, as in HF Trainer
-    total_steps = steps_per_epoch * epochs
-    losses: list[float] = []
+    stepper = _stepper(ctx, method, s, params)
+    generator = torch.Generator().manual_seed(s.seed)
+    per_step = s.batch_size * s.grad_accum * world.size
+    lengths = batcher.source_lengths(sources) if s.group_by_length else None
+    total_steps = -(-len(sources) // per_step) * s.epochs  # the last step of an epoch may be smaller
+    losses: list[torch.Tensor] = []
     start = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=desc, leave=False, disable=not progress or not world.main,
+    bar = tqdm(total=total_steps, desc=s.desc, leave=False, disable=not s.progress or not world.main,
                unit="step")
     try:
-        for _ in range(epochs):
+        for _ in range(s.epochs):
             perm = torch.randperm(len(sources), generator=generator).tolist()
             for ids in epoch_steps(perm, per_step, lengths, generator):
-                chunks = [ids[k:k + batch_size] for k in range(0, len(ids), batch_size)]
-                if engine_config is None:
-                    weighted = [(chunk, None) for chunk in chunks]  # None: divide by their count
-                else:  # the engine divides by grad_accum and averages over ranks
-                    weight = world.size * grad_accum / len(chunks)
-                    mine = chunks[world.rank * grad_accum:(world.rank + 1) * grad_accum]
-                    weighted = [(chunk, weight) for chunk in mine]
-                    weighted += [(chunks[0], 0.0)] * (grad_accum - len(mine))
-                micro = [(batcher.train_batch([sources[i] for i in chunk],
-                                              [targets[i] for i in chunk]), w) for chunk, w in weighted]
-
-                def closure(micro=micro) -> torch.Tensor:
-                    # The loss stays on the device: reading it would make the host wait for the
-                    # GPU every step.
-                    total, real = torch.zeros((), device=ctx.device), 0
-                    for k, (batch, w) in enumerate(micro):
-                        outputs = stepper.forward(batch)
-                        loss = outputs.loss
-                        extra = method.penalty(ctx, batch, outputs)
-                        if extra is not None:
-                            loss = loss + extra
-                        stepper.backward(loss / len(micro) if w is None else loss * w,
-                                         last=k == len(micro) - 1)
-                        if w != 0.0:
-                            total += loss.detach().float()
-                            real += 1
-                    return total / max(1, real)
-
-                loss = method.step(ctx, closure)
+                micro = [(batcher.train_batch([sources[i] for i in chunk], [targets[i] for i in chunk]), w)
+                         for chunk, w in rank_micro_batches(ids, s.batch_size, s.grad_accum, world.rank,
+                                                            world.size, s.engine_config is not None)]
+                losses.append(method.step(ctx, _closure(ctx, method, stepper, micro)).detach())
                 stepper.step()
-                losses.append(loss.detach())
                 bar.update(1)
                 if len(losses) % 10 == 0 and not bar.disable:
                     bar.set_postfix(loss=f"{float(sum(losses[-10:])) / 10:.3f}")
@@ -149,8 +181,8 @@ def fit(ctx: Context, method: Method, batcher: Batcher, *, batch_size: int, grad
     finally:
         stepper.close()
         bar.close()
-    losses = torch.stack(losses).float().cpu().tolist() if losses else []
-    return FitResult(steps=len(losses), examples=len(sources) * epochs,
-                     mean_loss=sum(losses) / max(1, len(losses)),
-                     last_loss=losses[-1] if losses else float("nan"),
+    values = torch.stack(losses).float().cpu().tolist() if losses else []
+    return FitResult(steps=len(values), examples=len(sources) * s.epochs,
+                     mean_loss=sum(values) / max(1, len(values)),
+                     last_loss=values[-1] if values else float("nan"),
                      seconds=time.perf_counter() - start)

@@ -70,9 +70,6 @@ class Method:
     # its parent's; a method without them follows the ranked ones, under its own name.
     paper_name: str = ""
     table_rank: int | None = None
-    # True for methods trained once on the whole sequence (one stage, one row of R) rather than
-    # task after task.
-    joint: bool = False
     # The highest DeepSpeed ZeRO stage this method works under. ZeRO-1 partitions the optimizer
     # state across ranks, ZeRO-2 also the gradients (`.grad` is then empty after backward); a method
     # that reads whole gradients between passes or runs its own per-matrix optimizer sets 0, and the
@@ -123,6 +120,12 @@ class Method:
         return self.config
 
     # -- structure ---------------------------------------------------------------------------
+    def stages(self, ctx: Context) -> list[str]:
+        """The run's training stages, by name: one per task of the sequence (the default), or, for
+        a method trained once on the whole sequence, one stage named "all" (R then has one row
+        after the base row, and every task is evaluated after it)."""
+        return [task.name for task in ctx.tasks]
+
     def setup(self, ctx: Context) -> None:
         """Wrap or prepare the backbone, once per run (before stage 0 is evaluated)."""
 

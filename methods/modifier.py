@@ -23,9 +23,8 @@ class Modifier(Method):
     def recorded_config(self) -> dict[str, Any]:
         return {**self.base.recorded_config(), type(self).name: self.config}
 
-    @property
-    def joint(self) -> bool:
-        return self.base.joint
+    def stages(self, ctx):
+        return self.base.stages(ctx)
 
     @property
     def max_zero_stage(self) -> int:  # type: ignore[override]

@@ -17,7 +17,9 @@ class MTL(Sequential):
     name = "mtl"
     paper_name = "MTL"
     table_rank = 11
-    joint = True
+
+    def stages(self, ctx: Context) -> list[str]:
+        return ["all"]
 
     def training_data(self, ctx: Context) -> datasets.Dataset:
         return datasets.concatenate_datasets([ctx.data[t.name].train for t in ctx.tasks])

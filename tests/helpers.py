@@ -9,7 +9,7 @@ from harness.benchmark import load_benchmark
 from harness.data import load_instructions, load_task
 from harness.profiles import load_profile
 from harness.textio import Batcher
-from harness.trainer import fit
+from harness.trainer import FitSettings, fit
 from methods import registry
 from methods.base import Context
 
@@ -40,8 +40,7 @@ def make_context(data_dir: Path, method_name: str, tasks=("agnews", "yahoo"), n_
 def train_stage(ctx, method, batcher, stage):
     ctx.stage = stage
     method.before_task(ctx)
-    fit(ctx, method, batcher, batch_size=8, grad_accum=1, epochs=1, max_grad_norm=1.0, seed=stage,
-        progress=False)
+    fit(ctx, method, batcher, FitSettings(batch_size=8, seed=stage, progress=False))
     method.after_task(ctx)
 
 

@@ -5,7 +5,7 @@ computes with, measured around the training of stage 2."""
 import pytest
 import torch
 
-from harness.trainer import fit
+from harness.trainer import FitSettings, fit
 from tests.helpers import at_second_stage
 
 
@@ -38,8 +38,7 @@ def test_task_deltas_equal_the_stage_change_of_the_effective_weights(synthetic_d
     probe = dense(method.task_deltas(ctx))  # before training: no change yet
     assert probe and all(float(d.abs().max()) <= 1e-6 for d in probe.values()), method_name
     before = effective_weights(ctx.model, probe)
-    fit(ctx, method, batcher, batch_size=8, grad_accum=1, epochs=1, max_grad_norm=1.0, seed=1,
-        progress=False)
+    fit(ctx, method, batcher, FitSettings(batch_size=8, seed=1, progress=False))
     method.after_task(ctx)
     deltas = dense(method.task_deltas(ctx))
     after = effective_weights(ctx.model, deltas)

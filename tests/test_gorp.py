@@ -6,7 +6,7 @@ old branches stay bitwise fixed and the cross-attention weights move."""
 import pytest
 import torch
 
-from harness.trainer import fit
+from harness.trainer import FitSettings, fit
 from methods.gorp import (ProjectedAdamW, galore_projector, grow_memory, project, project_back,
                           remove_subspace)
 from methods.lora import lora_layers
@@ -100,8 +100,7 @@ def test_structure_old_branches_frozen_and_cross_attention_trained(synthetic_dir
     assert trainable == {n for n in trainable if ".task2." in n or "EncDecAttention" in n}
     # The memory built after task 1 reaches the optimizer of task 2.
     assert set(method.memory) == {f"lora{i}" for i in range(len(names))} | set(method.full_rank)
-    fit(ctx, method, batcher, batch_size=8, grad_accum=1, epochs=1, max_grad_norm=1.0, seed=1,
-        progress=False)
+    fit(ctx, method, batcher, FitSettings(batch_size=8, seed=1, progress=False))
     for key, param in method._projected().items():
         if method.memory[key].shape[1]:
             assert torch.equal(method.optimizer.state[param]["memory"], method.memory[key])

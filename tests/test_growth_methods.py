@@ -76,7 +76,7 @@ def test_per_task_lambdas_apply_only_to_listed_orders(synthetic_dir):
 def test_olora_training_reduces_the_overlap(synthetic_dir):
     """Same data, seed and steps: with lambda1 > 0 the new branch ends more orthogonal to the old
     one than with lambda1 = 0 (IncLoRA), and less overlapping than it started."""
-    from harness.trainer import fit
+    from harness.trainer import FitSettings, fit
 
     def overlaps(lambda1):
         ctx, method, batcher = make_context(synthetic_dir, "olora", settings={"lambda1": lambda1})
@@ -90,8 +90,7 @@ def test_olora_training_reduces_the_overlap(synthetic_dir):
                        for a_old, a, _ in method.pairs)
 
         start = overlap()
-        fit(ctx, method, batcher, batch_size=8, grad_accum=1, epochs=1, max_grad_norm=1.0, seed=1,
-            progress=False)
+        fit(ctx, method, batcher, FitSettings(batch_size=8, seed=1, progress=False))
         return start, overlap()
 
     start, with_term = overlaps(0.5)

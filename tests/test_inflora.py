@@ -55,10 +55,9 @@ def test_second_task_branch_leaves_first_task_inputs_alone(synthetic_dir):
         A = layer.lora_A["task2"].weight
         residual = A @ M if kind == "remove" else A @ (torch.eye(M.shape[0]) - M @ M.T)
         assert torch.linalg.norm(residual) <= 1e-5
-    from harness.trainer import fit
+    from harness.trainer import FitSettings, fit
 
-    fit(ctx, method, batcher, batch_size=8, grad_accum=1, epochs=1, max_grad_norm=1.0, seed=1,
-        progress=False)
+    fit(ctx, method, batcher, FitSettings(batch_size=8, seed=1, progress=False))
     # Task-1 inputs reach the trained task-2 update only through what the memory leaves free:
     # dW P = 0 to round-off, so h^T dW^T dW h is bounded by the residual energy of task-1 inputs,
     # which is small: the memory keeps >= 90% of it (its threshold, 0.995, is on squared
@@ -96,10 +95,9 @@ def test_random_projected_design_keeps_the_first_draw_then_avoids_the_memory(syn
     first = [l.lora_A["task1"].weight for l in lora_layers(ctx.model)]
     assert not any(torch.allclose(A.norm(dim=1), torch.full((A.shape[0],), 1 / math.sqrt(3)))
                    for A in first)
-    from harness.trainer import fit
+    from harness.trainer import FitSettings, fit
 
-    fit(ctx, method, batcher, batch_size=8, grad_accum=1, epochs=1, max_grad_norm=1.0, seed=0,
-        progress=False)
+    fit(ctx, method, batcher, FitSettings(batch_size=8, seed=0, progress=False))
     method.after_task(ctx)
     ctx.stage = 1
     method.before_task(ctx)

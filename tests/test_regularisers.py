@@ -119,9 +119,8 @@ def test_lwf_term_zero_when_agreeing_and_teacher_never_changes(synthetic_dir):
                                 list(ctx.task_data.train["target"][:4]))
     assert method.penalty(ctx, batch, ctx.model(**batch)).item() == pytest.approx(0, abs=1e-6)
     teacher = {n: p.clone() for n, p in method.teacher.state_dict().items()}
-    from harness.trainer import fit
+    from harness.trainer import FitSettings, fit
 
-    fit(ctx, method, batcher, batch_size=8, grad_accum=1, epochs=1, max_grad_norm=1.0, seed=1,
-        progress=False)
+    fit(ctx, method, batcher, FitSettings(batch_size=8, seed=1, progress=False))
     assert all(torch.equal(teacher[n], p) for n, p in method.teacher.state_dict().items())
     assert method.penalty(ctx, batch, ctx.model(**batch)).item() > 0  # the student moved

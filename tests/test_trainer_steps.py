@@ -1,9 +1,10 @@
 """The batches of an epoch (harness.trainer.epoch_steps): plain slices of the shuffle, or grouped
-by length as HF's group_by_length, with every example exactly once."""
+by length as HF's group_by_length, with every example exactly once; and how a step's micro-batches
+are shared among ranks (rank_micro_batches)."""
 
 import torch
 
-from harness.trainer import epoch_steps
+from harness.trainer import epoch_steps, rank_micro_batches
 
 
 def test_without_lengths_the_steps_are_consecutive_slices():
@@ -28,3 +29,27 @@ def test_grouped_steps_hold_every_example_once_and_pad_less():
     firsts = [max(lengths[i] for i in s) for s in steps]
     assert firsts != sorted(firsts, reverse=True)
     assert steps == epoch_steps(perm, 8, lengths, torch.Generator().manual_seed(3), group=4)
+
+
+def test_one_process_takes_every_micro_batch_of_a_step_unweighted():
+    assert rank_micro_batches(list(range(10)), 4, 3) == [([0, 1, 2, 3], None), ([4, 5, 6, 7], None),
+                                                         ([8, 9], None)]
+
+
+def test_ranks_take_consecutive_micro_batches_weighted_to_the_mean_over_those_that_exist():
+    step = list(range(32))  # batch 8, accumulation 2, 2 ranks: 4 micro-batches, 2 each
+    parts = [rank_micro_batches(step, 8, 2, rank, 2, engine=True) for rank in (0, 1)]
+    assert [[c for c, _ in p] for p in parts] == [[step[0:8], step[8:16]], [step[16:24], step[24:32]]]
+    assert {w for p in parts for _, w in p} == {1.0}  # the engine's 1/(2 x 2) averaging is the mean
+
+
+def test_a_ragged_last_step_leaves_a_rank_a_zero_weighted_pass():
+    step = list(range(40, 52))  # 12 examples, batch 8: 2 micro-batches, accumulation 2, 2 ranks
+    rank0 = rank_micro_batches(step, 8, 2, 0, 2, engine=True)
+    rank1 = rank_micro_batches(step, 8, 2, 1, 2, engine=True)
+    assert rank0 == [(step[:8], 2.0), (step[8:], 2.0)]  # 2 x 2 / 2 micro-batches that exist
+    assert rank1 == [(step[:8], 0.0), (step[:8], 0.0)]  # joins the collectives, adds nothing
+    # What the engine applies, (loss x weight) / grad_accum averaged over ranks, is their mean.
+    losses = {tuple(step[:8]): 3.0, tuple(step[8:]): 5.0}
+    applied = sum(losses[tuple(c)] * w / 2 for part in (rank0, rank1) for c, w in part) / 2
+    assert applied == (3.0 + 5.0) / 2

@@ -1,0 +1,70 @@
+"""What is evaluated after a stage (harness.runner.StageEvaluation): the scope rule of
+--eval-scope, and the cells a method carries over instead of generating again."""
+
+from types import SimpleNamespace
+
+from harness.runner import StageEvaluation
+from methods.base import Method
+
+TASKS = tuple(SimpleNamespace(name=n) for n in ("a", "b", "c", "d"))
+
+
+class Frozen(Method):
+    """Carries over every task except the one trained at the current stage (as PerTaskFT)."""
+
+    def __init__(self):
+        super().__init__({})
+        self.selected = []
+
+    def evaluates_as_before(self, ctx, task):
+        return task.name != ctx.task.name
+
+    def select_for_eval(self, ctx, task):
+        self.selected.append(None if task is None else task.name)
+
+
+def evaluation(method, seen_and_next, row=None, n_stages=4):
+    calls = []
+    ctx = SimpleNamespace(tasks=TASKS, data={t.name: t.name for t in TASKS}, model=None, stage=0)
+    ctx.task = TASKS[0]
+
+    def evaluate(model, data):
+        calls.append(data)
+        return float(len(calls)), [{"task": data, "call": len(calls)}]
+
+    row = row or {t.name: 0.0 for t in TASKS}
+    latest = {t.name: [{"task": t.name, "call": 0}] for t in TASKS}
+    return StageEvaluation(evaluate, ctx, method, n_stages, seen_and_next, row, latest), ctx, calls
+
+
+def test_seen_and_next_narrows_only_the_rows_between_the_first_and_the_last():
+    ev, _, _ = evaluation(Method({}), seen_and_next=True)
+    assert [t.name for t in ev.scope(0)] == ["a", "b", "c", "d"]  # the base row
+    assert [t.name for t in ev.scope(1)] == ["a", "b"]
+    assert [t.name for t in ev.scope(2)] == ["a", "b", "c"]
+    assert [t.name for t in ev.scope(4)] == ["a", "b", "c", "d"]  # the last row
+    whole, _, _ = evaluation(Method({}), seen_and_next=False)
+    assert all(len(whole.scope(k)) == 4 for k in range(5))
+    joint, _, _ = evaluation(Method({}), seen_and_next=True, n_stages=1)  # one stage on "all"
+    assert len(joint.scope(1)) == 4
+
+
+def test_cells_evaluated_as_before_are_carried_over_with_their_predictions():
+    method = Frozen()
+    ev, ctx, calls = evaluation(method, seen_and_next=False, row={"a": 50.0, "b": 60.0, "c": 70.0,
+                                                                  "d": 80.0})
+    ctx.task = TASKS[1]  # stage 2 trained task b
+    accuracy, predictions, _ = ev(2)
+    assert calls == ["b"] and accuracy == {"a": 50.0, "b": 1.0, "c": 70.0, "d": 80.0}
+    assert [p["call"] for p in predictions] == [0, 1, 0, 0]
+    assert method.selected == ["b", None]  # switched to b's weights, then back for training
+    ctx.task = TASKS[2]
+    accuracy, _, _ = ev(3)  # the row carried from is the one just made
+    assert calls == ["b", "c"] and accuracy["b"] == 1.0 and accuracy["c"] == 2.0
+
+
+def test_a_cell_missing_from_the_previous_row_is_evaluated():
+    ev, ctx, calls = evaluation(Frozen(), seen_and_next=True, row={"a": 50.0, "b": 60.0})
+    ctx.task = TASKS[1]
+    accuracy, _, _ = ev(4)  # the last row is whole: c and d were not in the previous one
+    assert calls == ["b", "c", "d"] and accuracy["a"] == 50.0
