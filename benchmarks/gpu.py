@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 from harness.backbone import EmbeddedSpec, embedded_backbone_dir, load_backbone  # noqa: E402
 from harness.evaluator import evaluate_task  # noqa: E402
 from harness.profiles import load_profile  # noqa: E402
-from harness.runner import Options, Runner, RunSpec, seed_everything  # noqa: E402
+from harness.runner import Options, Runner, seed_everything  # noqa: E402
+from harness.store import RunSpec  # noqa: E402
 from harness.textio import Batcher  # noqa: E402
 from harness.trainer import FitSettings, fit  # noqa: E402
 from methods import registry  # noqa: E402
@@ -292,7 +293,7 @@ class GpuBench:
         summary = runner.run(RunSpec(method="seqlora", tasks=(self.task.name, "SST-2"), seed=SEED,
                                      profile="t5-large"))
         seconds = time.perf_counter() - start
-        final = summary.get("metrics", {}).get("AA", float("nan"))
+        final = summary.metrics.get("AA", float("nan"))
         self.add(f"harness run seqlora {self.task.name} -> SST-2 ({'bf16' if bf16 else 'fp32'}), "
                  f"AA {final:.1f}", f"{seconds:.1f} s", "", "")
 

@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 from harness.backbone import load_backbone  # noqa: E402
 from harness.benchmark import load_benchmark  # noqa: E402
 from harness.evaluator import evaluate_task  # noqa: E402
-from harness.runner import Options, Runner, RunSpec, seed_everything  # noqa: E402
+from harness.runner import Options, Runner, seed_everything  # noqa: E402
+from harness.store import RunSpec  # noqa: E402
 from harness.profiles import load_profile  # noqa: E402
 from harness.textio import Batcher  # noqa: E402
 from harness.trainer import FitSettings, fit  # noqa: E402
@@ -268,9 +269,9 @@ class Bench:
             full = self.sequence_runs(["seqlora"], bench.order(4), Path(tmp) / "all")["seqlora"]
             scope = self.sequence_runs(["seqlora"], bench.order(4), Path(tmp) / "scope",
                                        eval_scope="seen+next")["seqlora"]
-            cells = [sum(v is not None for row in s["accuracy_matrix"] for v in row)
+            cells = [sum(v is not None for row in s.accuracy_matrix for v in row)
                      for s in (scope[1], full[1])]
-            evals = [s["eval_seconds"] for s in (scope[1], full[1])]
+            evals = [s.eval_seconds for s in (scope[1], full[1])]
             self.add("5", "order 4 --eval-scope seen+next vs all: cells evaluated",
                      str(cells[0]), str(cells[1]), f"{100 * (1 - cells[0] / cells[1]):.0f}% fewer")
             self.add("5", "order 4 --eval-scope seen+next vs all: evaluation time",

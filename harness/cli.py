@@ -311,8 +311,8 @@ def cmd_import(args) -> None:
     summary = import_olora(args.source, method=args.method, order=args.order, seed=args.seed,
                            profile=args.profile, results=args.results, force=args.force,
                            model=args.model, data_dir=args.data_dir)
-    m = summary["metrics"]
-    print(f"{summary['method']:10s} {summary['sequence']:12s} seed{summary['seed']}  "
+    m = summary.metrics
+    print(f"{summary.method:10s} {summary.sequence:12s} seed{summary.seed}  "
           f"AA {_metric(m['AA'])}  BWT {_metric(m.get('BWT'))}  (imported)", flush=True)
 
 

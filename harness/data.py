@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -202,3 +203,18 @@ def load_task(data_dir: Path, task: Task, instructions: dict[str, str], *,
         test, n_outside = read("test")
         test = stratified_sample(test, test_per_task, seed + 1)
     return TaskData(task=task, train=dataset(train), test=dataset(test), unlabelled_in_test=n_outside)
+
+
+def resolve_data_dir(data_dir: Path | str | None) -> tuple[Path, str]:
+    """The data folder to use (`--data-dir`, else $HARNESS_DATA_DIR, else the synthetic benchmark,
+    written on first use), and what it is: "synthetic" or "real"."""
+    from harness.paths import synthetic_data_dir
+    from harness.synthetic import ensure_synthetic, is_synthetic
+
+    data_dir = data_dir or os.environ.get("HARNESS_DATA_DIR") or None
+    if data_dir is None:
+        return ensure_synthetic(synthetic_data_dir()), "synthetic"
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise HarnessError(f"--data-dir {data_dir}: no such directory")
+    return data_dir.resolve(), "synthetic" if is_synthetic(data_dir) else "real"

@@ -22,8 +22,9 @@ from harness.benchmark import load_benchmark
 from harness.data import read_json_file
 from harness.errors import HarnessError
 from harness.profiles import load_profile
-from harness.runner import Options, RunSpec, finish_run, resolve_data_dir
-from harness.store import RunDir, stage_name, write_json
+from harness.data import resolve_data_dir
+from harness.store import RunDir, RunSpec, stage_name, write_json
+from harness.summary import Summary, finish_run
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 def import_olora(source: Path, *, method: str, order: int, seed: int = 0, profile: str = "default",
                  results: Path = Path("results"), force: bool = False, model: str | None = None,
-                 data_dir: Path | None = None) -> dict:
+                 data_dir: Path | None = None) -> Summary:
     """Read an O-LoRA-style output folder into `results/<profile>/<method>/order<k>/seed<s>/` and
     return the run's summary. Everything is checked before anything is written."""
     source = Path(source)
@@ -50,7 +51,7 @@ def import_olora(source: Path, *, method: str, order: int, seed: int = 0, profil
     tasks = bench.orders[order]
     folders = _stage_folders(source, order, tasks)
     spec = RunSpec(method=method, tasks=tasks, seed=seed, profile=profile, order=order)
-    target = Path(results) / profile / method / spec.sequence_name / f"seed{seed}"
+    target = spec.folder(results)
     if target.exists() and not target.is_dir():
         raise HarnessError(f"{target}: exists and is not a run folder")
     if target.is_dir() and any(target.iterdir()) and not force:
@@ -135,14 +136,14 @@ def _data_dir(data_dir: Path | None) -> str | None:
     harness runs share a table with the import."""
     if data_dir is None and not os.environ.get("HARNESS_DATA_DIR"):
         return None
-    path, kind = resolve_data_dir(Options(data_dir=data_dir))
+    path, kind = resolve_data_dir(data_dir)
     if kind != "real":
         raise HarnessError(f"--data-dir {path}: is the synthetic benchmark; imported results "
                            "are on the real one")
     return str(path)
 
 
-def _fill(run_dir: RunDir, spec: RunSpec, config: dict, accuracy: dict[int, dict]) -> dict:
+def _fill(run_dir: RunDir, spec: RunSpec, config: dict, accuracy: dict[int, dict]) -> Summary:
     write_json(run_dir.config_path, config)
     for stage, values in accuracy.items():
         task = spec.tasks[stage - 1]
@@ -151,7 +152,7 @@ def _fill(run_dir: RunDir, spec: RunSpec, config: dict, accuracy: dict[int, dict
     return finish_run(run_dir, spec, list(spec.tasks), config)
 
 
-def _write_run(target: Path, fill) -> dict:
+def _write_run(target: Path, fill) -> Summary:
     """Build the run in a hidden sibling folder and rename it into place, so that a failure
     leaves the results tree as it was."""
     created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]

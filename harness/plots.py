@@ -14,7 +14,6 @@ global figure list (so nothing leaks over hundreds of runs) and the caller's bac
 from __future__ import annotations
 
 import functools
-import json
 import math
 import warnings
 from collections import defaultdict
@@ -29,6 +28,7 @@ from matplotlib.patches import Rectangle
 
 from harness.errors import HarnessError
 from harness.stats import describe
+from harness.summary import Summary, read_summaries
 from methods.registry import table_entry
 
 STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9,
@@ -61,17 +61,12 @@ def _save(fig: Figure, out_stem: Path) -> list[Path]:
     return paths
 
 
-def _matrix(summary: dict) -> np.ndarray:
-    return np.array([[math.nan if v is None else v for v in row]
-                     for row in summary["accuracy_matrix"]], dtype=float)
-
-
 @_styled
-def accuracy_heatmap(summary: dict, out_stem: Path) -> list[Path]:
+def accuracy_heatmap(summary: Summary, out_stem: Path) -> list[Path]:
     """The accuracy matrix: rows = stages (base, then each trained stage), columns = tasks;
     missing cells are hatched."""
-    R = _matrix(summary)
-    tasks, labels = summary["tasks"], summary["row_labels"]
+    R = summary.matrix()
+    tasks, labels = summary.tasks, summary.row_labels
     n_rows, n_cols = R.shape
     fig = _figure(max(5.0, 2.2 + 0.62 * n_cols), max(3.0, 1.6 + 0.36 * n_rows))
     ax = fig.add_subplot()
@@ -92,35 +87,27 @@ def accuracy_heatmap(summary: dict, out_stem: Path) -> list[Path]:
     ax.set_ylabel("model after stage")
     ax.tick_params(length=0)
     fig.colorbar(image, ax=ax, label="accuracy (%)", ticks=range(0, 101, 20), shrink=0.9)
-    ax.set_title(f"{summary['method']} on {summary['sequence']}, seed {summary['seed']}\n"
-                 f"profile {summary['profile']}, {summary['benchmark']['kind']} benchmark")
+    ax.set_title(f"{summary.method} on {summary.sequence}, seed {summary.seed}\n"
+                 f"profile {summary.profile}, {summary.benchmark['kind']} benchmark")
     return _save(fig, out_stem)
 
 
-def is_joint(summary: dict) -> bool:
-    """A run trained once on the whole sequence (one trained row) has no per-stage curve."""
-    return len(summary["accuracy_matrix"]) != len(summary["tasks"]) + 1
-
-
 @_styled
-def forgetting_curves(summaries: list[dict], out_stem: Path) -> list[Path]:
+def forgetting_curves(summaries: list[Summary], out_stem: Path) -> list[Path]:
     """For one method and sequence: each task's accuracy from the stage that learned it to the
     last stage; the mean over seeds, with a min-max band when there are several."""
     if not summaries:
         raise ValueError("forgetting_curves: no runs given")
     first = summaries[0]
     for s in summaries:
-        if (s["method"], s["sequence"], s["tasks"]) != (first["method"], first["sequence"],
-                                                       first["tasks"]):
+        if (s.method, s.sequence, s.tasks) != (first.method, first.sequence, first.tasks):
             raise ValueError("forgetting_curves: runs must share one method and sequence "
-                             f"(got {s['method']}/{s['sequence']} and "
-                             f"{first['method']}/{first['sequence']})")
-        if is_joint(s):
-            raise ValueError(f"forgetting_curves: {s['method']}/{s['sequence']} seed {s['seed']} "
-                             f"is a joint run (rows {s['row_labels']}): it has no per-stage "
-                             "accuracies to follow")
-    stack = np.stack([_matrix(s) for s in summaries])  # seeds x (T + 1) x T
-    tasks = first["tasks"]
+                             f"(got {s.method}/{s.sequence} and {first.method}/{first.sequence})")
+        if s.joint:  # trained once on the whole sequence: one trained row
+            raise ValueError(f"forgetting_curves: {s.method}/{s.sequence} seed {s.seed} is a joint "
+                             f"run (rows {s.row_labels}): it has no per-stage accuracies to follow")
+    stack = np.stack([s.matrix() for s in summaries])  # seeds x (T + 1) x T
+    tasks = first.tasks
     T = len(tasks)
     fig = _figure(max(7.0, 3.0 + 0.3 * T), 4.4)
     ax = fig.add_subplot()
@@ -146,10 +133,10 @@ def forgetting_curves(summaries: list[dict], out_stem: Path) -> list[Path]:
     ax.set_xlabel("stage (tasks learned so far)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
-    seeds = sorted(s["seed"] for s in summaries)
+    seeds = sorted(s.seed for s in summaries)
     band = "\nline: mean over seeds; band: min to max" if len(seeds) > 1 else ""
-    ax.set_title(f"{first['method']} on {first['sequence']}: each task's accuracy after it is "
-                 f"learned\nprofile {first['profile']}, {first['benchmark']['kind']} benchmark, "
+    ax.set_title(f"{first.method} on {first.sequence}: each task's accuracy after it is "
+                 f"learned\nprofile {first.profile}, {first.benchmark['kind']} benchmark, "
                  f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}{band}")
     # Beside the axes, below the title's height: constrained layout makes room for it.
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0,
@@ -232,25 +219,18 @@ def write_all(results: Path, out_dir: Path, profile: str | None = None) -> list[
     results, out_dir = Path(results), Path(out_dir)
     if not results.is_dir():
         raise HarnessError(f"--results {results}: no such directory")
-    summaries = []
-    for path in sorted(results.glob("*/*/*/seed*/summary.json")):
-        try:
-            summary = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise HarnessError(f"{path}: corrupt summary ({type(exc).__name__}: {exc})") from exc
-        if not profile or summary["profile"] == profile:
-            summaries.append(summary)
+    summaries = read_summaries(results, profile)
     written = []
     curves = defaultdict(list)
     for s in summaries:
         written += accuracy_heatmap(s, out_dir / "heatmaps" /
-                                    f"{s['profile']}-{s['method']}-{s['sequence']}-seed{s['seed']}")
-        if not is_joint(s):
-            curves[s["profile"], s["method"], s["sequence"]].append(s)
+                                    f"{s.profile}-{s.method}-{s.sequence}-seed{s.seed}")
+        if not s.joint:
+            curves[s.profile, s.method, s.sequence].append(s)
     for (prof, method, sequence), group in sorted(curves.items()):
         written += forgetting_curves(group, out_dir / "forgetting" / f"{prof}-{method}-{sequence}")
-    runs = pd.DataFrame([{"profile": s["profile"], "kind": s["benchmark"]["kind"],
-                          "method": s["method"], "AA": s["metrics"].get("AA")}
+    runs = pd.DataFrame([{"profile": s.profile, "kind": s.benchmark["kind"],
+                          "method": s.method, "AA": s.metrics.get("AA")}
                          for s in summaries], columns=["profile", "kind", "method", "AA"])
     runs["AA"] = pd.to_numeric(runs["AA"], errors="coerce")  # null AA -> NaN, left out
     for (prof, kind), group in runs.groupby(["profile", "kind"], sort=True):

@@ -1,4 +1,5 @@
-"""One run (a method on a task sequence with a seed and a profile), and sweeps of runs."""
+"""One run: a method on a task sequence, with a seed and a profile, trained stage by stage and
+evaluated after each (the accuracy matrix), resumable at any stage boundary."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import platform
 import random
 import shutil
@@ -19,22 +19,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from harness import faults, metrics
+from harness import faults
 from harness.backbone import EmbeddedSpec, embedded_backbone_dir, load_backbone
 from harness.benchmark import Task, load_benchmark
-from harness.data import TaskData, load_instructions, load_task
+from harness.data import TaskData, load_instructions, load_task, resolve_data_dir
 from harness.distributed import SINGLE, World, device_for
 from harness.errors import HarnessError
 from harness.evaluator import evaluate_task
 from harness.models import resolve_model
-from harness.paths import synthetic_data_dir
 from harness.profiles import Profile, load_profile
-from harness.param_metrics import parameter_metrics
-from harness.store import DELTAS, LOCK, RunDir, read_json, stage_name, write_atomic, write_json
-from harness.synthetic import ensure_synthetic, is_synthetic
+from harness.store import LOCK, RunDir, RunSpec, read_json, stage_name, write_json
+from harness.summary import Summary, finish_run, read_summary, stage_predictions
 from harness.textio import Batcher
 from harness.trainer import FitSettings, fit
 from methods import registry
@@ -45,21 +42,6 @@ log = logging.getLogger(__name__)
 
 class RunBusy(HarnessError):
     """The run folder is locked by another process (a parallel shard or job)."""
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    method: str
-    tasks: tuple[str, ...]
-    seed: int
-    profile: str
-    order: int | None = None          # None for a custom --tasks sequence
-
-    @property
-    def sequence_name(self) -> str:
-        if self.order is not None:
-            return f"order{self.order}"
-        return "tasks-" + "+".join(self.tasks)
 
 
 @dataclass(frozen=True)
@@ -78,18 +60,6 @@ class Options:
     deepspeed_config: str | None = None       # a shipped name or a file; None: the profile's
     eval_scope: str = "all"                   # "all" tasks after every stage, or "seen+next"
     eval_split: str = "test"                  # or "heldout": train.json records not trained on
-
-
-def resolve_data_dir(options: Options) -> tuple[Path, str]:
-    """The data dir to use, and what it is ("synthetic" or "real")."""
-    data_dir = options.data_dir or (Path(os.environ["HARNESS_DATA_DIR"])
-                                    if os.environ.get("HARNESS_DATA_DIR") else None)
-    if data_dir is None:
-        return ensure_synthetic(synthetic_data_dir()), "synthetic"
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise HarnessError(f"--data-dir {data_dir}: no such directory")
-    return data_dir.resolve(), "synthetic" if is_synthetic(data_dir) else "real"
 
 
 def stage_seed(seed: int, stage: int) -> int:
@@ -117,7 +87,7 @@ class Runner:
             self.engine_config = load_config(options.deepspeed_config or profile.deepspeed_config,
                                              profile, world.size)
         self.benchmark = load_benchmark()
-        self.data_dir, self.data_kind = resolve_data_dir(options)
+        self.data_dir, self.data_kind = resolve_data_dir(options.data_dir)
         self.instructions = load_instructions(self.data_dir)
         self._data: dict[str, TaskData] = {}
         self._model_path: str | None = None
@@ -198,11 +168,10 @@ class Runner:
         return config
 
     def run_dir(self, spec: RunSpec) -> RunDir:
-        return RunDir(self.options.results / spec.profile / spec.method / spec.sequence_name /
-                      f"seed{spec.seed}")
+        return RunDir(spec.folder(self.options.results))
 
     # -- one run -------------------------------------------------------------------------------
-    def run(self, spec: RunSpec, force: bool = False) -> dict:
+    def run(self, spec: RunSpec, force: bool = False) -> Summary:
         """Train and evaluate one run, resuming it if it was interrupted. Only one process at a
         time works on a run folder (an advisory lock inside it); another gets RunBusy."""
         run_dir = self.run_dir(spec)
@@ -240,7 +209,7 @@ class Runner:
         except BlockingIOError:
             raise RunBusy(f"{run_dir.path}: another process is running it") from None
 
-    def _run(self, spec: RunSpec, run_dir: RunDir, force: bool, held: ExitStack) -> dict:
+    def _run(self, spec: RunSpec, run_dir: RunDir, force: bool, held: ExitStack) -> Summary:
         method = self.create_method(spec.method)
         config = self.run_config(spec, method.recorded_config())
         finished = self._finished(run_dir, config, force)
@@ -273,12 +242,12 @@ class Runner:
         summary = finish_run(run_dir, spec, [t.name for t in tasks], config) if self.world.main else None
         return self.world.broadcast(summary)
 
-    def _finished(self, run_dir: RunDir, config: dict, force: bool) -> dict | None:
+    def _finished(self, run_dir: RunDir, config: dict, force: bool) -> Summary | None:
         """The summary of a complete run of this configuration (to skip it); refuses a folder
         that holds another configuration's run."""
         if run_dir.is_complete() and not force:
-            summary = read_json(run_dir.summary_path)
-            if summary.get("fingerprint") != config["fingerprint"]:
+            summary = read_summary(run_dir.summary_path)
+            if summary.fingerprint != config["fingerprint"]:
                 raise HarnessError(
                     f"{run_dir.summary_path}: a complete run of another configuration is here; "
                     "use another --results folder, or --force to replace it")
@@ -289,13 +258,13 @@ class Runner:
         return None
 
     def _claim_on_every_rank(self, run_dir: RunDir, config: dict, force: bool,
-                             held: ExitStack) -> dict | None:
+                             held: ExitStack) -> Summary | None:
         """Rank 0 claims the folder and the others follow it: None to go on, the summary if the
         run was completed meanwhile; RunBusy if another process holds it."""
         status = self._claim(run_dir, config, force, held) if self.world.main else None
         status = self.world.broadcast(status)
         if status == "complete":
-            return read_json(run_dir.summary_path)
+            return read_summary(run_dir.summary_path)
         if status is not None:
             raise RunBusy(status)
         self.world.barrier()
@@ -455,68 +424,6 @@ class StageEvaluation:
         self.method.select_for_eval(self.ctx, None)
         self.row = accuracy
         return accuracy, predictions, time.perf_counter() - start
-
-
-def stage_predictions(stage_dir: Path) -> dict[str, list[dict]]:
-    """A stage's prediction records, by task."""
-    by_task: dict[str, list[dict]] = {}
-    with open(stage_dir / "predictions.jsonl", encoding="utf-8") as fh:
-        for line in fh:
-            record = json.loads(line)
-            by_task.setdefault(record["task"], []).append(record)
-    return by_task
-
-
-def run_parameter_metrics(folders: list[Path], n_trained: int) -> dict | None:
-    """Parameter metrics from the trained stages' stored deltas; None unless every stage has them."""
-    paths = [d / DELTAS for d in folders if not d.name.startswith("stage_00-")]
-    if len(paths) != n_trained or not all(p.exists() for p in paths):
-        return None
-    return parameter_metrics([load_file(str(p)) for p in paths])
-
-
-def finish_run(run_dir: RunDir, spec: RunSpec, names: list[str], config: dict) -> dict:
-    """Write accuracy_matrix.csv and summary.json from the run's complete stage folders (also used
-    for runs imported from other codebases). A stage that is missing leaves NaN cells."""
-    folders = run_dir.stage_folders()
-    rows = [read_json(d / "metrics.json") for d in folders]
-    by_stage = {row["stage"]: row for row in rows}
-    joint = any(row.get("task") == "all" for row in rows)  # one stage on the whole sequence
-    n_rows = 2 if joint else len(names) + 1
-    R = np.full((n_rows, len(names)), np.nan)
-    for i in range(n_rows):
-        if i in by_stage:
-            R[i] = [by_stage[i]["accuracy"].get(n, np.nan) for n in names]
-    labels = ["base"] + (["all"] if joint else list(names))
-    lines = ["stage," + ",".join(names)]
-    for i, values in enumerate(R):
-        label = "base" if i == 0 else f"{i}-{labels[i]}"
-        lines.append(label + "," + ",".join("" if np.isnan(v) else f"{v:.2f}" for v in values))
-    write_atomic(run_dir.path / "accuracy_matrix.csv", "\n".join(lines) + "\n")
-    train_seconds = sum(r.get("train", {}).get("seconds", 0.0) for r in rows)
-    eval_seconds = sum(r.get("eval_seconds", 0.0) for r in rows)
-    summary = {
-        "method": spec.method, "sequence": spec.sequence_name, "order": spec.order,
-        "tasks": names, "seed": spec.seed, "profile": spec.profile,
-        "benchmark": config["benchmark"], "model": config["model"],
-        "metrics": {k: (None if np.isnan(v) else round(v, 4))
-                    for k, v in metrics.summarize(R).items()},
-        "stage_average_accuracy": [  # AA_i: mean over the tasks seen after stage i
-            None if np.isnan(seen).any() else round(float(np.mean(seen)), 4)
-            for i in range(1, len(R))
-            for seen in [R[i, :i] if len(R) == len(names) + 1 else R[i]]],
-        "accuracy_matrix": [[None if np.isnan(v) else v for v in row] for row in R.tolist()],
-        "row_labels": labels,
-        "missing_stages": [i for i in range(n_rows) if i not in by_stage],
-        "parameter_metrics": run_parameter_metrics(folders, n_rows - 1),
-        "train_seconds": round(train_seconds, 3), "eval_seconds": round(eval_seconds, 3),
-        "wall_seconds": round(train_seconds + eval_seconds, 3),
-        "fingerprint": config["fingerprint"],
-        "threads": torch.get_num_threads(),
-    }
-    faults.point("summary")
-    write_json(run_dir.summary_path, summary)
-    return summary
 
 
 def runner_for(profile_name: str, options: Options, world: World = SINGLE) -> Runner:

@@ -81,6 +81,26 @@ DELTAS = "deltas.safetensors"
 LOCK = ".lock"
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """What names a run: its folder is `<results>/<profile>/<method>/<sequence>/seed<s>/`."""
+
+    method: str
+    tasks: tuple[str, ...]
+    seed: int
+    profile: str
+    order: int | None = None          # None for a custom --tasks sequence
+
+    @property
+    def sequence_name(self) -> str:
+        if self.order is not None:
+            return f"order{self.order}"
+        return "tasks-" + "+".join(self.tasks)
+
+    def folder(self, results: Path) -> Path:
+        return Path(results) / self.profile / self.method / self.sequence_name / f"seed{self.seed}"
+
+
 def stage_name(stage: int, task: str) -> str:
     return f"stage_{stage:02d}-{task}"
 

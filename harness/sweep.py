@@ -11,16 +11,16 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from harness.store import RunSpec
+
 if TYPE_CHECKING:  # pragma: no cover
-    from harness.runner import RunSpec
+    from harness.summary import Summary
 
 
 def expand(methods: list[str], sequences: list[tuple[int | None, tuple[str, ...]]], seeds: list[int],
            profile: str, shard: tuple[int, int] | None = None) -> list[RunSpec]:
     """Every run, sequence-major; `shard` (i, N) keeps every N-th from the i-th, so the shards
     get similar mixes of methods and sequences."""
-    from harness.runner import RunSpec
-
     specs = [RunSpec(method=m, tasks=tuple(seq), seed=s, profile=profile, order=k)
              for (k, seq) in sequences for m in methods for s in seeds]
     if shard:
@@ -65,11 +65,11 @@ def without(argv: list[str], options: tuple[str, ...], flags: tuple[str, ...] = 
     return out
 
 
-def result_line(spec: RunSpec, summary: dict) -> str:
-    m = summary["metrics"]
+def result_line(spec: RunSpec, summary: "Summary") -> str:
+    m = summary.metrics
     bwt = m.get("BWT") if m.get("BWT") is None else round(m["BWT"], 2)
     return (f"{spec.method:10s} {spec.sequence_name:12s} seed{spec.seed}  AA {m['AA']:.2f}  "
-            f"BWT {bwt}  ({summary['wall_seconds']:.1f}s)")
+            f"BWT {bwt}  ({summary.wall_seconds:.1f}s)")
 
 
 def run_here(runner, specs: list[RunSpec], *, force: bool, progress: bool, world) -> int:

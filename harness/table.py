@@ -9,7 +9,6 @@ Three tables, each rendered to markdown, LaTeX or CSV and headed by where its nu
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import scipy.stats
 from harness import stats
 from harness.errors import HarnessError
 from harness.paths import PROJECT_ROOT
+from harness.summary import read_summaries
 from methods.registry import table_entry
 
 BASELINES_DIR = PROJECT_ROOT / "baselines"
@@ -48,29 +48,19 @@ def order_group(sequence: str) -> str:
 
 def load_summaries(results: Path, profile: str | None = None) -> pd.DataFrame:
     """One row per complete run: identity, metrics and parameter metrics."""
-    rows = []
     root = Path(results)
     if not root.is_dir():
         raise HarnessError(f"--results {root}: no such directory")
-    for path in sorted(root.glob("*/*/*/seed*/summary.json")):
-        try:
-            summary = json.loads(path.read_text())
-            if profile and summary["profile"] != profile:
-                continue
-            params = summary.get("parameter_metrics") or {}
-            rows.append({"profile": summary["profile"], "method": summary["method"],
-                         "sequence": summary["sequence"], "order": summary.get("order"),
-                         "seed": summary["seed"], "model": summary.get("model", ""),
-                         "kind": summary["benchmark"]["kind"],
-                         "benchmark": f"{summary['benchmark']['kind']} "
-                                      f"({summary['benchmark']['data_dir']})"
-                                      + (f" [{summary['benchmark']['split']} split]"
-                                         if "split" in summary["benchmark"] else ""),
-                         **{k: v for k, v in summary["metrics"].items()},
-                         **{k: params.get(k) for k in PARAMETER_METRICS},
-                         "path": str(path.parent)})
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise HarnessError(f"{path}: corrupt summary ({type(exc).__name__}: {exc})") from exc
+    rows = []
+    for s in read_summaries(root, profile):
+        bench = s.benchmark
+        split = f" [{bench['split']} split]" if "split" in bench else ""
+        params = s.parameter_metrics or {}
+        rows.append({"profile": s.profile, "method": s.method, "sequence": s.sequence,
+                     "order": s.order, "seed": s.seed, "model": s.model or "",
+                     "kind": bench["kind"], "benchmark": f"{bench['kind']} ({bench.get('data_dir')}){split}",
+                     **s.metrics, **{k: params.get(k) for k in PARAMETER_METRICS},
+                     "path": str(s.folder)})
     df = pd.DataFrame(rows)
     for column in METRICS + PARAMETER_METRICS:
         if column in df:

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from harness import plots
+from harness.summary import Summary
 
 TASKS = ["a", "b", "c", "d"]
 
@@ -22,19 +23,18 @@ def make_summary(method, sequence="order1", seed=0, profile="default", kind="syn
                             for j in range(4)] for i in range(1, 5)]
     if missing:
         R[missing[0]][missing[1]] = None
-    return {"method": method, "sequence": sequence, "order": int(sequence[-1]), "seed": seed,
+    return Summary.from_json({"method": method, "sequence": sequence, "order": int(sequence[-1]), "seed": seed,
             "profile": profile, "tasks": TASKS, "model": "embedded",
             "benchmark": {"kind": kind, "data_dir": "/data"},
             "accuracy_matrix": R, "row_labels": ["base", "all"] if joint else ["base"] + TASKS,
             "metrics": {"AA": AA, "BWT": None if missing else -5.0},
-            "stage_average_accuracy": [AA] * (1 if joint else 4)}
+            "stage_average_accuracy": [AA] * (1 if joint else 4)}, "test")
 
 
 def write(root, summary):
-    folder = (root / summary["profile"] / summary["method"] / summary["sequence"]
-              / f"seed{summary['seed']}")
+    folder = root / summary.profile / summary.method / summary.sequence / f"seed{summary.seed}"
     folder.mkdir(parents=True)
-    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "summary.json").write_text(json.dumps(summary.to_json()))
 
 
 @pytest.fixture

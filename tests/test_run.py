@@ -1,8 +1,8 @@
 """End to end through the CLI: results layout, determinism, resume, skip, bad arguments."""
 
 import json
-import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -193,7 +193,7 @@ def test_shards_split_the_sweep_into_disjoint_parts(synthetic_dir, tmp_path, mon
 
     def record(self, spec, force=False):
         seen.setdefault(current, []).append((spec.method, spec.order, spec.seed))
-        return {"metrics": {"AA": 0.0}, "wall_seconds": 0.0}
+        return SimpleNamespace(metrics={"AA": 0.0}, wall_seconds=0.0)
 
     monkeypatch.setattr(Runner, "run", record)
     args = ["run", "--all", "--methods", "seqlora,inclora", "--orders", "1-3", "--seeds", "0-1",

@@ -1,0 +1,184 @@
+"""`summary.json`, the results store's record of one finished run: its schema, how it is made
+from a run folder's stages (`finish_run`) and how it is read back (`read_summary`,
+`read_summaries`). Tables, plots and the importer go through this module only.
+
+Fields (percentages are exact-match accuracies, 0-100; null where a cell or metric is missing):
+
+- `method`, `sequence` (`order<k>` or `tasks-a+b+...`), `order` (null for a custom sequence),
+  `tasks` (in training order), `seed`, `profile`, `model` (as given: a path, a name or a hub id);
+- `benchmark`: `kind` ("synthetic" or "real"), `data_dir`, and `split` when not "test";
+- `metrics`: AA, LA, BWT, FWT, forgetting (harness.metrics), over `accuracy_matrix`;
+- `stage_average_accuracy`: AA_i, the mean over the tasks seen after stage i;
+- `accuracy_matrix`: R, one row per stage (row 0: the untrained model), one column per task;
+  `row_labels` names the rows ("base", then the task trained, or "all" for a joint run);
+- `missing_stages`: rows with no complete stage folder (their cells are null);
+- `parameter_metrics`: harness.param_metrics over the stored per-task deltas, or null;
+- `train_seconds`, `eval_seconds`, `wall_seconds`, `threads` (torch's, in the writing process);
+- `fingerprint`: the hash of the run's configuration (config.json), which decides whether a later
+  command may resume or skip the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from harness import faults, metrics
+from harness.errors import HarnessError
+from harness.param_metrics import parameter_metrics
+from harness.store import DELTAS, RunDir, RunSpec, read_json, write_atomic, write_json
+
+REQUIRED = ("method", "sequence", "tasks", "seed", "profile", "benchmark", "metrics",
+            "accuracy_matrix")
+
+
+@dataclass(kw_only=True)
+class Summary:
+    method: str
+    sequence: str
+    order: int | None = None
+    tasks: list[str]
+    seed: int
+    profile: str
+    benchmark: dict[str, Any]
+    model: str | None = None
+    metrics: dict[str, float | None]
+    stage_average_accuracy: list[float | None] = field(default_factory=list)
+    accuracy_matrix: list[list[float | None]]
+    row_labels: list[str] = field(default_factory=list)
+    missing_stages: list[int] = field(default_factory=list)
+    parameter_metrics: dict[str, Any] | None = None
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    fingerprint: str = ""
+    threads: int | None = None
+    # The run folder it was read from (not part of the file).
+    folder: Path | None = field(default=None, repr=False, compare=False, metadata={"stored": False})
+
+    @property
+    def joint(self) -> bool:
+        """One training stage on the whole sequence (R has a base row and one more)."""
+        return len(self.accuracy_matrix) != len(self.tasks) + 1
+
+    def matrix(self) -> np.ndarray:
+        """R as floats, NaN for a missing cell."""
+        return np.array([[np.nan if v is None else v for v in row] for row in self.accuracy_matrix],
+                        dtype=float)
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata.get("stored", True)}
+
+    @classmethod
+    def from_json(cls, data: Any, source: Path | str) -> "Summary":
+        """A summary from its JSON form; a file that is not one is refused, naming it. Fields this
+        version does not know are ignored, so newer files stay readable."""
+        if not isinstance(data, dict):
+            raise HarnessError(f"{source}: corrupt summary (not a JSON object)")
+        missing = [k for k in REQUIRED if k not in data]
+        if missing:
+            raise HarnessError(f"{source}: corrupt summary (no {', '.join(missing)})")
+        known = {f.name for f in dataclasses.fields(cls) if f.metadata.get("stored", True)}
+        summary = cls(**{k: v for k, v in data.items() if k in known})
+        if not (isinstance(summary.metrics, dict) and isinstance(summary.benchmark, dict)
+                and "kind" in summary.benchmark and isinstance(summary.tasks, list)
+                and all(isinstance(row, list) and len(row) == len(summary.tasks)
+                        for row in summary.accuracy_matrix)):
+            raise HarnessError(f"{source}: corrupt summary (metrics, benchmark, tasks and "
+                               "accuracy_matrix do not fit together)")
+        if not summary.row_labels:
+            summary.row_labels = ["base"] + (["all"] if summary.joint else list(summary.tasks))
+        return summary
+
+
+def read_summary(path: Path) -> Summary:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HarnessError(f"{path}: corrupt summary ({type(exc).__name__}: {exc})") from exc
+    summary = Summary.from_json(data, path)
+    summary.folder = path.parent
+    return summary
+
+
+def read_summaries(results: Path, profile: str | None = None) -> list[Summary]:
+    """Every finished run under `results` (of `profile`, if given), in path order. Runs without a
+    summary.json are unfinished and left out."""
+    summaries = [read_summary(p) for p in sorted(Path(results).glob("*/*/*/seed*/summary.json"))]
+    return [s for s in summaries if not profile or s.profile == profile]
+
+
+def stage_predictions(stage_dir: Path) -> dict[str, list[dict]]:
+    """A stage's prediction records, by task."""
+    by_task: dict[str, list[dict]] = {}
+    with open(stage_dir / "predictions.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            record = json.loads(line)
+            by_task.setdefault(record["task"], []).append(record)
+    return by_task
+
+
+def run_parameter_metrics(folders: list[Path], n_trained: int) -> dict | None:
+    """Parameter metrics from the trained stages' stored deltas; None unless every stage has them."""
+    paths = [d / DELTAS for d in folders if not d.name.startswith("stage_00-")]
+    if len(paths) != n_trained or not all(p.exists() for p in paths):
+        return None
+    return parameter_metrics([load_file(str(p)) for p in paths])
+
+
+def _accuracy_matrix(rows: list[dict], names: list[str]) -> tuple[np.ndarray, list[str], list[int]]:
+    """R from the stage folders' metrics (NaN where a stage is missing), its row labels and the
+    missing rows."""
+    by_stage = {row["stage"]: row for row in rows}
+    joint = any(row.get("task") == "all" for row in rows)  # one stage on the whole sequence
+    n_rows = 2 if joint else len(names) + 1
+    R = np.full((n_rows, len(names)), np.nan)
+    for i in range(n_rows):
+        if i in by_stage:
+            R[i] = [by_stage[i]["accuracy"].get(n, np.nan) for n in names]
+    labels = ["base"] + (["all"] if joint else list(names))
+    return R, labels, [i for i in range(n_rows) if i not in by_stage]
+
+
+def _write_matrix_csv(run_dir: RunDir, R: np.ndarray, labels: list[str], names: list[str]) -> None:
+    lines = ["stage," + ",".join(names)]
+    for i, values in enumerate(R):
+        label = "base" if i == 0 else f"{i}-{labels[i]}"
+        lines.append(label + "," + ",".join("" if np.isnan(v) else f"{v:.2f}" for v in values))
+    write_atomic(run_dir.path / "accuracy_matrix.csv", "\n".join(lines) + "\n")
+
+
+def finish_run(run_dir: RunDir, spec: RunSpec, names: list[str], config: dict) -> Summary:
+    """Write accuracy_matrix.csv and summary.json from the run's complete stage folders (also used
+    for runs imported from other codebases). A stage that is missing leaves NaN cells."""
+    folders = run_dir.stage_folders()
+    rows = [read_json(d / "metrics.json") for d in folders]
+    R, labels, missing = _accuracy_matrix(rows, names)
+    _write_matrix_csv(run_dir, R, labels, names)
+    train_seconds = sum(r.get("train", {}).get("seconds", 0.0) for r in rows)
+    eval_seconds = sum(r.get("eval_seconds", 0.0) for r in rows)
+    summary = Summary(
+        method=spec.method, sequence=spec.sequence_name, order=spec.order, tasks=names,
+        seed=spec.seed, profile=spec.profile, benchmark=config["benchmark"], model=config["model"],
+        metrics={k: (None if np.isnan(v) else round(v, 4)) for k, v in metrics.summarize(R).items()},
+        stage_average_accuracy=[  # AA_i: mean over the tasks seen after stage i
+            None if np.isnan(seen).any() else round(float(np.mean(seen)), 4)
+            for i in range(1, len(R))
+            for seen in [R[i, :i] if len(R) == len(names) + 1 else R[i]]],
+        accuracy_matrix=[[None if np.isnan(v) else v for v in row] for row in R.tolist()],
+        row_labels=labels, missing_stages=missing,
+        parameter_metrics=run_parameter_metrics(folders, len(R) - 1),
+        train_seconds=round(train_seconds, 3), eval_seconds=round(eval_seconds, 3),
+        wall_seconds=round(train_seconds + eval_seconds, 3),
+        fingerprint=config["fingerprint"], threads=torch.get_num_threads())
+    faults.point("summary")
+    write_json(run_dir.summary_path, summary.to_json())
+    return summary
