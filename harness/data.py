@@ -141,6 +141,31 @@ class TaskData:
     unlabelled_in_test: int   # test records whose label is outside the label set (kept or dropped)
 
 
+def read_labelled(data_dir: Path, task: Task, split: str,
+                  drop_unlabelled: bool) -> tuple[list[dict], int]:
+    """A split's records (each with its `index` in the file) and how many have a label outside
+    labels.json: refused in train, kept (or dropped) and reported in test (see `load_task`)."""
+    label_set = set(task.labels)
+    records = [dict(r, index=i) for i, r in enumerate(read_split(data_dir, task, split))]
+    outside = [r for r in records if r["label"] not in label_set]
+    if outside:
+        path = data_dir / task.folder / f"{split}.json"
+        seen = sorted({r["label"] for r in outside})[:5]
+        if split == "train" and not drop_unlabelled:
+            raise HarnessError(
+                f"{path}: {len(outside)} records have labels outside labels.json "
+                f"(e.g. {seen}); fix the data or pass --drop-unlabelled")
+        action = "dropped (--drop-unlabelled)" if drop_unlabelled else \
+            "kept and scored as errors, as the reference does"
+        log.warning("%s: %d records with labels outside labels.json %s: %s",
+                    path, len(outside), seen, action)
+        if drop_unlabelled:
+            records = [r for r in records if r["label"] in label_set]
+            if not records:
+                raise HarnessError(f"{path}: no records left after dropping unlabelled ones")
+    return records, len(outside)
+
+
 def load_task(data_dir: Path, task: Task, instructions: dict[str, str], *,
               train_per_task: int | None = None, test_per_task: int | None = None,
               seed: int = 0, drop_unlabelled: bool = False,
@@ -161,27 +186,6 @@ def load_task(data_dir: Path, task: Task, instructions: dict[str, str], *,
         raise HarnessError(
             f"{data_dir / 'instruction_config.json'}: no instruction for category {task.category!r}")
     instruction = instructions.get(task.category)
-    label_set = set(task.labels)
-
-    def read(split: str) -> tuple[list[dict], int]:
-        records = [dict(r, index=i) for i, r in enumerate(read_split(data_dir, task, split))]
-        outside = [r for r in records if r["label"] not in label_set]
-        if outside:
-            path = data_dir / task.folder / f"{split}.json"
-            seen = sorted({r["label"] for r in outside})[:5]
-            if split == "train" and not drop_unlabelled:
-                raise HarnessError(
-                    f"{path}: {len(outside)} records have labels outside labels.json "
-                    f"(e.g. {seen}); fix the data or pass --drop-unlabelled")
-            action = "dropped (--drop-unlabelled)" if drop_unlabelled else \
-                "kept and scored as errors, as the reference does"
-            log.warning("%s: %d records with labels outside labels.json %s: %s",
-                        path, len(outside), seen, action)
-            if drop_unlabelled:
-                records = [r for r in records if r["label"] in label_set]
-                if not records:
-                    raise HarnessError(f"{path}: no records left after dropping unlabelled ones")
-        return records, len(outside)
 
     def dataset(records: list[dict]) -> datasets.Dataset:
         return datasets.Dataset.from_dict({
@@ -190,7 +194,7 @@ def load_task(data_dir: Path, task: Task, instructions: dict[str, str], *,
             "index": [r["index"] for r in records],
         })
 
-    records, _ = read("train")
+    records, _ = read_labelled(data_dir, task, "train", drop_unlabelled)
     train = stratified_sample(records, train_per_task, seed)
     if eval_split == "heldout":
         chosen = {r["index"] for r in train}
@@ -200,7 +204,7 @@ def load_task(data_dir: Path, task: Task, instructions: dict[str, str], *,
                                f"held-out split; set --train-per-task below {len(records)}")
         test, n_outside = stratified_sample(rest, test_per_task, seed + 1), 0
     else:
-        test, n_outside = read("test")
+        test, n_outside = read_labelled(data_dir, task, "test", drop_unlabelled)
         test = stratified_sample(test, test_per_task, seed + 1)
     return TaskData(task=task, train=dataset(train), test=dataset(test), unlabelled_in_test=n_outside)
 
