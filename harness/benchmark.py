@@ -44,6 +44,12 @@ class Benchmark:
         return self.orders[k]
 
     def sequence(self, names: list[str]) -> tuple[Task, ...]:
+        """The tasks of a sequence, each once: a task's column in the accuracy matrix, its data and
+        its adapter are named by the task."""
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise HarnessError(f"--tasks {','.join(names)}: {', '.join(twice)} appears more than "
+                               "once; a sequence holds each task once")
         return tuple(self.task(n) for n in names)
 
 
