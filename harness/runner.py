@@ -219,10 +219,11 @@ class Runner:
         tasks = self.benchmark.sequence(list(spec.tasks))
         data = {t.name: self.task_data(t) for t in tasks}
         backbone = load_backbone(self.model_path())
+        ctx = self._context(spec, tasks, data, backbone)
+        method.check(ctx)
         finished = self._claim_on_every_rank(run_dir, config, force, held)
         if finished is not None:
             return finished
-        ctx = self._context(spec, tasks, data, backbone)
         seed_everything(spec.seed)  # after the backbone is in place, whether built or cached
         evaluate = partial(evaluate_task, batcher=ctx.batcher, batch_size=self.profile.eval_batch_size,
                            max_new_tokens=self.profile.max_new_tokens, world=self.world,

@@ -126,6 +126,10 @@ class Method:
         after the base row, and every task is evaluated after it)."""
         return [task.name for task in ctx.tasks]
 
+    def check(self, ctx: Context) -> None:
+        """Refuse a backbone this method cannot train (a shape its terms need), before anything of
+        the run is written: called once the model is loaded, before the run folder is claimed."""
+
     def setup(self, ctx: Context) -> None:
         """Wrap or prepare the backbone, once per run (before stage 0 is evaluated)."""
 

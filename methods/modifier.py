@@ -33,6 +33,9 @@ class Modifier(Method):
     # A modifier reads the whole gradient between its two passes (ZeRO-2 partitions it away).
     own_max_zero_stage: int = 0
 
+    def check(self, ctx):
+        self.base.check(ctx)
+
     def setup(self, ctx):
         self.base.setup(ctx)
 

@@ -16,7 +16,7 @@ import torch
 from harness.errors import HarnessError
 from methods.base import Context
 from methods.inclora import IncLoRA, branch_name
-from methods.lora import lora_layers
+from methods.lora import lora_config, lora_layers, matching_modules
 from methods.olora import stage_lambdas
 
 L1_FORMS = ("code_rxr", "paper_full")
@@ -58,6 +58,17 @@ class NLoRA(IncLoRA):
         self.number("lambda1", 0.0, low=0)
         self.lambda1 = 0.0  # this stage's (per-task values may replace it)
         self.new_branches: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+
+    def check(self, ctx: Context) -> None:
+        if self.l1_form != "code_rxr":
+            return
+        targets = lora_config(ctx, self.config).target_modules
+        for name in matching_modules(ctx.model, targets):
+            weight = ctx.model.get_submodule(name).weight
+            if weight.shape[0] != weight.shape[1]:
+                raise HarnessError(
+                    f"nlora: l1_form code_rxr needs square layers (d_in = d_out); {name} maps "
+                    f"{weight.shape[1]} -> {weight.shape[0]}; use --set method.l1_form='paper_full'")
 
     def before_task(self, ctx: Context) -> None:
         super().before_task(ctx)

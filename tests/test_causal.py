@@ -96,3 +96,27 @@ def test_lwf_distils_the_logits_that_predict_the_labels(synthetic_dir, llama_dir
         moved = method.penalty(ctx, batch, type("Out", (), {"logits": student})()).item()
         student[:, :, 0] = (~predicts).float() * 3.0  # differs everywhere else
         assert moved > 0 and method.penalty(ctx, batch, type("Out", (), {"logits": student})()).item() == 0
+
+
+def test_a_method_that_cannot_train_the_backbone_stops_before_the_run_is_written(
+        synthetic_dir, llama_dir, tmp_path, capsys):
+    """N-LoRA's reference term needs square adapted layers; grouped-query attention makes v_proj
+    narrower (here 32 -> 16), so the run stops with one line before its folder is created."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(llama_dir)
+    config.num_key_value_heads = 1
+    torch.manual_seed(0)
+    gqa = tmp_path / "gqa"
+    LlamaForCausalLM(config).save_pretrained(gqa)
+    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(gqa)
+    results = tmp_path / "r"
+    args = ["run", "--method", "nlora", "--tasks", "IMDB,SST-2", "--model", str(gqa), "--data-dir",
+            str(synthetic_dir), "--results", str(results), "--train-per-task", "16",
+            "--test-per-task", "8", "--no-progress"]
+    capsys.readouterr()  # transformers' bar while saving the model
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "v_proj maps 32 -> 16" in err and "paper_full" in err
+    assert not results.exists()
+    assert main(args + ["--set", "method.l1_form='paper_full'"]) == 0  # the paper's form fits
