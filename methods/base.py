@@ -57,9 +57,10 @@ class SettingError(HarnessError):
 class Method:
     """Base class of every method plugin. Subclasses set `name` and override hooks.
 
-    Hook order per run: `setup` once; then per stage `before_task`, `training_data`,
-    `trainable_parameters`, `make_optimizer`, training steps (`step` wraps a closure that runs
-    forward and backward, adding `penalty`), `after_task`; evaluation follows each stage.
+    Hook order per run: `check` and `setup` once; then per stage (`stages` names them)
+    `before_task`, `training_data`, `trainable_parameters`, `make_optimizer`, training steps
+    (`step` wraps a closure that runs forward and backward, adding `penalty`), `after_task`,
+    `task_deltas`; evaluation follows each stage (`select_for_eval`, `evaluates_as_before`).
     `state_dict`/`load_state_dict` carry what a resumed run needs beyond the model's tensors.
     """
 
