@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,12 +14,14 @@ from safetensors.torch import load_file
 from harness import models
 from harness.backbone import load_backbone
 from harness.benchmark import load_benchmark
-from harness.cli import main
 from harness.data import load_instructions, load_task
 from harness.evaluator import evaluate_task
 from harness.store import sha256
 from harness.textio import Batcher
 from tests.conftest import SHARED_DATA
+
+# One xdist worker runs this module: the model is converted and loaded once, not once per worker.
+pytestmark = pytest.mark.xdist_group("smollm2")
 
 
 @pytest.fixture(scope="module")
