@@ -19,10 +19,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from harness.benchmark import load_benchmark
-from harness.data import read_json_file
+from harness.data import read_json_file, resolve_data_dir
 from harness.errors import HarnessError
 from harness.profiles import load_profile
-from harness.data import resolve_data_dir
 from harness.store import RunDir, RunSpec, stage_name, write_json
 from harness.summary import Summary, finish_run
 

@@ -233,13 +233,13 @@ class Runner:
             self._write_base_row(ctx, run_dir, evaluate)
         method.setup(ctx)
         done = self._resume(method, ctx, run_dir, done)
-        # The rows so far and the latest row's predictions (for cells a method carries over).
-        rows = [read_json(d / "metrics.json")["accuracy"] for d in done] or [self._base_row_of(tasks)]
+        # The latest row, its predictions (for cells a method carries over) and its metrics.
+        last = read_json(done[-1] / "metrics.json") if done else {"accuracy": self._base_row_of(tasks)}
         latest = stage_predictions(done[-1]) if done else \
             {t.name: self._base_row[t.name][1] for t in tasks}
         evaluation = StageEvaluation(evaluate, ctx, method, len(method.stages(ctx)),
-                                     self.options.eval_scope == "seen+next", rows[-1], latest)
-        self._train_stages(spec, method, ctx, run_dir, done, evaluation, len(rows) - 1)
+                                     self.options.eval_scope == "seen+next", last["accuracy"], latest)
+        self._train_stages(spec, method, ctx, run_dir, done, evaluation, last)
         summary = finish_run(run_dir, spec, [t.name for t in tasks], config) if self.world.main else None
         return self.world.broadcast(summary)
 
@@ -322,12 +322,13 @@ class Runner:
         return done
 
     def _train_stages(self, spec: RunSpec, method, ctx: Context, run_dir: RunDir, done: list[Path],
-                      evaluation: "StageEvaluation", first: int) -> None:
-        """Stages `first`.. in the hook order: before_task, fit, after_task, task_deltas, evaluation,
-        write (rank 0)."""
+                      evaluation: "StageEvaluation", last: dict) -> None:
+        """The stages after the complete ones (`done`, the base stage first; `last` the latest's
+        metrics) in the hook order: before_task, fit, after_task, task_deltas, evaluation, write
+        (rank 0)."""
         labels = method.stages(ctx)
-        saved = SavedTensors(ctx.model, read_json(done[-1] / "metrics.json").get("saved_tensors", [])
-                             if len(done) > 1 else [])
+        first = max(0, len(done) - 1)
+        saved = SavedTensors(ctx.model, last.get("saved_tensors", []))  # the base stage has none
         previous = done[-1] if len(done) > 1 else None
         bar = tqdm(total=len(labels), initial=first, desc=f"{spec.method} {spec.sequence_name} "
                    f"seed{spec.seed}", leave=False, unit="task",

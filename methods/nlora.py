@@ -76,8 +76,6 @@ class NLoRA(IncLoRA):
         new = branch_name(ctx.stage)
         self.new_branches = [(layer.lora_A[new].weight, layer.lora_B[new].weight, layer.scaling[new])
                              for layer in lora_layers(ctx.model)]
-        for a, b, s in self.new_branches:  # refuse non-square layers before training starts
-            sparsity_term(a.detach(), b.detach(), s, self.l1_form)
 
     def penalty(self, ctx: Context, batch: dict, outputs) -> torch.Tensor | None:
         if not self.lambda1:
