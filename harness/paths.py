@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from filelock import FileLock
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK_DIR = PROJECT_ROOT / "CL_Benchmark"
 
@@ -26,18 +28,21 @@ def synthetic_data_dir() -> Path:
 
 def cached_folder(target: Path, build: Callable[[Path], None]) -> Path:
     """`target`, built once by `build(folder)` into a temporary folder beside it and renamed into
-    place, so a killed build leaves nothing that looks complete; when another process renamed its
-    own first, theirs is kept."""
+    place, so a killed build leaves nothing that looks complete. Builders take a lock: a second
+    process (a sweep job, a test worker) waits for the first instead of building again, and the
+    lock holder removes what killed builds left."""
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
-    try:
-        build(tmp)
+    with FileLock(target.parent / f".{target.name}.lock"):
+        if (target / "config.json").exists():
+            return target
+        for stale in [target, *target.parent.glob(f".build-{target.name}-*")]:  # damaged, killed
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".build-{target.name}-"))
         try:
+            build(tmp)
             os.replace(tmp, target)
-        except OSError:
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -120,3 +120,31 @@ def test_a_method_that_cannot_train_the_backbone_stops_before_the_run_is_written
     assert err.splitlines() == [err] and "v_proj maps 32 -> 16" in err and "paper_full" in err
     assert not results.exists()
     assert main(args + ["--set", "method.l1_form='paper_full'"]) == 0  # the paper's form fits
+
+
+def test_a_cached_backbone_is_built_once_while_others_wait_and_killed_builds_are_swept(tmp_path):
+    """Concurrent builders of one cached folder: one builds, the rest wait for it; what a killed
+    build left (a temporary folder, a target without its config) is removed by the next builder."""
+    import threading
+    import time
+
+    from harness.paths import cached_folder
+
+    target = tmp_path / "backbones" / "model-abc"
+    target.parent.mkdir()
+    (target.parent / f".build-{target.name}-killed").mkdir()  # a killed build's leftover
+    target.mkdir()  # a damaged target: no config.json
+    builds = []
+
+    def build(folder):
+        builds.append(folder)
+        time.sleep(0.3)  # long enough for the other threads to reach the lock
+        (folder / "config.json").write_text("{}")
+
+    threads = [threading.Thread(target=cached_folder, args=(target, build)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and (target / "config.json").exists()
+    assert sorted(p.name for p in target.parent.iterdir()) == [f".{target.name}.lock", target.name]

@@ -17,12 +17,11 @@ TASKS = "agnews,SST-2"
 # batch per task, so the baseline evaluation passes eval_batch 1-2, stage 1's 3-4, stage 2's 5-6.
 KILL_POINTS = {
     "seqlora": ["eval_batch:2",     # evaluating the untrained model, nothing written yet
-                "train_step:4",     # mid stage 1
                 "stage_write:2",    # stage 1's files written, folder not yet renamed into place
-                "train_step:9",     # mid stage 2, stage 1 complete
                 "eval_batch:5",     # evaluating after stage 2's training
                 "stage_done:2",     # stage 2 in place, stage 1's checkpoint not yet dropped
                 "summary:1"],       # every stage in place, summary.json not yet written
+    # mid stage 1 (train_step:2) and mid stage 2 (train_step:9) are the two tests below
     "olora": ["train_step:9", "stage_done:2"],  # method state (earlier tasks' A) must survive too
 }
 

@@ -76,7 +76,11 @@ def test_compare_with_published(tree, tmp_path):
     assert "differs from the published t5-large" in text
 
 
-def test_table_out_writes_tables_and_plots(tree, tmp_path, capsys):
+def test_table_out_writes_tables_and_plots(tmp_path, capsys):
+    tree = tmp_path / "results"  # small: each run draws a heatmap
+    for order in (1, 4):
+        for method, AA in (("olora", 70.0), ("seqlora", 40.0)):
+            write_summary(tree, method, order, 0, AA=AA + order)
     out = tmp_path / "out"
     assert main(["table", "--results", str(tree), "--out", str(out), "--reference", "olora",
                  "--compare-published"]) == 0
