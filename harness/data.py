@@ -209,6 +209,34 @@ def load_task(data_dir: Path, task: Task, instructions: dict[str, str], *,
     return TaskData(task=task, train=dataset(train), test=dataset(test), unlabelled_in_test=n_outside)
 
 
+def dev_copies_test(data_dir: Path, tasks) -> list[str]:
+    """The tasks whose dev.json is a byte copy of test.json (in upstream CL_Benchmark: all 15)."""
+    copies = []
+    for task in tasks:
+        dev, test = (Path(data_dir) / task.folder / f"{split}.json" for split in ("dev", "test"))
+        if dev.is_file() and test.is_file() and dev.stat().st_size == test.stat().st_size \
+                and dev.read_bytes() == test.read_bytes():
+            copies.append(task.name)
+    return copies
+
+
+_NOTED_COPIES: set[Path] = set()
+
+
+def note_dev_copies(data_dir: Path, tasks) -> None:
+    """Say once per data folder and process that its dev split is the test split."""
+    if data_dir in _NOTED_COPIES:
+        return
+    _NOTED_COPIES.add(data_dir)
+    tasks = list(tasks)
+    copies = dev_copies_test(data_dir, tasks)
+    if copies:
+        log.warning("%s: dev.json is a copy of test.json for %d of %d tasks (%s): settings chosen "
+                    "on it are chosen on the test set; choose them with --eval-split heldout or "
+                    "`harness tune`, which use records of train.json instead", data_dir,
+                    len(copies), len(tasks), ", ".join(copies[:3]) + (", ..." if len(copies) > 3 else ""))
+
+
 def resolve_data_dir(data_dir: Path | str | None) -> tuple[Path, str]:
     """The data folder to use (`--data-dir`, else $HARNESS_DATA_DIR, else the synthetic benchmark,
     written on first use), and what it is: "synthetic" or "real"."""

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from harness import faults
 from harness.backbone import EmbeddedSpec, embedded_backbone_dir, load_backbone
 from harness.benchmark import Task, load_benchmark
-from harness.data import TaskData, load_instructions, load_task, resolve_data_dir
+from harness.data import (TaskData, load_instructions, load_task, note_dev_copies,
+                          resolve_data_dir)
 from harness.distributed import SINGLE, World, device_for
 from harness.errors import HarnessError
 from harness.evaluator import evaluate_task
@@ -88,6 +89,7 @@ class Runner:
                                              profile, world.size)
         self.benchmark = load_benchmark()
         self.data_dir, self.data_kind = resolve_data_dir(options.data_dir)
+        note_dev_copies(self.data_dir, self.benchmark.tasks.values())
         self.instructions = load_instructions(self.data_dir)
         self._data: dict[str, TaskData] = {}
         self._model_path: str | None = None

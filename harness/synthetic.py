@@ -24,7 +24,7 @@ from pathlib import Path
 
 from harness.benchmark import Benchmark, Task, load_benchmark
 
-GENERATOR_VERSION = 1  # bump when the output changes, so cached copies are rebuilt
+GENERATOR_VERSION = 2  # bump when the output changes, so cached copies are rebuilt
 
 FILLER = (
     "the a of and to in it was this that with for on some many then also about after before "
@@ -223,7 +223,8 @@ class _Writer:
 
 def generate_task(task: Task, n_train: int, n_test: int, seed: int,
                   distractor_rate: float = 0.3) -> dict[str, list[dict]]:
-    """Records for one task: label-balanced, shuffled; train and test drawn independently."""
+    """Records for one task: label-balanced, shuffled; train, test and dev drawn independently
+    (dev last, so train and test are those of the generator that copied test into dev)."""
     rng = random.Random(f"{seed}:{task.name}")
     writer = _Writer(task, rng, distractor_rate)
     make = getattr(writer, task.category)
@@ -234,7 +235,7 @@ def generate_task(task: Task, n_train: int, n_test: int, seed: int,
         return [{"sentence": make(lab), "label": lab} for lab in labels]
 
     train, test = split(n_train), split(n_test)
-    return {"train": train, "dev": test, "test": test}
+    return {"train": train, "dev": split(n_test), "test": test}
 
 
 def _write_json(path: Path, obj) -> None:

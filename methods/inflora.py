@@ -1,11 +1,15 @@
-"""InfLoRA: interference-free LoRA (the paper's design by default).
+"""InfLoRA: interference-free LoRA (the reference implementation's design by default).
 
 Per task and adapted linear: a new branch whose down-projection A_t (r x d_in) is designed before
 training and frozen, and whose up-projection B_t (zero at the start) is the only trained part.
 - Statistics: C = mean of h h^T over every token position (padding included, as the reference) of
   the linear's true input, over the task's whole training set.
-- Design: project the protected subspace out of C (C - P C), take its top-r left singular vectors,
-  A_t = U[:, :r]^T / sqrt(3); so A_t P = 0 and the new branch cannot act on protected inputs.
+- Design (`design = "paper_svd"`, the reference code's): the top-r left singular vectors of
+  (I - P) C, A_t = U[:, :r]^T / sqrt(3); so A_t P = 0 and the new branch cannot act on protected
+  inputs. In a basis F of the free subspace these are the eigenvectors of F^T C^2 F.
+- `design = "projected_covariance"`: the eigenvectors of F^T C F, the covariance of the inputs
+  projected onto the free subspace. It agrees with the reference only when C has no cross-terms
+  between protected and free directions, which real statistics always have.
 - Memory (DualGPM) after training, from C recomputed with the trained model, with the threshold
   eps_t = eps_lo + (eps_hi - eps_lo) t / T: a basis M of the protected subspace ("remove"), switched
   to a basis Q of its complement ("retain") once it is wider than d_in / 2; `memory = "gpm"` never
@@ -28,7 +32,7 @@ from methods.inclora import IncLoRA, branch_name
 from methods.lora import lora_layers
 
 log = logging.getLogger(__name__)
-DESIGNS = ("paper_svd", "random_projected")
+DESIGNS = ("paper_svd", "projected_covariance", "random_projected")
 MEMORIES = ("dualgpm", "gpm")
 
 
@@ -81,14 +85,18 @@ def free_basis(M: torch.Tensor | None, kind: str, d: int) -> torch.Tensor:
     return U[:, M.shape[1]:]
 
 
-def design_down_projection(C: torch.Tensor, free: torch.Tensor, r: int) -> torch.Tensor:
-    """The top-r directions of the projected statistics, chosen inside the free subspace.
+def design_down_projection(C: torch.Tensor, free: torch.Tensor, r: int,
+                           form: str = "paper_svd") -> torch.Tensor:
+    """The top-r designed directions, chosen inside the free subspace (basis `free`, d x f).
 
-    Equivalent to the top-r left singular vectors of C - P C where that matrix has rank >= r; taking
-    them in a basis of the free subspace keeps A_t P = 0 even when it has lower rank (the SVD's
-    trailing vectors are arbitrary). If fewer than r directions are free, the extra rows are zero.
+    "paper_svd": the top-r left singular vectors of (I - P) C = F F^T C, found as those of F^T C
+    (no squared condition number); "projected_covariance": the top-r eigenvectors of F^T C F.
+    Working in the basis F keeps A_t P = 0 even where the projected statistics have rank < r
+    (an SVD's trailing vectors are arbitrary). If fewer than r directions are free, the extra rows
+    are zero.
     """
-    U, _, _ = torch.linalg.svd(free.T @ C @ free)
+    projected = free.T @ C if form == "paper_svd" else free.T @ C @ free
+    U, _, _ = torch.linalg.svd(projected, full_matrices=False)
     k = min(r, free.shape[1])
     A = torch.zeros(r, C.shape[0])
     A[:k] = (free @ U[:, :k]).T
@@ -150,16 +158,17 @@ class InfLoRA(IncLoRA):
         layers = lora_layers(ctx.model)
         if not self.memory:
             self.memory = [None] * len(layers)
+        designed_from_statistics = self.design != "random_projected"
         stats = (input_statistics(ctx, layers, ctx.batcher, ctx.profile.eval_batch_size)
-                 if self.design == "paper_svd" else [None] * len(layers))
+                 if designed_from_statistics else [None] * len(layers))
         short = []  # (free directions, rank) of the layers with fewer free directions than rank
         for layer, C, mem in zip(layers, stats, self.memory):
             A = layer.lora_A[new].weight
             free = free_basis(*(mem or (None, "remove")), A.shape[1])
             if free.shape[1] < layer.r[new]:
                 short.append((free.shape[1], layer.r[new]))
-            if self.design == "paper_svd":
-                designed = design_down_projection(C, free, A.shape[0])
+            if designed_from_statistics:
+                designed = design_down_projection(C, free, A.shape[0], self.design)
             elif mem is None:  # gainlora: the first task keeps peft's raw Kaiming draw
                 designed = A.detach()
             else:

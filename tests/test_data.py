@@ -153,3 +153,22 @@ def test_heldout_split_is_carved_from_train_outside_the_training_sample(syntheti
     assert sorted(set(held.test["target"])) == sorted(task.labels)  # every label, stratified
     with pytest.raises(HarnessError, match="no records left for a held-out split"):
         load_task(synthetic_dir, task, instructions, eval_split="heldout")  # all of train trains
+
+
+def test_a_dev_split_that_copies_test_is_detected_and_reported_once(tmp_path, synthetic_dir, caplog):
+    """Upstream dev.json is a byte copy of test.json; the synthetic generator draws its own."""
+    from harness import data
+
+    bench = load_benchmark()
+    assert data.dev_copies_test(synthetic_dir, bench.tasks.values()) == []
+    sst2 = bench.tasks["SST-2"]
+    write_task(tmp_path, sst2.category, sst2.name, list(sst2.labels),
+               [{"sentence": "a", "label": "Good"}], [{"sentence": "b", "label": "Bad"}])
+    assert data.dev_copies_test(tmp_path, bench.tasks.values()) == ["SST-2"]
+    with caplog.at_level(logging.WARNING, logger="harness.data"):
+        data.note_dev_copies(tmp_path, bench.tasks.values())
+        data.note_dev_copies(tmp_path, bench.tasks.values())
+    notes = [r.getMessage() for r in caplog.records if "copy of test.json" in r.getMessage()]
+    assert len(notes) == 1 and "1 of 15 tasks (SST-2)" in notes[0] and "--eval-split heldout" in notes[0]
+    if SHARED_DATA.is_dir():  # the real benchmark: every task's dev is its test
+        assert len(data.dev_copies_test(SHARED_DATA, bench.tasks.values())) == 15

@@ -26,6 +26,49 @@ def test_design_is_orthogonal_to_the_memory_with_rows_of_norm_one_over_sqrt3():
     torch.testing.assert_close(A.norm(dim=1), torch.full((r,), 1 / math.sqrt(3)))
 
 
+def statistics_with_cross_terms(d, seed):
+    """A memory M and input statistics C whose protected-free block M^T C F is far from zero."""
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    M, F = basis[:, :4], basis[:, 4:]
+    mixing, _ = torch.linalg.qr(torch.randn(d, d, generator=g))  # principal axes unrelated to M
+    X = torch.randn(300, d, generator=g) * torch.linspace(3, 0.3, d) @ mixing.T
+    C = X.T @ X / 300
+    assert torch.linalg.norm(M.T @ C @ F) > 0.2 * torch.linalg.norm(C)
+    return M, F, C
+
+
+def row_space(A):
+    return torch.linalg.pinv(A) @ A
+
+
+def test_paper_svd_design_is_the_top_left_singular_vectors_of_the_projected_statistics():
+    """The reference: U of (I - P) C with P = M M^T; rows are those vectors (up to sign) / sqrt(3)."""
+    d, r = 16, 3
+    M, F, C = statistics_with_cross_terms(d, 0)
+    A = design_down_projection(C, F, r, "paper_svd")
+    U, _, _ = torch.linalg.svd((torch.eye(d) - M @ M.T) @ C)
+    expected = U[:, :r].T / math.sqrt(3)
+    signs = torch.sign((A * expected).sum(dim=1, keepdim=True))
+    torch.testing.assert_close(A, signs * expected, atol=1e-4, rtol=0)
+    assert torch.linalg.norm(A @ M) <= 1e-5
+
+
+def test_projected_covariance_design_is_the_top_eigenvectors_of_the_free_covariance():
+    """The named alternative: eigenvectors of (I - P) C (I - P); it differs from the reference
+    when C couples the protected and the free subspace."""
+    d, r = 16, 3
+    M, F, C = statistics_with_cross_terms(d, 1)
+    A = design_down_projection(C, F, r, "projected_covariance")
+    free = torch.eye(d) - M @ M.T
+    values, vectors = torch.linalg.eigh(free @ C @ free)
+    expected = vectors[:, values.argsort(descending=True)[:r]].T / math.sqrt(3)
+    signs = torch.sign((A * expected).sum(dim=1, keepdim=True))
+    torch.testing.assert_close(A, signs * expected, atol=1e-4, rtol=0)
+    reference = design_down_projection(C, F, r, "paper_svd")
+    assert torch.linalg.norm(row_space(A) - row_space(reference)) > 0.1
+
+
 def test_memory_switches_to_the_complement_and_stays_narrow():
     d = 16
     M, kind = first_memory(random_covariance(d, 5, 0), eps=0.999, dual=True)
