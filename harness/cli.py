@@ -1,4 +1,4 @@
-"""Command line: `python -m harness {run,import,list,table,generate,new-method}`.
+"""Command line: `python -m harness {run,tune,import,list,table,generate,new-method}`.
 
 Any bad input ends with exit code 2 and one line that names the argument or file and the problem.
 """
@@ -70,6 +70,32 @@ def _positive(text: str) -> int:
     return value
 
 
+def _setup_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `run` and `tune` share: the profile, data, model, budget and overrides."""
+    parser.add_argument("--profile", default="default", help="profile (see `list profiles`)")
+    parser.add_argument("--data-dir", type=Path, help="data in the O-LoRA layout (default: "
+                        "synthetic; or $HARNESS_DATA_DIR)")
+    parser.add_argument("--model", help="local checkpoint folder (default: the profile's model)")
+    parser.add_argument("--train-per-task", type=_positive, help="training examples per task")
+    parser.add_argument("--test-per-task", type=_positive, help="test examples per task")
+    parser.add_argument("--drop-unlabelled", action="store_true", help="drop records whose label "
+                        "is not in labels.json (default: keep, scored wrong)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a profile setting (train.batch_size=8, lora.r=16) or the "
+                        "method's (method.lr=1e-4); repeatable, recorded in each run's config.json")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _lr_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (e.g. 1e-5,1e-2), got {text!r}")
+    if not 0 < low < high:
+        raise argparse.ArgumentTypeError(f"expected 0 < LOW < HIGH, got {text!r}")
+    return low, high
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="harness", description="Continual-learning benchmark harness")
     # The DeepSpeed launcher passes --local_rank before the subcommand; the rank comes from the
@@ -88,21 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--orders", type=_int_list, help="with --all: orders, e.g. 1-3 or 1,4 (default: 1-6)")
     run.add_argument("--seed", type=int, help="seed (default 0)")
     run.add_argument("--seeds", type=_int_list, help="with --all: seeds, e.g. 0-2 (default: 0)")
-    run.add_argument("--profile", default="default", help="profile (see `list profiles`)")
-    run.add_argument("--data-dir", type=Path, help="data in the O-LoRA layout (default: synthetic; "
-                     "or $HARNESS_DATA_DIR)")
-    run.add_argument("--model", help="local checkpoint folder (default: the profile's model)")
     run.add_argument("--results", type=Path, default=Path("results"), help="results root")
-    run.add_argument("--train-per-task", type=_positive, help="training examples per task")
-    run.add_argument("--test-per-task", type=_positive, help="test examples per task")
-    run.add_argument("--drop-unlabelled", action="store_true",
-                     help="drop records whose label is not in labels.json (default: keep, scored wrong)")
+    _setup_arguments(run)
+    run.add_argument("--tuned", type=Path, metavar="FILE", help="apply the settings `harness tune` "
+                     "chose (its tuned.json) to every method; the tables mark such runs")
     run.add_argument("--shard", type=_shard, help="with --all: run the share i/N of the sweep "
                      "(0 <= i < N; e.g. a Slurm array task id), a deterministic round-robin split")
     run.add_argument("--force", action="store_true", help="re-run complete runs from scratch")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a profile setting (train.batch_size=8, lora.r=16) or the "
-                     "method's (method.lr=1e-4); repeatable, recorded in each run's config.json")
     run.add_argument("--eval-scope", choices=["all", "seen+next"], default="all",
                      help="after each stage evaluate every task (default; the whole accuracy "
                      "matrix) or only the tasks seen so far and the next one (what AA, LA, BWT, "
@@ -122,7 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--deepspeed-config", metavar="NAME|FILE", help="zero0, zero1, zero2 (shipped; "
                      "default: the profile's) or a DeepSpeed JSON file; \"auto\" values are filled "
                      "from the profile")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    tune = sub.add_parser("tune", help="choose each method's learning rate and coefficient on a "
+                          "held-out split of train.json, with the same budget for every method")
+    tune.add_argument("--methods", type=_str_list, required=True, help="e.g. seqlora,olora,ewc")
+    seq = tune.add_mutually_exclusive_group()
+    seq.add_argument("--orders", type=_int_list, default=[1], help="orders to score each trial "
+                     "on (default 1; AA averaged over them)")
+    seq.add_argument("--tasks", type=_str_list, help="a custom task sequence instead")
+    tune.add_argument("--trials", type=_positive, default=8, help="trials per method (default 8)")
+    tune.add_argument("--seed", type=int, default=0, help="the runs' seed and the sampler's")
+    tune.add_argument("--lr-range", type=_lr_range, default=(1e-5, 1e-2), metavar="LOW,HIGH",
+                      help="the learning rate's range, log-uniform, the same for every method")
+    tune.add_argument("--out", type=Path, default=Path("results/tune"),
+                      help="where the trials' runs, the study and tuned.json go")
+    tune.add_argument("--storage", help="an Optuna storage URL that several processes or "
+                      "machines share (default: sqlite:///OUT/study.db)")
+    _setup_arguments(tune)
 
     imp = sub.add_parser("import", help="read another codebase's outputs into the results store")
     imp.add_argument("kind", choices=["olora"], help="olora: O-LoRA, N-LoRA or GORP output folder")
@@ -238,16 +272,23 @@ def _sweep_contents(args, bench) -> tuple[list[str], list[tuple[int | None, tupl
     return methods, sequences, args.seeds or [seed]
 
 
-def _run_options(args):
+def _run_options(args, **fields):
+    """Options from the arguments `run` and `tune` share, and `fields` besides."""
     from harness.runner import Options
 
     method_sets = [o for o in args.overrides if o.split("=", 1)[0].startswith("method.")]
-    return Options(results=args.results, data_dir=args.data_dir, model=args.model,
+    return Options(data_dir=args.data_dir, model=args.model,
                    train_per_task=args.train_per_task, test_per_task=args.test_per_task,
                    drop_unlabelled=args.drop_unlabelled, progress=not args.no_progress,
                    profile_overrides=tuple(o for o in args.overrides if o not in method_sets),
-                   method_overrides=tuple(method_sets), deepspeed_config=args.deepspeed_config,
-                   eval_scope=args.eval_scope, eval_split=args.eval_split)
+                   method_overrides=tuple(method_sets), **fields)
+
+
+def _quiet_transformers(args) -> None:
+    if args.no_progress:  # transformers draws its own bar while loading weights
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _runner(args, options):
@@ -272,11 +313,14 @@ def cmd_run(args) -> int:
     _check_run_flags(args)
     bench = load_benchmark()
     methods, sequences, seeds = _sweep_contents(args, bench)
-    options = _run_options(args)
-    if args.no_progress:  # transformers draws its own bar while loading weights
-        from transformers.utils import logging as hf_logging
+    tuned = None
+    if args.tuned:
+        from harness.tune import tuned_settings
 
-        hf_logging.disable_progress_bar()
+        tuned = tuned_settings(args.tuned, args.profile, methods)
+    options = _run_options(args, results=args.results, deepspeed_config=args.deepspeed_config,
+                           eval_scope=args.eval_scope, eval_split=args.eval_split, tuned=tuned)
+    _quiet_transformers(args)
     world, runner = _runner(args, options)
     for name in methods:
         runner.create_method(name)  # unknown names, bad settings and combinations fail first
@@ -299,6 +343,45 @@ def cmd_run(args) -> int:
     if jobs > 1:
         return sweep.run_in_jobs(args.argv, jobs, args.shard, len(specs), not args.no_progress)
     return sweep.run_here(runner, specs, force=args.force, progress=not args.no_progress, world=world)
+
+
+def cmd_tune(args) -> None:
+    from harness import tune
+    from harness.benchmark import load_benchmark
+    from harness.distributed import SINGLE
+    from harness.runner import runner_for
+
+    bench = load_benchmark()
+    sequences = [(None, tuple(args.tasks))] if args.tasks else \
+        [(k, bench.order(k)) for k in args.orders]
+    for _, seq in sequences:
+        bench.sequence(list(seq))
+    if args.out.exists() and not args.out.is_dir():
+        raise HarnessError(f"--out {args.out}: not a directory")
+    _quiet_transformers(args)
+    runner = runner_for(args.profile, _run_options(args, eval_split="heldout"), SINGLE)
+    for name in args.methods:
+        runner.create_method(name)  # unknown names and bad settings fail first
+        tune.search_space(name, args.profile, args.lr_range)
+    setup = {"profile": args.profile, "sequences": [list(seq) for _, seq in sequences],
+             "seed": args.seed, "trials": args.trials, "lr_range": list(args.lr_range),
+             "train_per_task": args.train_per_task or runner.profile.train_per_task,
+             "test_per_task": args.test_per_task or runner.profile.test_per_task,
+             "data_dir": str(runner.data_dir), "model": args.model or runner.profile.model,
+             "overrides": list(args.overrides), "split": "heldout"}
+    storage = tune.open_storage(args.storage) if args.storage else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    storage = storage or tune.open_storage(f"sqlite:///{(args.out / 'study.db').resolve()}")
+    path = args.out / tune.TUNED_FILE
+    print(f"tuning {len(args.methods)} method(s) x {args.trials} trial(s) on the held-out split of "
+          f"{runner.data_kind} data ({runner.data_dir}); study: {storage.url}", flush=True)
+    for name in args.methods:
+        result = tune.tune_method(runner, name, sequences, setup, storage, args.out)
+        tune.write_tuned(path, setup, name, result)
+        chosen = "  ".join(f"{k} {v:.3g}" for k, v in result["settings"].items())
+        print(f"{name}: {chosen}  (held-out AA {result['heldout_AA']:.2f}, trial "
+              f"{result['trial'] + 1})", flush=True)
+    print(f"tuned settings -> {path}; apply them with `harness run ... --tuned {path}`")
 
 
 def _metric(value: float | None) -> str:
@@ -376,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         args.argv = without(argv, ("--local_rank", "--local-rank"))
         handler = {"run": cmd_run, "import": cmd_import, "list": cmd_list, "table": cmd_table,
-                   "generate": cmd_generate, "new-method": cmd_new_method}[args.command]
+                   "generate": cmd_generate, "new-method": cmd_new_method, "tune": cmd_tune}[args.command]
         code = handler(args) or 0
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -61,6 +61,7 @@ class Options:
     deepspeed_config: str | None = None       # a shipped name or a file; None: the profile's
     eval_scope: str = "all"                   # "all" tasks after every stage, or "seen+next"
     eval_split: str = "test"                  # or "heldout": train.json records not trained on
+    tuned: dict[str, dict[str, float]] | None = None  # --tuned FILE: method -> its chosen settings
 
 
 def stage_seed(seed: int, stage: int) -> int:
@@ -130,7 +131,8 @@ class Runner:
 
     def create_method(self, name: str):
         """The method plugin, refused early if the DeepSpeed config partitions what it needs."""
-        method = registry.create(name, self.profile.name, self.options.method_overrides)
+        tuned = [f"method.{key}={value!r}" for key, value in self.tuned_settings(name).items()]
+        method = registry.create(name, self.profile.name, (*tuned, *self.options.method_overrides))
         if self.engine_config is not None:
             from harness.distributed import zero_stage
 
@@ -142,6 +144,9 @@ class Runner:
                     f"gradients or per-matrix optimizer state), the config asks for stage {stage}; "
                     f"use --deepspeed-config zero{method.max_zero_stage}")
         return method
+
+    def tuned_settings(self, name: str) -> dict[str, float]:
+        return (self.options.tuned or {}).get(name, {})
 
     def run_config(self, spec: RunSpec, method_config: dict) -> dict:
         config = {
@@ -158,6 +163,9 @@ class Runner:
             "drop_unlabelled": self.options.drop_unlabelled,
             # Only when narrowed, so runs made before the option existed keep their fingerprint.
             **({"eval_scope": self.options.eval_scope} if self.options.eval_scope != "all" else {}),
+            # Settings chosen by `harness tune` (in method_config too): such runs never mix with
+            # runs of the config file's settings, and the tables mark them.
+            **({"tuned": self.tuned_settings(spec.method)} if self.tuned_settings(spec.method) else {}),
             # The global batch is per-rank batch x accumulation x ranks: another world size is
             # another run. None: the plain single-process loop.
             "deepspeed": None if self.engine_config is None else {
@@ -170,7 +178,7 @@ class Runner:
         return config
 
     def run_dir(self, spec: RunSpec) -> RunDir:
-        return RunDir(spec.folder(self.options.results))
+        return RunDir(spec.folder(self.options.results, tuned=bool(self.tuned_settings(spec.method))))
 
     # -- one run -------------------------------------------------------------------------------
     def run(self, spec: RunSpec, force: bool = False) -> Summary:

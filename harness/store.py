@@ -83,7 +83,9 @@ LOCK = ".lock"
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What names a run: its folder is `<results>/<profile>/<method>/<sequence>/seed<s>/`."""
+    """What names a run: its folder is `<results>/<profile>/<method>/<sequence>/seed<s>/`
+    (`seed<s>-tuned/` for a run with the settings `harness tune` chose, so the two can share a
+    results folder and a table)."""
 
     method: str
     tasks: tuple[str, ...]
@@ -97,8 +99,9 @@ class RunSpec:
             return f"order{self.order}"
         return "tasks-" + "+".join(self.tasks)
 
-    def folder(self, results: Path) -> Path:
-        return Path(results) / self.profile / self.method / self.sequence_name / f"seed{self.seed}"
+    def folder(self, results: Path, tuned: bool = False) -> Path:
+        return (Path(results) / self.profile / self.method / self.sequence_name /
+                f"seed{self.seed}{'-tuned' if tuned else ''}")
 
 
 def stage_name(stage: int, task: str) -> str:

@@ -7,6 +7,8 @@ Fields (percentages are exact-match accuracies, 0-100; null where a cell or metr
 - `method`, `sequence` (`order<k>` or `tasks-a+b+...`), `order` (null for a custom sequence),
   `tasks` (in training order), `seed`, `profile`, `model` (as given: a path, a name or a hub id);
 - `benchmark`: `kind` ("synthetic" or "real"), `data_dir`, and `split` when not "test";
+- `tuned`: the settings `harness tune` chose and `run --tuned` applied, or null (the method's
+  config file);
 - `metrics`: AA, LA, BWT, FWT, forgetting (harness.metrics), over `accuracy_matrix`;
 - `stage_average_accuracy`: AA_i, the mean over the tasks seen after stage i;
 - `accuracy_matrix`: R, one row per stage (row 0: the untrained model), one column per task;
@@ -49,6 +51,7 @@ class Summary:
     profile: str
     benchmark: dict[str, Any]
     model: str | None = None
+    tuned: dict[str, float] | None = None
     metrics: dict[str, float | None]
     stage_average_accuracy: list[float | None] = field(default_factory=list)
     accuracy_matrix: list[list[float | None]]
@@ -168,6 +171,7 @@ def finish_run(run_dir: RunDir, spec: RunSpec, names: list[str], config: dict) -
     summary = Summary(
         method=spec.method, sequence=spec.sequence_name, order=spec.order, tasks=names,
         seed=spec.seed, profile=spec.profile, benchmark=config["benchmark"], model=config["model"],
+        tuned=config.get("tuned"),
         metrics={k: (None if np.isnan(v) else round(v, 4)) for k, v in metrics.summarize(R).items()},
         stage_average_accuracy=[  # AA_i: mean over the tasks seen after stage i
             None if np.isnan(seen).any() else round(float(np.mean(seen)), 4)

@@ -26,6 +26,9 @@ BASELINES_DIR = PROJECT_ROOT / "baselines"
 # Methods appear in the order their plugins declare (`table_rank`); others follow alphabetically.
 METRICS = ["AA", "BWT", "FWT", "forgetting", "LA"]
 PARAMETER_METRICS = ["ACR", "GSR_hoyer", "OO"]
+# Rows of runs made with `run --tuned` (settings chosen by `harness tune` on held-out data); other
+# rows use the settings of the methods' config files.
+TUNED = " (tuned)"
 LEGEND = (
     "AA: mean over tasks of the last row of R (%). BWT: mean over j<T of R[T][j] - R[j][j] "
     "(Lopez-Paz & Ranzato). FWT: mean over j>1 of R[j-1][j] - R[0][j], R[0] the untrained model. "
@@ -35,7 +38,9 @@ LEGEND = (
     "layers. OO: sum_{i<T} ||A_i A_T^T||_F^2, mean over layers (LoRA methods only). Significance: "
     "runs paired by (order, seed); paired t-test and Wilcoxon signed-rank, Holm-adjusted across "
     "the methods of the group; ** marks the best AA, + a result not significantly different from it "
-    "(Holm-adjusted t-test p >= 0.05); 95% CI: bootstrap (BCa) of the mean.")
+    "(Holm-adjusted t-test p >= 0.05); 95% CI: bootstrap (BCa) of the mean. (tuned): settings "
+    "chosen by `harness tune` on a held-out split of train.json; other rows: the methods' config "
+    "files.")
 
 
 def order_group(sequence: str) -> str:
@@ -56,7 +61,8 @@ def load_summaries(results: Path, profile: str | None = None) -> pd.DataFrame:
         bench = s.benchmark
         split = f" [{bench['split']} split]" if "split" in bench else ""
         params = s.parameter_metrics or {}
-        rows.append({"profile": s.profile, "method": s.method, "sequence": s.sequence,
+        rows.append({"profile": s.profile, "method": s.method + (TUNED if s.tuned else ""),
+                     "sequence": s.sequence,
                      "order": s.order, "seed": s.seed, "model": s.model or "",
                      "kind": bench["kind"], "benchmark": f"{bench['kind']} ({bench.get('data_dir')}){split}",
                      **s.metrics, **{k: params.get(k) for k in PARAMETER_METRICS},
@@ -68,8 +74,13 @@ def load_summaries(results: Path, profile: str | None = None) -> pd.DataFrame:
     return df
 
 
+def _plugin(label: str) -> str:
+    """The method plugin of a row label ("olora (tuned)" -> "olora")."""
+    return label.removesuffix(TUNED)
+
+
 def _method_key(methods: pd.Index) -> list:
-    return [table_entry(m)[0] for m in methods]
+    return [(table_entry(_plugin(m))[0], m) for m in methods]
 
 
 def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
@@ -187,7 +198,7 @@ def compare_published(df: pd.DataFrame, backbone: str, fmt: str = "github",
             for name, orders in (("avg_1_3", "123"), ("avg_4_6", "456")):
                 if all(k in cells for k in orders):
                     cells[name] = float(np.mean([cells[k] for k in orders]))
-            paper_name = table_entry(method)[1]
+            paper_name = table_entry(_plugin(method))[1]
             for order, value in cells.items():
                 matches = published[(published["method"] == paper_name)
                                     & (published["order"] == order)]

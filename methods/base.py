@@ -76,6 +76,9 @@ class Method:
     # that reads whole gradients between passes or runs its own per-matrix optimizer sets 0, and the
     # harness refuses a higher stage with a clear message instead of training something else.
     max_zero_stage: int = 2
+    # What `harness tune` searches besides the learning rate: the method's main coefficient,
+    # setting -> (low, high), searched log-uniformly with the same trials as every other method.
+    search_space: dict[str, tuple[float, float]] = {}
 
     def __init__(self, config: dict[str, Any] | None = None):
         """`config`: the method's hyperparameters for the profile (its config file, then `--set`).

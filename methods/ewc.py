@@ -86,6 +86,7 @@ class EWC(Sequential):
     name = "ewc"
     paper_name = "EWC"
     table_rank = 4
+    search_space = {"lambda": (1e-2, 1e4)}
 
     def __init__(self, config: dict[str, Any] | None = None):
         super().__init__(config)

@@ -32,6 +32,7 @@ class LwF(Sequential):
     name = "lwf"
     paper_name = "LwF"
     table_rank = 5
+    search_space = {"lambda": (1e-2, 10.0)}  # distillation
 
     def __init__(self, config: dict[str, Any] | None = None):
         super().__init__(config)

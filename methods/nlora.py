@@ -51,6 +51,7 @@ class NLoRA(IncLoRA):
     name = "nlora"
     paper_name = "N-LoRA"
     table_rank = 7
+    search_space = {"lambda1": (1e-3, 10.0)}  # L1 sparsity
 
     def __init__(self, config: dict[str, Any] | None = None):
         super().__init__(config)

@@ -78,6 +78,7 @@ class OLoRA(IncLoRA):
     name = "olora"
     paper_name = "O-LoRA"
     table_rank = 6
+    search_space = {"lambda1": (1e-3, 10.0)}  # orthogonality
 
     def __init__(self, config: dict[str, Any] | None = None):
         super().__init__(config)

@@ -53,6 +53,10 @@ def trees(synthetic_dir, tmp_path_factory):
     (root / "a_file").write_text("not a folder")
     (root / "not_a_model").mkdir()
     (root / "broken.gguf").write_bytes(b"GGUX" + bytes(60))
+    for name, settings in (("tuned.json", {"lr": 1e-3}), ("tuned_unknown.json", {"lamda": 1.0})):
+        (root / name).write_text(json.dumps({"setup": {"profile": "default"},
+                                             "methods": {"seqlora": {"settings": settings}}}))
+    (root / "tuned_broken.json").write_text('{"setup": ')
     return {"root": root, "results": results, "data": data, "synthetic": synthetic_dir}
 
 
@@ -81,7 +85,7 @@ SETTINGS = [
      "got 'bogus'"),
     ("nlora l1_form='l2'", "nlora", "method.l1_form='l2'", "l1_form must be one of code_rxr, paper_full"),
     ("inflora design='svd'", "inflora", "method.design='svd'",
-     "design must be one of paper_svd, random_projected"),
+     "design must be one of paper_svd, projected_covariance, random_projected"),
     ("inflora eps_lo=1.5", "inflora", "method.eps_lo=1.5", "eps_lo must be a number >= 0 and <= 1"),
     ("gorp memory_source='none'", "gorp", "method.memory_source='none'",
      "memory_source must be one of previous_stage"),
@@ -151,6 +155,25 @@ CASES = [
                                                            "--launcher", "deepspeed"),
      "ZeRO stage <= 0"),
     ("--num-gpus without the launcher", lambda t: seqlora(t, "--num-gpus", "2"), "--num-gpus"),
+    ("--tuned file that does not exist", lambda t: seqlora(t, "--tuned", str(t["root"] / "nowhere")),
+     "cannot read it"),
+    ("--tuned file that is not JSON", lambda t: seqlora(t, "--tuned", str(t["root"] / "tuned_broken.json")),
+     "not JSON"),
+    ("--tuned file of another profile",
+     lambda t: seqlora(t, "--tuned", str(t["root"] / "tuned.json"), "--profile", "t5-large"),
+     "tuned for profile 'default', not 't5-large'"),
+    ("--tuned file without the method",
+     lambda t: run_args(t, "--method", "olora", *SEQ, "--tuned", str(t["root"] / "tuned.json")),
+     "no tuned settings for olora"),
+    ("--tuned setting the method does not have",
+     lambda t: seqlora(t, "--tuned", str(t["root"] / "tuned_unknown.json")), "has no setting 'lamda'"),
+    ("tune an unknown method", lambda t: ["tune", "--methods", "nosuch", *SEQ, "--out",
+                                          str(t["results"] / "tune")], "unknown method 'nosuch'"),
+    ("tune with a reversed learning-rate range",
+     lambda t: ["tune", "--methods", "seqlora", "--lr-range", "1e-2,1e-5"], "--lr-range"),
+    ("tune into a storage that cannot be opened",
+     lambda t: ["tune", "--methods", "seqlora", *SEQ, "--storage", "nosuch://x", "--out",
+                str(t["results"] / "tune")], "--storage nosuch://x"),
     ("import from a missing folder", lambda t: ["import", "olora", str(t["root"] / "nowhere"),
                                                 "--method", "olora", "--order", "1", "--results",
                                                 str(t["results"])], "nowhere"),

@@ -1,0 +1,168 @@
+"""Equal-budget selection of each method's settings on a split carved from train.json.
+
+`harness tune` searches, for every method, the learning rate and the method's main coefficient
+(`Method.search_space`) with Optuna's TPE sampler: the same number of trials, the same training
+budget and the same sequences for every method, each trial a whole run scored by its AA on the
+held-out split (`--eval-split heldout`), never on the test split. The studies live in an Optuna
+storage (SQLite by default), so several processes or machines can share one study. The chosen
+settings go to `tuned.json`, which `run --tuned FILE` applies and every run's config records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HarnessError
+from harness.store import RunSpec, write_atomic
+
+TUNED_FILE = "tuned.json"
+
+
+def search_space(name: str, profile: str,
+                 lr_range: tuple[float, float]) -> dict[str, tuple[float, float]]:
+    """The learning rate (the same range for every method) and the method's own coefficient; of
+    the base method for a combination such as olora+sam (`--set method.*` reaches the base)."""
+    from methods import registry
+
+    method = registry.create(base_method(name), profile)
+    space = {"lr": lr_range} if "lr" in method.config else {}
+    space.update(type(method).search_space)
+    if not space:
+        raise HarnessError(f"tune: method {name!r} has no learning rate and no "
+                           "search_space: nothing to tune")
+    return space
+
+
+def base_method(name: str) -> str:
+    return name.split("+")[0]
+
+
+def open_storage(url: str):
+    """The Optuna storage at `url` (created if new), or a one-line error naming it."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        storage = optuna.storages.get_storage(url)
+    except (ValueError, ImportError, SQLAlchemyError) as exc:  # a bad URL or an unusable database
+        raise HarnessError(f"--storage {url}: {str(exc).splitlines()[0]}") from None
+    storage.url = url  # for messages
+    return storage
+
+
+def tune_method(runner, name: str, sequences: list[tuple[int | None, tuple[str, ...]]],
+                setup: dict[str, Any], storage, out: Path) -> dict[str, Any]:
+    """Run (or finish, in a shared study) `setup["trials"]` trials for one method; the best of the
+    first that many complete trials, by held-out AA averaged over the sequences."""
+    import optuna
+
+    space = search_space(name, setup["profile"], tuple(setup["lr_range"]))
+    study = optuna.create_study(
+        study_name=f"{setup['profile']}/{name}", storage=storage, direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=setup["seed"]), load_if_exists=True)
+    _check_setup(study, setup, storage.url)
+    options = runner.options
+
+    def objective(trial) -> float:
+        settings = {k: trial.suggest_float(k, low, high, log=True) for k, (low, high) in space.items()}
+        runner.options = dataclasses.replace(
+            options, results=out / "trials" / name / f"trial{trial.number:03d}",
+            tuned={name: settings})
+        start = time.perf_counter()
+        try:
+            summaries = [runner.run(RunSpec(method=name, tasks=seq, seed=setup["seed"],
+                                            profile=setup["profile"], order=order))
+                         for order, seq in sequences]
+        finally:
+            runner.options = options
+        values = [s.metrics.get("AA") for s in summaries]
+        score = math.nan if None in values else sum(values) / len(values)
+        shown = "  ".join(f"{k} {v:.3g}" for k, v in settings.items())
+        print(f"{name:10s} trial {trial.number + 1:3d}/{setup['trials']}  {shown}  "
+              f"held-out AA {score:.2f}  ({time.perf_counter() - start:.1f}s)", flush=True)
+        return score
+
+    done = optuna.trial.TrialState.COMPLETE
+    while len(study.get_trials(states=(done,))) < setup["trials"]:  # others may share the study
+        study.optimize(objective, n_trials=1)
+    first = sorted(study.get_trials(states=(done,)), key=lambda t: t.number)[:setup["trials"]]
+    scored = [t for t in first if not math.isnan(t.value)]
+    if not scored:
+        raise HarnessError(f"tune: every trial of {name} ended without an AA")
+    best = max(scored, key=lambda t: t.value)
+    return {"settings": best.params, "heldout_AA": round(best.value, 4), "trial": best.number,
+            "trials": len(first)}
+
+
+def _check_setup(study, setup: dict[str, Any], url: str) -> None:
+    """A shared study only continues the same tuning: same budget, data and search."""
+    recorded = study.user_attrs.get("setup")
+    if recorded is None:
+        study.set_user_attr("setup", setup)
+    elif recorded != setup:
+        changed = sorted(k for k in {*recorded, *setup} if recorded.get(k) != setup.get(k))
+        raise HarnessError(f"--storage {url}: study {study.study_name!r} was tuned with other "
+                           f"settings ({', '.join(changed)}); use another --out or --storage")
+
+
+def write_tuned(path: Path, setup: dict[str, Any], method: str, result: dict[str, Any]) -> None:
+    """Add one method's result to `path`, which holds one setup's results for every method."""
+    data = read_tuned_file(path) if path.exists() else {"setup": setup, "methods": {}}
+    if data["setup"] != setup:
+        raise HarnessError(f"{path}: holds a tuning with other settings; use another --out")
+    data["methods"][method] = result
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def read_tuned_file(path: Path, name: str = "") -> dict[str, Any]:
+    """The tuning in `path`, checked; errors name it as `name` (the argument that gave it)."""
+    name = name or str(path)
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise HarnessError(f"{name}: cannot read it ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise HarnessError(f"{name}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    if not _is_tuned(data):
+        raise HarnessError(f"{name}: not a file `harness tune` wrote (it needs \"setup\" and "
+                           "\"methods\" -> name -> \"settings\" -> numbers)")
+    return data
+
+
+def _is_tuned(data: Any) -> bool:
+    if not isinstance(data, dict) or not isinstance(data.get("setup"), dict):
+        return False
+    methods = data.get("methods")
+    return isinstance(methods, dict) and all(
+        isinstance(m, dict) and isinstance(m.get("settings"), dict)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in m["settings"].values())
+        for m in methods.values())
+
+
+def tuned_settings(path: Path, profile: str, methods: list[str]) -> dict[str, dict[str, float]]:
+    """`run --tuned FILE`: each method's chosen settings, refused unless the file was tuned for
+    this profile, holds every method of the sweep and names only settings the method has."""
+    from methods import registry
+
+    data = read_tuned_file(path, f"--tuned {path}")
+    if data["setup"].get("profile") != profile:
+        raise HarnessError(f"--tuned {path}: tuned for profile {data['setup'].get('profile')!r}, "
+                           f"not {profile!r}")
+    missing = [m for m in methods if m not in data["methods"]]
+    if missing:
+        raise HarnessError(f"--tuned {path}: no tuned settings for {', '.join(missing)} (it has "
+                           f"{', '.join(sorted(data['methods'])) or 'none'}); run `harness tune` "
+                           "for them")
+    chosen = {m: data["methods"][m]["settings"] for m in methods}
+    for name, settings in chosen.items():
+        unknown = sorted(set(settings) - set(registry.create(base_method(name), profile).config))
+        if unknown:
+            raise HarnessError(f"--tuned {path}: method {name!r} has no setting "
+                               f"{', '.join(map(repr, unknown))}")
+    return chosen

@@ -1,0 +1,114 @@
+"""`harness tune`: every method gets the same trials and budget, each trial is scored on records
+of train.json (never the test split), the best trial's settings are what `tuned.json` holds, and
+`run --tuned` applies them, records them and keeps such runs apart in the tables."""
+
+import json
+
+import pytest
+
+from harness import data, table
+from harness.cli import main
+from harness.store import RunSpec
+from harness.summary import read_summaries
+
+BUDGET = ["--tasks", "agnews,SST-2", "--train-per-task", "16", "--test-per-task", "8",
+          "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tuned(synthetic_dir, tmp_path_factory):
+    """Two methods x 2 trials, with the test split made unreadable."""
+    out = tmp_path_factory.mktemp("tune")
+    real = data.read_labelled
+
+    def train_only(data_dir, task, split, drop_unlabelled):
+        assert split != "test", "tuning read the test split"
+        return real(data_dir, task, split, drop_unlabelled)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "read_labelled", train_only)
+        assert main(["tune", "--methods", "seqlora,olora", "--trials", "2", "--lr-range",
+                     "1e-3,3e-2", "--data-dir", str(synthetic_dir), "--out", str(out), *BUDGET]) == 0
+    return out
+
+
+def test_each_method_gets_the_same_trials_and_keeps_its_best(tuned):
+    result = json.loads((tuned / "tuned.json").read_text())
+    assert result["setup"]["split"] == "heldout" and result["setup"]["trials"] == 2
+    for method, keys in (("seqlora", {"lr"}), ("olora", {"lr", "lambda1"})):
+        chosen = result["methods"][method]
+        assert chosen["trials"] == 2 and set(chosen["settings"]) == keys
+        assert 1e-3 <= chosen["settings"]["lr"] <= 3e-2
+        trials = {}
+        for folder in (tuned / "trials" / method).iterdir():
+            [s] = read_summaries(folder)
+            assert s.benchmark["split"] == "heldout"
+            trials[folder.name] = (s.metrics["AA"], s.tuned)
+        assert len(trials) == 2
+        best_AA = max(aa for aa, _ in trials.values())
+        assert chosen["heldout_AA"] == pytest.approx(best_AA)
+        assert trials[f"trial{chosen['trial']:03d}"] == (pytest.approx(best_AA), chosen["settings"])
+
+
+def test_a_shared_study_is_continued_not_repeated_and_another_setup_is_refused(tuned, synthetic_dir,
+                                                                              capsys):
+    before = (tuned / "tuned.json").read_text()
+    argv = ["tune", "--methods", "seqlora", "--trials", "2", "--lr-range", "1e-3,3e-2",
+            "--data-dir", str(synthetic_dir), "--out", str(tuned), *BUDGET]
+    assert main(argv) == 0  # its 2 trials are complete: nothing runs again
+    assert len(list((tuned / "trials" / "seqlora").iterdir())) == 2
+    assert json.loads((tuned / "tuned.json").read_text()) == json.loads(before)
+    capsys.readouterr()
+    assert main([*argv[:4], "3", *argv[5:]]) == 2
+    assert "tuned with other settings (trials)" in capsys.readouterr().err
+
+
+def test_run_tuned_applies_and_records_the_settings_and_the_table_marks_them(tuned, synthetic_dir,
+                                                                            tmp_path):
+    chosen = json.loads((tuned / "tuned.json").read_text())["methods"]["olora"]["settings"]
+    results = tmp_path / "results"
+    for extra in ([], ["--tuned", str(tuned / "tuned.json")]):
+        assert main(["run", "--method", "olora", "--results", str(results),
+                     "--data-dir", str(synthetic_dir), *BUDGET, *extra]) == 0
+    spec = RunSpec(method="olora", tasks=("agnews", "SST-2"), seed=0, profile="default")
+    config = json.loads((spec.folder(results, tuned=True) / "config.json").read_text())
+    assert config["tuned"] == chosen
+    assert {k: config["method_config"][k] for k in chosen} == chosen
+    plain = json.loads((spec.folder(results) / "config.json").read_text())
+    assert "tuned" not in plain and plain["method_config"]["lr"] != chosen["lr"]
+    rows = table.load_summaries(results).set_index("method")
+    assert sorted(rows.index) == ["olora", "olora (tuned)"]
+    assert "(tuned): settings chosen by `harness tune`" in table.full_tables(
+        table.load_summaries(results), fmt="github")
+
+
+class ScoredRuns:
+    """A runner whose run's AA is a known function of the trial's settings: what `tune_method`
+    does with the scores, without training."""
+
+    def __init__(self, score):
+        from harness.runner import Options
+
+        self.options, self.score, self.seen = Options(), score, []
+
+    def run(self, spec):
+        from types import SimpleNamespace
+
+        settings = self.options.tuned[spec.method]
+        self.seen.append(dict(settings))
+        return SimpleNamespace(metrics={"AA": self.score(settings)})
+
+
+def test_the_best_of_exactly_the_budgeted_trials_is_chosen(tmp_path):
+    from harness import tune
+
+    runner = ScoredRuns(lambda s: -abs(s["lr"] - 3e-3) * 1e3 - abs(s["lambda1"] - 0.1))
+    setup = {"profile": "default", "seed": 0, "trials": 6, "lr_range": [1e-5, 1e-2]}
+    storage = tune.open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    sequences = [(1, ("a", "b")), (2, ("b", "a"))]  # AA is averaged over the sequences
+    result = tune.tune_method(runner, "olora", sequences, setup, storage, tmp_path)
+    assert len(runner.seen) == 6 * 2 and result["trials"] == 6
+    assert all(1e-5 <= s["lr"] <= 1e-2 and 1e-3 <= s["lambda1"] <= 10 for s in runner.seen)
+    best = max(runner.seen, key=runner.score)
+    assert result["settings"] == best and result["heldout_AA"] == pytest.approx(runner.score(best), abs=1e-4)
+    assert runner.options.tuned is None  # the runner's own options are restored
