@@ -63,9 +63,8 @@ def tune_method(runner, name: str, sequences: list[tuple[int | None, tuple[str, 
     import optuna
 
     space = search_space(name, setup["profile"], tuple(setup["lr_range"]))
-    study = optuna.create_study(
-        study_name=f"{setup['profile']}/{name}", storage=storage, direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=setup["seed"]), load_if_exists=True)
+    study = optuna.create_study(study_name=f"{setup['profile']}/{name}", storage=storage,
+                                direction="maximize", load_if_exists=True)
     _check_setup(study, setup, storage.url)
     options = runner.options
 
@@ -90,6 +89,12 @@ def tune_method(runner, name: str, sequences: list[tuple[int | None, tuple[str, 
 
     done = optuna.trial.TrialState.COMPLETE
     while len(study.get_trials(states=(done,))) < setup["trials"]:  # others may share the study
+        # A sampler seeded per trial: one process repeats itself exactly, and processes sharing
+        # the study do not all draw the same first (random) trials, as one seed each would.
+        # Half the trials explore at random, the rest follow TPE (its default waits for 10).
+        study.sampler = optuna.samplers.TPESampler(
+            seed=setup["seed"] * 10007 + len(study.trials),
+            n_startup_trials=max(1, setup["trials"] // 2))
         study.optimize(objective, n_trials=1)
     first = sorted(study.get_trials(states=(done,)), key=lambda t: t.number)[:setup["trials"]]
     scored = [t for t in first if not math.isnan(t.value)]
