@@ -6,7 +6,7 @@ Tasks are data, not code: they are read from `CL_Benchmark/benchmark.toml`.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,6 +32,8 @@ class Task:
 class Benchmark:
     tasks: dict[str, Task]
     orders: dict[int, tuple[str, ...]]
+    # source (a paper or repository) -> its label of a sequence -> the sequence's tasks
+    aliases: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
 
     def task(self, name: str) -> Task:
         if name not in self.tasks:
@@ -42,6 +44,24 @@ class Benchmark:
         if k not in self.orders:
             raise HarnessError(f"unknown order {k}; known orders: {', '.join(map(str, self.orders))}")
         return self.orders[k]
+
+    def order_of(self, tasks) -> int | None:
+        """The order with exactly these tasks in this order (a sequence is its content)."""
+        return next((k for k, seq in self.orders.items() if seq == tuple(tasks)), None)
+
+    def also_called(self, k: int) -> list[str]:
+        """What other sources call order k, e.g. "GainLoRA order 3"."""
+        return [f"{source} order {label}" for source, labels in self.aliases.items()
+                for label, tasks in labels.items() if tasks == self.orders[k]]
+
+    def our_label(self, source: str, label: str) -> str:
+        """The order (as "k") a number that `source` published under `label` belongs to: through
+        its aliases by content where it has them, else the label (our numbering is O-LoRA's)."""
+        tasks = self.aliases.get(source, {}).get(label)
+        if tasks is None:
+            return label
+        k = self.order_of(tasks)
+        return str(k) if k is not None else f"{source} order {label}"
 
     def sequence(self, names: list[str]) -> tuple[Task, ...]:
         """The tasks of a sequence, each once: a task's column in the accuracy matrix, its data and
@@ -68,4 +88,11 @@ def load_benchmark(path: Path = DEFINITION_FILE) -> Benchmark:
         unknown = [n for n in seq if n not in tasks]
         if unknown:
             raise HarnessError(f"{path}: order {k} names unknown tasks {unknown}")
-    return Benchmark(tasks=tasks, orders=orders)
+    aliases = {source: {str(label): tuple(seq) for label, seq in labels.items()}
+               for source, labels in raw.get("aliases", {}).items()}
+    for source, labels in aliases.items():
+        for label, seq in labels.items():
+            unknown = [n for n in seq if n not in tasks]
+            if unknown:
+                raise HarnessError(f"{path}: alias {source} order {label} names unknown tasks {unknown}")
+    return Benchmark(tasks=tasks, orders=orders, aliases=aliases)

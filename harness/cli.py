@@ -211,8 +211,9 @@ def cmd_list(args) -> None:
                 for t in bench.tasks.values()]
         print(tabulate(rows, headers=["task", "category", "folder", "#labels", "labels"]))
     elif args.what == "orders":
-        print(tabulate([(k, len(v), " -> ".join(v)) for k, v in bench.orders.items()],
-                       headers=["order", "#tasks", "sequence"]))
+        print(tabulate([(k, len(v), "; ".join(bench.also_called(k)) or "-", " -> ".join(v))
+                        for k, v in bench.orders.items()],
+                       headers=["order", "#tasks", "also called", "sequence"]))
     elif args.what == "methods":
         rows = []
         for name, ep in registry.available().items():
@@ -263,11 +264,11 @@ def _sweep_contents(args, bench) -> tuple[list[str], list[tuple[int | None, tupl
     seed = 0 if args.seed is None else args.seed
     if not args.all:
         sequences = [(args.order, bench.order(args.order))] if args.order is not None \
-            else [(None, tuple(args.tasks))]
+            else [(bench.order_of(args.tasks), tuple(args.tasks))]
         return [args.method], sequences, [seed]
     methods = args.methods or [m for m in registry.available()  # modifiers only run combined
                                if not issubclass(registry.method_class(m), Modifier)]
-    sequences = [(None, tuple(args.tasks))] if args.tasks else \
+    sequences = [(bench.order_of(args.tasks), tuple(args.tasks))] if args.tasks else \
         [(k, bench.order(k)) for k in args.orders or sorted(bench.orders)]
     return methods, sequences, args.seeds or [seed]
 
@@ -352,7 +353,7 @@ def cmd_tune(args) -> None:
     from harness.runner import runner_for
 
     bench = load_benchmark()
-    sequences = [(None, tuple(args.tasks))] if args.tasks else \
+    sequences = [(bench.order_of(args.tasks), tuple(args.tasks))] if args.tasks else \
         [(k, bench.order(k)) for k in args.orders]
     for _, seq in sequences:
         bench.sequence(list(seq))

@@ -48,7 +48,7 @@ def import_olora(source: Path, *, method: str, order: int, seed: int = 0, profil
         raise HarnessError(f"--seed {seed} is out of range (0 <= seed < 2**63)")
     load_profile(profile)  # unknown profiles fail here
     tasks = bench.orders[order]
-    folders = _stage_folders(source, order, tasks)
+    folders = _stage_folders(source, order, bench)
     spec = RunSpec(method=method, tasks=tasks, seed=seed, profile=profile, order=order)
     target = spec.folder(results)
     if target.exists() and not target.is_dir():
@@ -82,29 +82,41 @@ def import_olora(source: Path, *, method: str, order: int, seed: int = 0, profil
     return summary
 
 
-def _stage_folders(source: Path, order: int, tasks: tuple[str, ...]) -> dict[int, Path]:
+def _stage_folders(source: Path, order: int, bench) -> dict[int, Path]:
+    """The stage folders by stage number; they must spell out `order`'s sequence. Sequences are
+    matched by content: folders of another order are refused, naming the order (and the other
+    names of it) whose tasks they hold."""
+    tasks = bench.orders[order]
     if not source.is_dir():
         raise HarnessError(f"{source}: {'not a folder' if source.exists() else 'no such folder'}")
-    folders: dict[int, Path] = {}
+    found: dict[int, tuple[str, Path]] = {}
     for folder in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")):
         match = STAGE_FOLDER.fullmatch(folder.name)
         if not match:
             raise HarnessError(f"{folder}: not a stage folder (expected <stage>-<task>, "
                                f"e.g. 1-{tasks[0]})")
-        stage, task = int(match[1]), match[2]
-        if task not in tasks:
-            raise HarnessError(f"{folder}: task {task!r} is not in order {order} "
-                               f"({' -> '.join(tasks)})")
-        if not 1 <= stage <= len(tasks) or tasks[stage - 1] != task:
-            raise HarnessError(f"{folder}: {task} is stage {tasks.index(task) + 1} of order "
-                               f"{order}, not stage {stage}")
-        if stage in folders:
+        stage = int(match[1])
+        if stage in found:
             raise HarnessError(f"{folder}: a second folder for stage {stage} "
-                               f"(also {folders[stage].name})")
-        folders[stage] = folder
-    if not folders:
+                               f"(also {found[stage][1].name})")
+        found[stage] = (match[2], folder)
+    if not found:
         raise HarnessError(f"{source}: no stage folders (<stage>-<task>, e.g. 1-{tasks[0]})")
-    return dict(sorted(folders.items()))
+    for stage, (task, folder) in sorted(found.items()):
+        if 1 <= stage <= len(tasks) and tasks[stage - 1] == task:
+            continue
+        where = (f"task {task!r} is not in order {order} ({' -> '.join(tasks)})" if task not in tasks
+                 else f"{task} is stage {tasks.index(task) + 1} of order {order}, not stage {stage}")
+        raise HarnessError(f"{folder}: {where}{_fitting_orders(bench, found)}")
+    return {stage: folder for stage, (_, folder) in sorted(found.items())}
+
+
+def _fitting_orders(bench, found: dict[int, tuple[str, Path]]) -> str:
+    fits = [k for k, seq in bench.orders.items()
+            if all(stage <= len(seq) and seq[stage - 1] == task for stage, (task, _) in found.items())]
+    names = [f"order {k}" + (f" ({', '.join(bench.also_called(k))})" if bench.also_called(k) else "")
+             for k in fits]
+    return f"; these stages are those of {' or '.join(names)}" if names else ""
 
 
 def _accuracies(path: Path, order: int, tasks: tuple[str, ...],

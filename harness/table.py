@@ -17,6 +17,7 @@ import pandas as pd
 import scipy.stats
 
 from harness import stats
+from harness.benchmark import load_benchmark
 from harness.errors import HarnessError
 from harness.paths import PROJECT_ROOT
 from harness.summary import read_summaries
@@ -188,7 +189,11 @@ def compare_published(df: pd.DataFrame, backbone: str, fmt: str = "github",
     """Our mean AA per method and order (and the order-group averages) beside every published
     number for the same method, order and `backbone`, with the difference (ours - published)."""
     published = load_published(directory)
-    published = published[(published["model"] == backbone) & (published["metric"] == "AA")]
+    published = published[(published["model"] == backbone) & (published["metric"] == "AA")].copy()
+    # Each number under the order with its sequence's tasks, whatever its source calls it.
+    bench = load_benchmark()
+    published["order"] = [bench.our_label(paper, str(label))
+                          for paper, label in zip(published["paper"], published["order"])]
     out = []
     for where, group in _blocks(df[df["order"].notna()]):
         ours = group.groupby(["method", "order"])["AA"].mean()

@@ -24,3 +24,32 @@ def test_list_commands_print(capsys):
         assert main(["list", what]) == 0
     out = capsys.readouterr().out
     assert "dbpedia" in out and "inclora" in out and "t5-large" in out
+
+
+def test_a_sequence_is_its_tasks_whatever_a_source_calls_it():
+    bench = load_benchmark()
+    assert bench.order_of(bench.orders[6]) == 6 and bench.order_of(bench.orders[6][::-1]) is None
+    assert {"SAPT order 4", "GainLoRA order 3"} <= set(bench.also_called(6))
+    assert {"SAPT order 5", "GainLoRA order 4"} <= set(bench.also_called(4))
+    assert bench.our_label("GainLoRA", "3") == "6" and bench.our_label("SAPT", "5") == "4"
+    assert bench.our_label("O-LoRA", "3") == "3"  # no aliases: our numbering is O-LoRA's
+
+
+def test_an_alias_naming_an_unknown_task_is_refused(tmp_path):
+    import pytest
+
+    from harness.errors import HarnessError
+
+    definition = tmp_path / "benchmark.toml"
+    definition.write_text('[tasks.a]\ncategory = "TC"\nlabels = ["x"]\n[orders]\n1 = ["a"]\n'
+                          '[aliases.Paper]\n"2" = ["a", "b"]\n')
+    with pytest.raises(HarnessError, match="alias Paper order 2 names unknown tasks"):
+        load_benchmark(definition)
+
+
+def test_a_task_list_that_is_an_order_runs_as_that_order():
+    from harness.cli import _sweep_contents, build_parser
+
+    bench = load_benchmark()
+    args = build_parser().parse_args(["run", "--method", "seqlora", "--tasks", ",".join(bench.orders[3])])
+    assert _sweep_contents(args, bench)[1] == [(3, bench.orders[3])]

@@ -212,3 +212,19 @@ def test_existing_run_is_refused_without_force(tmp_path, capsys):
     write_stage(other, 2, {"amazon": 101.0})
     assert run_import(other, results, "--force") == 2
     assert tree(results) == before
+
+
+def test_stages_of_another_order_are_refused_naming_the_order_they_are(tmp_path, capsys):
+    """Sequences are matched by content: the O-LoRA repository's "order 4" script runs order 6."""
+    from harness.benchmark import load_benchmark
+
+    order6 = load_benchmark().orders[6]
+    source = tmp_path / "outputs"
+    for stage, task in enumerate(order6[:2], 1):
+        write_stage(source, stage, {task: 50.0}, task=task)
+    assert main(["import", "olora", str(source), "--method", "olora", "--order", "4",
+                 "--results", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err
+    assert "these stages are those of order 6 (SAPT order 4, GainLoRA order 3, O-LoRA repository " \
+           "scripts order 4)" in err
+    assert not (tmp_path / "results").exists()

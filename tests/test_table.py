@@ -142,3 +142,16 @@ def test_compare_with_published_gives_kendalls_tau_of_the_ranking(tmp_path):
     assert f"Kendall's tau {tau:.2f} (p = {p:.3g}, 5 methods" in line
     assert tau == pytest.approx(0.6)  # 8 concordant, 2 discordant pairs of the 10
     assert "pertask" not in line
+
+
+def test_a_number_published_under_another_label_sits_under_the_order_with_its_tasks(tree, tmp_path):
+    """GainLoRA's "order 3" is the task list of our order 6."""
+    baselines = tmp_path / "baselines"
+    baselines.mkdir()
+    (baselines / "gainlora.csv").write_text(
+        "paper,arxiv_id,table,model,method,metric,order,value\n"
+        "GainLoRA,2,Table 2,t5-large,O-LoRA,AA,3,61.5\n")
+    text = table.compare_published(table.load_summaries(tree), "t5-large", fmt="csv",
+                                   directory=baselines)
+    by_order = {r.split(",")[1]: r.split(",") for r in text.splitlines() if r.startswith("olora,")}
+    assert float(by_order["6"][3]) == 61.5 and by_order["3"][3] in ("", "nan")
