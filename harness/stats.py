@@ -120,3 +120,47 @@ def compare(runs: pd.DataFrame, metric: str = "AA", reference: str | None = None
     table["best"] = table.index == best
     table["tied"] = table["best"] | ((adjusted_t >= ALPHA) if adjusted_t is not None else False)
     return table.sort_values("mean", ascending=False)
+
+
+# -- per-example tests and power ---------------------------------------------------------------
+@dataclass
+class McNemar:
+    a_only: int   # items method a got right and method b wrong
+    b_only: int   # the reverse
+    items: int    # paired items
+    p: float      # two-sided exact p-value
+
+    @property
+    def discordant_rate(self) -> float:
+        return (self.a_only + self.b_only) / self.items if self.items else math.nan
+
+
+def mcnemar_exact(a: dict, b: dict) -> McNemar:
+    """McNemar's exact test on the items both runs scored (`item -> correct`): under the null
+    each discordant item is a fair coin, so the p-value is the two-sided binomial test of the
+    a-only count among the discordant ones (scipy.stats.binomtest)."""
+    shared = a.keys() & b.keys()
+    a_only = sum(1 for k in shared if a[k] and not b[k])
+    b_only = sum(1 for k in shared if b[k] and not a[k])
+    p = 1.0 if a_only + b_only == 0 else float(stats.binomtest(a_only, a_only + b_only).pvalue)
+    return McNemar(a_only, b_only, len(shared), p)
+
+
+def detectable_difference(sd_diff: float, n: int, power: float = 0.8) -> float:
+    """The smallest true mean difference a two-sided paired t-test over n pairs detects at ALPHA
+    with `power`, given the standard deviation of the paired differences (normal approximation
+    with t quantiles)."""
+    if n < MIN_PAIRS_T or not math.isfinite(sd_diff):
+        return math.nan
+    return float((stats.t.ppf(1 - ALPHA / 2, n - 1) + stats.t.ppf(power, n - 1))
+                 * sd_diff / math.sqrt(n))
+
+
+def detectable_difference_items(discordant_rate: float, items: int, power: float = 0.8) -> float:
+    """The same for McNemar's test over `items` paired items, in accuracy points: a difference
+    delta in accuracy is detected when items * delta^2 / rate reaches (z_{1-ALPHA/2} + z_power)^2
+    (Connor's approximation, its delta^2 term dropped)."""
+    if not items or not math.isfinite(discordant_rate):
+        return math.nan
+    z = stats.norm.ppf(1 - ALPHA / 2) + stats.norm.ppf(power)
+    return float(100 * z * math.sqrt(discordant_rate / items))

@@ -129,6 +129,16 @@ def stage_predictions(stage_dir: Path) -> dict[str, list[dict]]:
     return by_task
 
 
+def final_outcomes(folder: Path) -> dict[tuple[str, int], bool]:
+    """Whether each test item was answered right after the last stage, `(task, index) -> correct`:
+    from the latest complete stage that evaluated the task (one that carried a cell over did not)."""
+    outcomes: dict[tuple[str, int], bool] = {}
+    for stage in sorted(Path(folder).glob("stage_[0-9][0-9]-*")):  # a finished run's stages
+        for task, records in stage_predictions(stage).items():
+            outcomes.update({(task, r["index"]): bool(r["correct"]) for r in records})
+    return outcomes
+
+
 def run_parameter_metrics(folders: list[Path], n_trained: int) -> dict | None:
     """Parameter metrics from the trained stages' stored deltas; None unless every stage has them."""
     paths = [d / DELTAS for d in folders if not d.name.startswith("stage_00-")]

@@ -20,7 +20,7 @@ from harness import stats
 from harness.benchmark import load_benchmark
 from harness.errors import HarnessError
 from harness.paths import PROJECT_ROOT
-from harness.summary import read_summaries
+from harness.summary import final_outcomes, read_summaries
 from methods.registry import table_entry
 
 BASELINES_DIR = PROJECT_ROOT / "baselines"
@@ -39,7 +39,9 @@ LEGEND = (
     "layers. OO: sum_{i<T} ||A_i A_T^T||_F^2, mean over layers (LoRA methods only). Significance: "
     "runs paired by (order, seed); paired t-test and Wilcoxon signed-rank, Holm-adjusted across "
     "the methods of the group; ** marks the best AA, + a result not significantly different from it "
-    "(Holm-adjusted t-test p >= 0.05); 95% CI: bootstrap (BCa) of the mean. (tuned): settings "
+    "(Holm-adjusted t-test p >= 0.05); 95% CI: bootstrap (BCa) of the mean. McNemar: exact test "
+    "on the same test items as the best method (paired by sequence and seed, pooled), from the "
+    "stored predictions; a / b: items only this method / only the best got right. (tuned): settings "
     "chosen by `harness tune` on a held-out split of train.json; other rows: the methods' config "
     "files.")
 
@@ -163,6 +165,11 @@ def full_tables(df: pd.DataFrame, fmt: str = "github", reference: str | None = N
             title = (f"{group_name}; {where}; runs per method {int(comparison['n'].min())}-"
                      f"{int(comparison['n'].max())} (orders x seeds); best: {best}"
                      + (f"; reference: {reference}" if reference else ""))
+            per_example = per_example_tests(group, best)
+            table["McNemar p vs best (a / b)"] = pd.Series(
+                {m: f"{t.p:.3g} ({t.a_only} / {t.b_only})" for m, t in per_example.items()})
+            table = table.fillna({"McNemar p vs best (a / b)": "-"})
+            title += "\n" + power_note(group, best, per_example)
             legend = LEGEND + ("\nNot tested: " + "; ".join(notes) if notes else "")
             out.append(_render(table, fmt, title, legend if fmt != "csv" else ""))
     return "\n\n".join(out)
@@ -231,6 +238,36 @@ def compare_published(df: pd.DataFrame, backbone: str, fmt: str = "github",
     if not out:
         raise HarnessError("no runs on the benchmark orders 1-6 to compare with published numbers")
     return "\n\n".join(out)
+
+
+def per_example_tests(group: pd.DataFrame, best: str) -> dict[str, stats.McNemar]:
+    """McNemar's exact test of each method against `best` on the same test items (runs paired by
+    sequence and seed, items pooled over the pairs), from the stored predictions."""
+    outcomes = {}
+    for row in group.itertuples():
+        outcomes.setdefault(row.method, {}).update(
+            {(row.sequence, row.seed, *item): ok for item, ok in final_outcomes(row.path).items()})
+    return {m: stats.mcnemar_exact(outcomes[m], outcomes[best])
+            for m in outcomes if m != best and outcomes[m] and outcomes[best]}
+
+
+def power_note(group: pd.DataFrame, best: str, per_example: dict[str, stats.McNemar]) -> str:
+    """The smallest AA difference from the best method this table could detect (ALPHA, power
+    0.8): run-level, from the spread of the paired differences; per example, from the share of
+    items on which two methods disagree (medians over the methods)."""
+    wide = group.pivot_table(index=["sequence", "seed"], columns="method", values="AA")
+    diffs = [wide[m] - wide[best] for m in wide.columns if m != best]
+    runs = [stats.detectable_difference(float(d.std(ddof=1)), int(d.notna().sum())) for d in diffs]
+    items = [stats.detectable_difference_items(t.discordant_rate, t.items)
+             for t in per_example.values()]
+
+    def show(values: list[float], what: str) -> str:
+        finite = [v for v in values if math.isfinite(v)]
+        return f"{np.median(finite):.1f} points {what}" if finite else f"- {what}"
+
+    return ("Smallest AA difference from the best detectable (alpha 0.05, power 0.8): "
+            f"{show(runs, f'with the paired t-test over {len(wide)} runs')}, "
+            f"{show(items, 'with McNemar over the pooled test items')}")
 
 
 def rank_correlation(comparison: pd.DataFrame) -> str:

@@ -63,3 +63,41 @@ def test_compare_marks_best_and_ties():
     assert table.loc["good", "vs_ref_diff"] == pytest.approx(
         np.mean([r["AA"] for r in rows if r["method"] == "good"])
         - np.mean([r["AA"] for r in rows if r["method"] == "bad"]))
+
+
+def test_mcnemar_exact_is_the_binomial_tail_of_the_discordant_items():
+    from harness.stats import mcnemar_exact
+
+    # 20 items: 9 only a got right, 2 only b, 5 both, 4 neither.
+    outcomes = ["ab"] * 5 + ["a"] * 9 + ["b"] * 2 + [""] * 4
+    a = {i: "a" in o for i, o in enumerate(outcomes)}
+    b = {i: "b" in o for i, o in enumerate(outcomes)}
+    b[99] = True  # an item only one run scored is not paired
+    test = mcnemar_exact(a, b)
+    assert (test.a_only, test.b_only, test.items) == (9, 2, 20)
+    # two-sided: 2 * P(X >= 9), X ~ Binomial(11, 1/2) = 2 * (55 + 11 + 1) / 2^11
+    assert test.p == pytest.approx(2 * (55 + 11 + 1) / 2 ** 11)
+    assert mcnemar_exact(a, a).p == 1.0 and test.discordant_rate == pytest.approx(11 / 20)
+
+
+def test_the_detectable_differences_have_the_stated_power():
+    """At the stated difference the tests reach power 0.8: the paired t-test by its noncentral t
+    distribution, McNemar's exact test by summing binomial probabilities."""
+    from harness.stats import detectable_difference, detectable_difference_items
+
+    sd, n = 3.0, 12
+    delta = detectable_difference(sd, n)
+    critical = sps.t.ppf(0.975, n - 1)
+    power = sps.nct.sf(critical, n - 1, delta * math.sqrt(n) / sd) + \
+        sps.nct.cdf(-critical, n - 1, delta * math.sqrt(n) / sd)
+    assert power == pytest.approx(0.8, abs=0.02)
+    assert math.isnan(detectable_difference(sd, 1))
+
+    rate, items = 0.2, 2000
+    delta = detectable_difference_items(rate, items) / 100
+    discordant = round(rate * items)
+    p_a = 0.5 + delta / (2 * rate)  # a discordant item favours a with this probability
+    significant = [k for k in range(discordant + 1)
+                   if sps.binomtest(k, discordant).pvalue < 0.05]
+    power = sum(sps.binom.pmf(k, discordant, p_a) for k in significant)
+    assert power == pytest.approx(0.8, abs=0.05)

@@ -155,3 +155,19 @@ def test_a_number_published_under_another_label_sits_under_the_order_with_its_ta
                                    directory=baselines)
     by_order = {r.split(",")[1]: r.split(",") for r in text.splitlines() if r.startswith("olora,")}
     assert float(by_order["6"][3]) == 61.5 and by_order["3"][3] in ("", "nan")
+
+
+def test_full_table_gives_mcnemar_per_item_and_the_detectable_difference(tmp_path):
+    """One seed: no run-level test, but McNemar's from the stored predictions of the same items."""
+    root = tmp_path / "results"
+    right = {"olora": set(range(40)), "seqlora": set(range(30)) | {45, 46}}  # 10 vs 2 discordant
+    for method, correct in right.items():
+        write_summary(root, method, 1, 0, AA=len(correct) / 0.5)
+        stage = root / "default" / method / "order1" / "seed0" / "stage_04-d"
+        stage.mkdir()
+        stage.joinpath("predictions.jsonl").write_text("".join(
+            json.dumps({"task": "d", "index": i, "correct": i in correct}) + "\n" for i in range(50)))
+    text = table.full_tables(table.load_summaries(root), fmt="github")
+    row = next(l for l in text.splitlines() if l.startswith("| seqlora"))
+    assert "0.0386 (2 / 10)" in row  # 2 * P(X <= 2), X ~ Binomial(12, 1/2) = 2 * 79 / 4096
+    assert "with McNemar over the pooled test items" in text and "- with the paired t-test" in text
