@@ -55,3 +55,25 @@ def summarize(R: np.ndarray) -> dict[str, float]:
                    FWT=forward_transfer(R) if per_stage else nan,
                    forgetting=forgetting(R) if per_stage else nan)
     return out
+
+
+def forgetting_by_kind(R: np.ndarray, O: np.ndarray) -> dict[str, float]:
+    """BWT and F.Ra split by what the lost answers became. With O the share (%) of answers outside
+    the task's label set and W = 100 - R - O the share of wrong labels, R[T][j] - R[j][j] =
+    -(O[T][j] - O[j][j]) - (W[T][j] - W[j][j]): the `_format` part counts answers that left the
+    label set, the `_label` part answers that stayed in it but changed to a wrong label; the parts
+    add up to BWT and forgetting exactly. F.Ra's split is taken at the stage k < T where task j
+    was best."""
+    T = R.shape[1]
+    if R.shape[0] != T + 1 or T < 2:
+        return {k: float("nan") for k in ("BWT_format", "BWT_label", "forgetting_format",
+                                           "forgetting_label")}
+    W = 100.0 - R - O
+    best = [j + 1 + int(np.argmax(R[j + 1:T, j])) if not np.isnan(R[j + 1:T, j]).any() else j + 1
+            for j in range(T - 1)]
+    return {
+        "BWT_format": _nan_if_empty([O[j + 1, j] - O[T, j] for j in range(T - 1)]),
+        "BWT_label": _nan_if_empty([W[j + 1, j] - W[T, j] for j in range(T - 1)]),
+        "forgetting_format": _nan_if_empty([O[T, j] - O[best[j], j] for j in range(T - 1)]),
+        "forgetting_label": _nan_if_empty([W[T, j] - W[best[j], j] for j in range(T - 1)]),
+    }

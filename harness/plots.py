@@ -63,33 +63,46 @@ def _save(fig: Figure, out_stem: Path) -> list[Path]:
 
 @_styled
 def accuracy_heatmap(summary: Summary, out_stem: Path) -> list[Path]:
-    """The accuracy matrix: rows = stages (base, then each trained stage), columns = tasks;
-    missing cells are hatched."""
+    """The accuracy matrix R: rows = stages (base, then each trained stage), columns = tasks;
+    missing cells are hatched. Beside it, when the run stored predictions, the format matrix O
+    (the share of answers outside each task's label set)."""
     R = summary.matrix()
-    tasks, labels = summary.tasks, summary.row_labels
+    O = np.array(summary.format_matrix, dtype=float) if summary.format_matrix else None
+    panels = [(R, "accuracy (%)", "viridis")]
+    if O is not None and not np.isnan(O).all():
+        panels.append((O, "answers outside the label set (%)", "magma"))
     n_rows, n_cols = R.shape
-    fig = _figure(max(5.0, 2.2 + 0.62 * n_cols), max(3.0, 1.6 + 0.36 * n_rows))
-    ax = fig.add_subplot()
-    cmap = mpl.colormaps["viridis"].with_extremes(bad="white")
-    image = ax.imshow(np.ma.masked_invalid(R), cmap=cmap, vmin=0, vmax=100, aspect="auto")
-    small = 7 if n_cols > 10 else 8
-    for i, j in np.ndindex(R.shape):
-        if math.isnan(R[i, j]):
-            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
-                                   edgecolor="0.7", linewidth=0))
-        else:  # dark text on the light (yellow) end of viridis, white elsewhere
-            ax.text(j, i, f"{R[i, j]:.1f}", ha="center", va="center", fontsize=small,
-                    color="black" if R[i, j] > 60 else "white")
-    ax.set_xticks(range(n_cols), tasks, rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(n_rows), [labels[0]] + [f"{i}: {name}" for i, name in
-                                                enumerate(labels[1:], 1)])
-    ax.set_xlabel("evaluated task")
-    ax.set_ylabel("model after stage")
-    ax.tick_params(length=0)
-    fig.colorbar(image, ax=ax, label="accuracy (%)", ticks=range(0, 101, 20), shrink=0.9)
-    ax.set_title(f"{summary.method} on {summary.sequence}, seed {summary.seed}\n"
+    fig = _figure(len(panels) * max(5.0, 2.2 + 0.62 * n_cols), max(3.0, 1.6 + 0.36 * n_rows))
+    for index, (M, label, colours) in enumerate(panels, 1):
+        ax = fig.add_subplot(1, len(panels), index)
+        _matrix_panel(fig, ax, M, summary, label, colours, ylabels=index == 1)
+    fig.suptitle(f"{summary.method} on {summary.sequence}, seed {summary.seed}; "
                  f"profile {summary.profile}, {summary.benchmark['kind']} benchmark")
     return _save(fig, out_stem)
+
+
+def _matrix_panel(fig, ax, M: np.ndarray, summary: Summary, label: str, colours: str,
+                  ylabels: bool) -> None:
+    n_rows, n_cols = M.shape
+    cmap = mpl.colormaps[colours].with_extremes(bad="white")
+    image = ax.imshow(np.ma.masked_invalid(M), cmap=cmap, vmin=0, vmax=100, aspect="auto")
+    small = 7 if n_cols > 10 else 8
+    for i, j in np.ndindex(M.shape):
+        if math.isnan(M[i, j]):
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
+                                   edgecolor="0.7", linewidth=0))
+        else:  # dark text on the light (yellow) end of the map, white elsewhere
+            ax.text(j, i, f"{M[i, j]:.1f}", ha="center", va="center", fontsize=small,
+                    color="black" if M[i, j] > 60 else "white")
+    ax.set_xticks(range(n_cols), summary.tasks, rotation=45, ha="right", rotation_mode="anchor")
+    rows = summary.row_labels
+    ax.set_yticks(range(n_rows), [rows[0]] + [f"{i}: {name}" for i, name in enumerate(rows[1:], 1)]
+                  if ylabels else [""] * n_rows)
+    ax.set_xlabel("evaluated task")
+    if ylabels:
+        ax.set_ylabel("model after stage")
+    ax.tick_params(length=0)
+    fig.colorbar(image, ax=ax, label=label, ticks=range(0, 101, 20), shrink=0.9)
 
 
 @_styled

@@ -9,10 +9,13 @@ Fields (percentages are exact-match accuracies, 0-100; null where a cell or metr
 - `benchmark`: `kind` ("synthetic" or "real"), `data_dir`, and `split` when not "test";
 - `tuned`: the settings `harness tune` chose and `run --tuned` applied, or null (the method's
   config file);
-- `metrics`: AA, LA, BWT, FWT, forgetting (harness.metrics), over `accuracy_matrix`;
+- `metrics`: AA, LA, BWT, FWT, forgetting (harness.metrics), over `accuracy_matrix`, and BWT and
+  forgetting split into their `_format` and `_label` parts (`metrics.forgetting_by_kind`);
 - `stage_average_accuracy`: AA_i, the mean over the tasks seen after stage i;
 - `accuracy_matrix`: R, one row per stage (row 0: the untrained model), one column per task;
   `row_labels` names the rows ("base", then the task trained, or "all" for a joint run);
+- `format_matrix`: O, the same cells as R: the share (%) of the predictions outside the task's
+  label set (format forgetting), null where a stage stored none; empty for imported runs;
 - `missing_stages`: rows with no complete stage folder (their cells are null);
 - `parameter_metrics`: harness.param_metrics over the stored per-task deltas, or null;
 - `train_seconds`, `eval_seconds`, `wall_seconds`, `threads` (torch's, in the writing process);
@@ -55,6 +58,7 @@ class Summary:
     metrics: dict[str, float | None]
     stage_average_accuracy: list[float | None] = field(default_factory=list)
     accuracy_matrix: list[list[float | None]]
+    format_matrix: list[list[float | None]] = field(default_factory=list)
     row_labels: list[str] = field(default_factory=list)
     missing_stages: list[int] = field(default_factory=list)
     parameter_metrics: dict[str, Any] | None = None
@@ -161,12 +165,34 @@ def _accuracy_matrix(rows: list[dict], names: list[str]) -> tuple[np.ndarray, li
     return R, labels, [i for i in range(n_rows) if i not in by_stage]
 
 
-def _write_matrix_csv(run_dir: RunDir, R: np.ndarray, labels: list[str], names: list[str]) -> None:
+def _format_matrix(folders: list[Path], rows: list[dict], names: list[str],
+                   shape: tuple[int, int]) -> np.ndarray:
+    """O: for each cell of R, the share (%) of its predictions outside the task's label set
+    (normalised as the evaluator compares); NaN where the stage stored no predictions."""
+    from harness.benchmark import load_benchmark
+    from harness.evaluator import normalize
+
+    tasks = load_benchmark().tasks
+    O = np.full(shape, np.nan)
+    for folder, row in zip(folders, rows):
+        for task, records in stage_predictions(folder).items():
+            labels = {normalize(label) for label in tasks[task].labels}
+            outside = [normalize(r["prediction"]) not in labels for r in records if "prediction" in r]
+            if outside and row["stage"] < shape[0]:
+                O[row["stage"], names.index(task)] = 100.0 * float(np.mean(outside))
+    return O
+
+
+def _write_matrix_csv(path: Path, R: np.ndarray, labels: list[str], names: list[str]) -> None:
     lines = ["stage," + ",".join(names)]
     for i, values in enumerate(R):
         label = "base" if i == 0 else f"{i}-{labels[i]}"
         lines.append(label + "," + ",".join("" if np.isnan(v) else f"{v:.2f}" for v in values))
-    write_atomic(run_dir.path / "accuracy_matrix.csv", "\n".join(lines) + "\n")
+    write_atomic(path, "\n".join(lines) + "\n")
+
+
+def _cells(M: np.ndarray) -> list[list[float | None]]:
+    return [[None if np.isnan(v) else round(v, 4) for v in row] for row in M.tolist()]
 
 
 def finish_run(run_dir: RunDir, spec: RunSpec, names: list[str], config: dict) -> Summary:
@@ -175,19 +201,25 @@ def finish_run(run_dir: RunDir, spec: RunSpec, names: list[str], config: dict) -
     folders = run_dir.stage_folders()
     rows = [read_json(d / "metrics.json") for d in folders]
     R, labels, missing = _accuracy_matrix(rows, names)
-    _write_matrix_csv(run_dir, R, labels, names)
+    O = _format_matrix(folders, rows, names, R.shape)
+    _write_matrix_csv(run_dir.path / "accuracy_matrix.csv", R, labels, names)
+    if not np.isnan(O).all():  # imported runs store no predictions
+        _write_matrix_csv(run_dir.path / "format_matrix.csv", O, labels, names)
+    split = metrics.forgetting_by_kind(R, O)
     train_seconds = sum(r.get("train", {}).get("seconds", 0.0) for r in rows)
     eval_seconds = sum(r.get("eval_seconds", 0.0) for r in rows)
     summary = Summary(
         method=spec.method, sequence=spec.sequence_name, order=spec.order, tasks=names,
         seed=spec.seed, profile=spec.profile, benchmark=config["benchmark"], model=config["model"],
         tuned=config.get("tuned"),
-        metrics={k: (None if np.isnan(v) else round(v, 4)) for k, v in metrics.summarize(R).items()},
+        metrics={k: (None if np.isnan(v) else round(v, 4))
+                 for k, v in {**metrics.summarize(R), **split}.items()},
         stage_average_accuracy=[  # AA_i: mean over the tasks seen after stage i
             None if np.isnan(seen).any() else round(float(np.mean(seen)), 4)
             for i in range(1, len(R))
             for seen in [R[i, :i] if len(R) == len(names) + 1 else R[i]]],
         accuracy_matrix=[[None if np.isnan(v) else v for v in row] for row in R.tolist()],
+        format_matrix=[] if np.isnan(O).all() else _cells(O),
         row_labels=labels, missing_stages=missing,
         parameter_metrics=run_parameter_metrics(folders, len(R) - 1),
         train_seconds=round(train_seconds, 3), eval_seconds=round(eval_seconds, 3),

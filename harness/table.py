@@ -25,7 +25,7 @@ from methods.registry import table_entry
 
 BASELINES_DIR = PROJECT_ROOT / "baselines"
 # Methods appear in the order their plugins declare (`table_rank`); others follow alphabetically.
-METRICS = ["AA", "BWT", "FWT", "forgetting", "LA"]
+METRICS = ["AA", "BWT", "FWT", "forgetting", "LA", "BWT_format", "forgetting_format"]
 PARAMETER_METRICS = ["ACR", "GSR_hoyer", "OO"]
 # Rows of runs made with `run --tuned` (settings chosen by `harness tune` on held-out data); other
 # rows use the settings of the methods' config files.
@@ -34,7 +34,9 @@ LEGEND = (
     "AA: mean over tasks of the last row of R (%). BWT: mean over j<T of R[T][j] - R[j][j] "
     "(Lopez-Paz & Ranzato). FWT: mean over j>1 of R[j-1][j] - R[0][j], R[0] the untrained model. "
     "forgetting (F.Ra): mean over j<T of max_{j<=k<T} R[k][j] - R[T][j]. LA: mean of the diagonal "
-    "R[j][j]. ACR: fraction of positions where two tasks' dW exceed tau = 1e-5, mean over task pairs "
+    "R[j][j]. BWT_format / forgetting_format: the part of BWT / forgetting from answers that "
+    "left the task's label set (format forgetting; the rest is answers changed to a wrong label). "
+    "ACR: fraction of positions where two tasks' dW exceed tau = 1e-5, mean over task pairs "
     "and layers. GSR_hoyer: ||dW||_1 / (sqrt(mn) ||dW||_F), lower = sparser, mean over tasks and "
     "layers. OO: sum_{i<T} ||A_i A_T^T||_F^2, mean over layers (LoRA methods only). Significance: "
     "runs paired by (order, seed); paired t-test and Wilcoxon signed-rank, Holm-adjusted across "

@@ -9,6 +9,7 @@ import torch
 
 from harness.backbone import load_backbone
 from harness.cli import main
+from harness.evaluator import normalize
 from harness.textio import Batcher
 
 
@@ -60,8 +61,8 @@ def first_run(synthetic_dir, tmp_path_factory):
 def test_results_layout(first_run):
     run_dir = first_run / "default" / "seqlora" / "tasks-agnews+SST-2" / "seed0"
     names = sorted(p.name for p in run_dir.iterdir() if p.name != ".lock")
-    assert names == ["accuracy_matrix.csv", "config.json", "stage_00-base", "stage_01-agnews",
-                     "stage_02-SST-2", "summary.json"]
+    assert names == ["accuracy_matrix.csv", "config.json", "format_matrix.csv", "stage_00-base",
+                     "stage_01-agnews", "stage_02-SST-2", "summary.json"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["benchmark"]["kind"] == "synthetic"
     assert len(summary["accuracy_matrix"]) == 3 and len(summary["accuracy_matrix"][0]) == 2
@@ -69,6 +70,14 @@ def test_results_layout(first_run):
     preds = (run_dir / "stage_02-SST-2" / "predictions.jsonl").read_text().splitlines()
     assert len(preds) == 16 and set(json.loads(preds[0])) >= {"task", "index", "gold", "prediction",
                                                               "correct"}
+    # O: each cell's share of answers outside the task's label set, from that stage's predictions.
+    sst2 = {"good", "bad"}  # SST-2's labels, normalised
+    outside = [normalize(json.loads(p)["prediction"]) not in sst2
+               for p in preds if json.loads(p)["task"] == "SST-2"]
+    assert summary["format_matrix"][2][1] == pytest.approx(100 * sum(outside) / len(outside))
+    assert (run_dir / "format_matrix.csv").read_text().splitlines()[0] == "stage,agnews,SST-2"
+    m = summary["metrics"]
+    assert m["BWT_format"] + m["BWT_label"] == pytest.approx(m["BWT"])
     # Only the latest stage keeps a checkpoint.
     assert (run_dir / "stage_02-SST-2" / "model.safetensors").exists()
     assert not (run_dir / "stage_01-agnews" / "model.safetensors").exists()
