@@ -27,6 +27,7 @@ BASELINES_DIR = PROJECT_ROOT / "baselines"
 # Methods appear in the order their plugins declare (`table_rank`); others follow alphabetically.
 METRICS = ["AA", "BWT", "FWT", "forgetting", "LA", "BWT_format", "forgetting_format"]
 PARAMETER_METRICS = ["ACR", "GSR_hoyer", "OO"]
+COMPARED_PARAMETERS = ["AWOM", "nuclear_norm"]  # loaded for --compare-published only
 # Rows of runs made with `run --tuned` (settings chosen by `harness tune` on held-out data); other
 # rows use the settings of the methods' config files.
 TUNED = " (tuned)"
@@ -70,10 +71,11 @@ def load_summaries(results: Path, profile: str | None = None) -> pd.DataFrame:
                      "sequence": s.sequence,
                      "order": s.order, "seed": s.seed, "model": s.model or "",
                      "kind": bench["kind"], "benchmark": f"{bench['kind']} ({bench.get('data_dir')}){split}",
-                     **s.metrics, **{k: params.get(k) for k in PARAMETER_METRICS},
+                     **s.metrics,
+                     **{k: params.get(k) for k in PARAMETER_METRICS + COMPARED_PARAMETERS},
                      "path": str(s.folder)})
     df = pd.DataFrame(rows)
-    for column in METRICS + PARAMETER_METRICS:
+    for column in METRICS + PARAMETER_METRICS + COMPARED_PARAMETERS:
         if column in df:
             df[column] = pd.to_numeric(df[column], errors="coerce")
     return df
@@ -197,8 +199,8 @@ def compare_published(df: pd.DataFrame, backbone: str, fmt: str = "github",
                       directory: Path = BASELINES_DIR) -> str:
     """Our mean AA per method and order (and the order-group averages) beside every published
     number for the same method, order and `backbone`, with the difference (ours - published)."""
-    published = load_published(directory)
-    published = published[(published["model"] == backbone) & (published["metric"] == "AA")].copy()
+    everything = load_published(directory)
+    published = everything[(everything["model"] == backbone) & (everything["metric"] == "AA")].copy()
     # Each number under the order with its sequence's tasks, whatever its source calls it.
     bench = load_benchmark()
     published["order"] = [bench.our_label(paper, str(label))
@@ -237,6 +239,10 @@ def compare_published(df: pd.DataFrame, backbone: str, fmt: str = "github",
         title += ("\nsecondary = read in another paper's reprint or in notes, not in the paper "
                   "itself (baselines/SOURCES.md)")
         out.append(_render(table, fmt, title, correlation))
+        parameters = compare_parameters(group, everything[everything["model"] == backbone])
+        if parameters is not None:
+            out.append(_render(parameters, fmt, f"Parameter metrics: ours vs published ({backbone}); "
+                               f"ours: {where}, mean over runs", PARAMETER_DEFINITIONS))
     if not out:
         raise HarnessError("no runs on the benchmark orders 1-6 to compare with published numbers")
     return "\n\n".join(out)
@@ -270,6 +276,43 @@ def power_note(group: pd.DataFrame, best: str, per_example: dict[str, stats.McNe
     return ("Smallest AA difference from the best detectable (alpha 0.05, power 0.8): "
             f"{show(runs, f'with the paired t-test over {len(wide)} runs')}, "
             f"{show(items, 'with McNemar over the pooled test items')}")
+
+
+# Published parameter metric -> (our summary key, factor to its unit, what ours is).
+PUBLISHED_PARAMETERS = {
+    "collision_rate": ("ACR", 100.0, "ACR x 100: % of positions where two tasks' dW both exceed "
+                       "tau = 1e-5, mean over task pairs and layers"),
+    "orthogonality": ("AWOM", 1.0, "AWOM: sum_{i<T} ||dW_T^T dW_i||_F^2, mean over layers"),
+    "nuclear_norm": ("nuclear_norm", 1.0, "||dW_t||_*, mean over tasks and layers"),
+}
+PARAMETER_DEFINITIONS = (
+    "The paper publishes no code for these metrics: its collision threshold and the exact form of "
+    "its orthogonality are not known, and its numbers average T5-large runs over orders 1-6, so "
+    "compare the ratio of N-LoRA to O-LoRA (scale-free) rather than the values.")
+
+
+def compare_parameters(group: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame | None:
+    """Our parameter metrics beside the published ones (N-LoRA's figures), with each metric's
+    N-LoRA / O-LoRA ratio on both sides; None when none of our methods has a published one."""
+    runs = group[~group["method"].str.endswith(TUNED)]
+    ours_by_name = {table_entry(m)[1]: m for m in runs["method"].unique()}
+
+    def ratio(values: pd.Series) -> float:
+        return values.get("N-LoRA", np.nan) / values.get("O-LoRA", np.nan)
+
+    rows = []
+    for metric, (key, unit, definition) in PUBLISHED_PARAMETERS.items():
+        theirs = published[published["metric"] == metric].groupby("method")["value"].mean()
+        ours = pd.Series({name: runs.loc[runs["method"] == ours_by_name[name], key].mean() * unit
+                          for name in theirs.index if name in ours_by_name}, dtype=float)
+        rows += [{"metric": metric, "method": name, "ours": ours.get(name, np.nan),
+                  "published": value, "N-LoRA / O-LoRA (ours)": ratio(ours),
+                  "N-LoRA / O-LoRA (published)": ratio(theirs), "ours as": definition}
+                 for name, value in theirs.items()]
+    table = pd.DataFrame(rows)
+    if table.empty or table["ours"].isna().all():
+        return None
+    return table.set_index("metric")
 
 
 def rank_correlation(comparison: pd.DataFrame) -> str:

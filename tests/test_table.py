@@ -171,3 +171,32 @@ def test_full_table_gives_mcnemar_per_item_and_the_detectable_difference(tmp_pat
     row = next(l for l in text.splitlines() if l.startswith("| seqlora"))
     assert "0.0386 (2 / 10)" in row  # 2 * P(X <= 2), X ~ Binomial(12, 1/2) = 2 * 79 / 4096
     assert "with McNemar over the pooled test items" in text and "- with the paired t-test" in text
+
+
+def test_parameter_metrics_sit_beside_the_published_ones_with_their_ratios(tmp_path):
+    root = tmp_path / "results"
+    ours = {"olora": {"ACR": 0.40, "AWOM": 2.0, "nuclear_norm": 4.0},
+            "nlora": {"ACR": 0.10, "AWOM": 0.5, "nuclear_norm": 1.0}}
+    for method, params in ours.items():
+        write_summary(root, method, 1, 0, AA=50.0)
+        path = root / "default" / method / "order1" / "seed0" / "summary.json"
+        summary = json.loads(path.read_text())
+        summary["parameter_metrics"] = params
+        path.write_text(json.dumps(summary))
+    baselines = tmp_path / "baselines"
+    baselines.mkdir()
+    (baselines / "fig.csv").write_text(
+        "paper,arxiv_id,table,model,method,metric,order,value\n"
+        "N-LoRA,1,Fig 1,t5-large,N-LoRA,collision_rate,avg_1_6,0.8\n"
+        "N-LoRA,1,Fig 1,t5-large,O-LoRA,collision_rate,avg_1_6,46.6\n"
+        "N-LoRA,1,Fig 3,t5-large,N-LoRA,nuclear_norm,avg_1_6,0.14\n"
+        "N-LoRA,1,Fig 3,t5-large,O-LoRA,nuclear_norm,avg_1_6,6.80\n")
+    text = table.compare_published(table.load_summaries(root), "t5-large", fmt="csv",
+                                   directory=baselines)
+    rows = {(r[0], r[1]): r for r in (l.split(",") for l in text.splitlines())
+            if r[0] in ("collision_rate", "nuclear_norm")}
+    assert float(rows["collision_rate", "N-LoRA"][2]) == pytest.approx(10.0)  # ACR in %
+    assert float(rows["collision_rate", "O-LoRA"][4]) == pytest.approx(0.25)  # ours: 10 / 40
+    assert float(rows["collision_rate", "O-LoRA"][5]) == pytest.approx(0.8 / 46.6, abs=0.005)
+    assert float(rows["nuclear_norm", "O-LoRA"][2]) == 4.0
+    assert ("orthogonality", "N-LoRA") not in rows  # nothing published: no row
