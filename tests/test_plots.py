@@ -130,3 +130,15 @@ def test_write_all(tree, tmp_path, monkeypatch):
     only_real = plots.write_all(tree, tmp_path / "real", profile="real")
     assert {p.name for p in only_real} >= {"aa_real_real.png", "aa_real_real.pdf"}
     assert len(only_real) == 2 * 3
+
+
+def test_heatmap_draws_the_format_matrix_beside_r_when_the_run_has_one(tmp_path):
+    from PIL import Image
+
+    plain = make_summary("olora")
+    with_format = make_summary("olora")
+    with_format.format_matrix = [[100.0 - v if v is not None else None for v in row]
+                                 for row in with_format.accuracy_matrix]
+    widths = [Image.open(plots.accuracy_heatmap(s, tmp_path / name)[0]).size[0]
+              for s, name in ((plain, "r"), (with_format, "ro"))]
+    assert widths[1] > 1.7 * widths[0]  # two panels
