@@ -342,8 +342,24 @@ def cmd_run(args) -> int:
         print(f"benchmark: {runner.data_kind} ({runner.data_dir}); profile: {args.profile}{ranks}; "
               f"{len(specs)} run(s){split} -> {args.results}", flush=True)
     if jobs > 1:
-        return sweep.run_in_jobs(args.argv, jobs, args.shard, len(specs), not args.no_progress)
-    return sweep.run_here(runner, specs, force=args.force, progress=not args.no_progress, world=world)
+        code = sweep.run_in_jobs(args.argv, jobs, args.shard, len(specs), not args.no_progress)
+    else:
+        code = sweep.run_here(runner, specs, force=args.force, progress=not args.no_progress,
+                              world=world)
+    if code == 0 and args.all and world.main and args.shard is None:
+        _print_leaderboard(args.results, args.profile)
+    return code
+
+
+def _print_leaderboard(results: Path, profile: str) -> None:
+    """The end of a sweep: the paper-layout table of what the results folder now holds."""
+    from harness import table
+
+    runs = table.load_summaries(results, profile) if results.is_dir() else None
+    text = table.paper_table(runs) if runs is not None and not runs.empty else ""
+    if text:
+        print(f"\n{text}\n\n(every table and plot: python -m harness table --results {results} "
+              f"--out DIR)", flush=True)
 
 
 def cmd_tune(args) -> None:

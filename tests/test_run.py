@@ -227,6 +227,27 @@ def test_a_run_locked_by_another_process_is_skipped(synthetic_dir, tmp_path, cap
     assert not (folder / "summary.json").exists()
 
 
+def test_a_sweep_ends_with_the_leaderboard_of_its_results(synthetic_dir, tmp_path, monkeypatch,
+                                                           capsys):
+    from harness.runner import Runner
+    from tests.test_table import write_summary
+
+    monkeypatch.setattr(Runner, "run", lambda self, spec, force=False: SimpleNamespace(
+        metrics={"AA": 0.0, "BWT": 0.0}, wall_seconds=0.0))
+    args = ["run", "--all", "--methods", "seqlora,olora", "--orders", "1", "--data-dir",
+            str(synthetic_dir), "--results", str(tmp_path), "--no-progress", "--jobs", "1"]
+    assert main(args) == 0  # no summaries yet: no table
+    assert "paper layout" not in capsys.readouterr().out
+    for method, AA in (("seqlora", 40.0), ("olora", 70.0)):
+        write_summary(tmp_path, method, 1, 0, AA=AA)
+    assert main(args) == 0
+    out = capsys.readouterr().out.split("done:")[-1]
+    assert "AA (%), paper layout" in out and "| olora" in out and "70.00" in out
+    assert f"harness table --results {tmp_path} --out DIR" in out
+    assert main(args + ["--shard", "0/2"]) == 0  # a shard is part of a sweep: no table
+    assert "paper layout" not in capsys.readouterr().out
+
+
 def test_jobs_run_the_sweep_in_parallel_processes_with_divided_threads(synthetic_dir, tmp_path):
     """--jobs 2 inside --shard 0/2: job j takes share 0 + 2j of 4, so the two jobs run runs 0 and 2
     of the four (2 methods x 2 seeds), each in a process of its own with cores/2 threads."""
