@@ -14,7 +14,9 @@ steps and seed (the embedded default backbone, the synthetic benchmark):
    (prepare + consolidate) as a share of that task's training time;
 5. how run time grows with the number of tasks and examples per task (fitted exponents), and what
    --eval-scope seen+next saves;
-6. the wall time of `python -m harness run --all` (only with --rows 6: it runs the whole sweep).
+6. the wall time of `python -m harness run --all` (only with --rows 6: it runs the whole sweep);
+7. the training loop logging every step to TensorBoard (`--report-to tensorboard`) against the
+   same loop without tracking.
 
 Timings are the best of `--repeats` alternating repetitions (the minimum is the least disturbed by
 other processes on the machine).
@@ -78,10 +80,12 @@ class Bench:
         method.before_task(ctx)
         return ctx, method, batcher
 
-    def harness_fit(self, method_name: str, progress: bool = True) -> tuple[float, Context]:
+    def harness_fit(self, method_name: str, progress: bool = True,
+                    on_step=None) -> tuple[float, Context]:
         ctx, method, batcher = self.context(method_name)
         start = time.perf_counter()
-        fit(ctx, method, batcher, FitSettings.of_profile(self.profile, seed=SEED, progress=progress))
+        fit(ctx, method, batcher, FitSettings.of_profile(self.profile, seed=SEED, progress=progress,
+                                                         on_step=on_step))
         return time.perf_counter() - start, ctx
 
     def bare_fit(self, method_name: str) -> float:
@@ -294,6 +298,26 @@ class Bench:
         slope = np.polyfit(np.log(sizes), np.log(times), 1)[0]
         self.add("5", f"seqlora order 1: N={sizes[0]},{sizes[1]},{sizes[2]} per task",
                  " / ".join(f"{t:.1f}" for t in times) + " s", "", f"N^{slope:.2f}")
+
+    def row7(self):
+        """TensorBoard tracking (every optimizer step logged) against none, same stage; the two
+        alternate, each going first every other time."""
+        from harness.tracking import open_tracking
+
+        times = {"tracked": [], "plain": []}
+        for repeat in range(2 * self.repeats):
+            if repeat % 2:
+                times["plain"].append(self.harness_fit("seqlora", progress=False)[0])
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                tracking = open_tracking(("tensorboard",), Path(tmp), 0)
+                times["tracked"].append(self.harness_fit(
+                    "seqlora", progress=False,
+                    on_step=lambda k, values: tracking.scalars("train", values, k))[0])
+                tracking.close()
+        ours, plain = min(times["tracked"]), min(times["plain"])
+        self.add("7", "train loop with --report-to tensorboard", f"{ours:.2f} s", f"{plain:.2f} s",
+                 f"{ours / plain:.3f}x", "target <= 1.02x")
 
     def row6(self):
         """The whole default sweep, as a user runs it (default --jobs), then AA and BWT per method

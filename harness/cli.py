@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=_int_list, help="with --all: seeds, e.g. 0-2 (default: 0)")
     run.add_argument("--results", type=Path, default=Path("results"), help="results root")
     _setup_arguments(run)
+    run.add_argument("--report-to", default="none", metavar="TRACKERS",
+                     help="log live training curves, stage rows and results to these trackers: "
+                     "tensorboard (into each run's folder; `tensorboard --logdir RESULTS`), or none")
     run.add_argument("--tuned", type=Path, metavar="FILE", help="apply the settings `harness tune` "
                      "chose (its tuned.json) to every method; the tables mark such runs")
     run.add_argument("--shard", type=_shard, help="with --all: run the share i/N of the sweep "
@@ -308,6 +311,7 @@ def _runner(args, options):
 
 def cmd_run(args) -> int:
     from harness import sweep
+    from harness.tracking import parse_report_to
     from harness.benchmark import load_benchmark
     from harness.distributed import SINGLE, launch_command
 
@@ -320,7 +324,8 @@ def cmd_run(args) -> int:
 
         tuned = tuned_settings(args.tuned, args.profile, methods)
     options = _run_options(args, results=args.results, deepspeed_config=args.deepspeed_config,
-                           eval_scope=args.eval_scope, eval_split=args.eval_split, tuned=tuned)
+                           eval_scope=args.eval_scope, eval_split=args.eval_split, tuned=tuned,
+                           report_to=parse_report_to(args.report_to))
     _quiet_transformers(args)
     world, runner = _runner(args, options)
     for name in methods:

@@ -11,7 +11,7 @@ import platform
 import random
 import shutil
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from importlib.metadata import version
@@ -34,6 +34,7 @@ from harness.profiles import Profile, load_profile
 from harness.store import LOCK, RunDir, RunSpec, read_json, stage_name, write_json
 from harness.summary import Summary, finish_run, read_summary, stage_predictions
 from harness.textio import Batcher
+from harness.tracking import Tracking, open_tracking
 from harness.trainer import FitSettings, fit
 from methods import registry
 from methods.base import Context
@@ -62,6 +63,7 @@ class Options:
     eval_scope: str = "all"                   # "all" tasks after every stage, or "seen+next"
     eval_split: str = "test"                  # or "heldout": train.json records not trained on
     tuned: dict[str, dict[str, float]] | None = None  # --tuned FILE: method -> its chosen settings
+    report_to: tuple[str, ...] = ()           # trackers (harness.tracking); not in the config
 
 
 def stage_seed(seed: int, stage: int) -> int:
@@ -249,9 +251,22 @@ class Runner:
             {t.name: self._base_row[t.name][1] for t in tasks}
         evaluation = StageEvaluation(evaluate, ctx, method, len(method.stages(ctx)),
                                      self.options.eval_scope == "seen+next", last["accuracy"], latest)
-        self._train_stages(spec, method, ctx, run_dir, done, evaluation, last)
+        tracking = held.enter_context(self._tracking(run_dir, done))
+        steps = self._train_stages(spec, method, ctx, run_dir, done, evaluation, last, tracking)
         summary = finish_run(run_dir, spec, [t.name for t in tasks], config) if self.world.main else None
+        if summary is not None and tracking.writers:
+            tracking.finish(summary, config, steps)
         return self.world.broadcast(summary)
+
+    @contextmanager
+    def _tracking(self, run_dir: RunDir, done: list[Path]):
+        """The run's trackers (rank 0), from the global step after the complete stages."""
+        names = self.options.report_to if self.world.main else ()
+        tracking = open_tracking(names, run_dir.path, trained_steps(done))
+        try:
+            yield tracking
+        finally:
+            tracking.close()
 
     def _finished(self, run_dir: RunDir, config: dict, force: bool) -> Summary | None:
         """The summary of a complete run of this configuration (to skip it); refuses a folder
@@ -332,10 +347,10 @@ class Runner:
         return done
 
     def _train_stages(self, spec: RunSpec, method, ctx: Context, run_dir: RunDir, done: list[Path],
-                      evaluation: "StageEvaluation", last: dict) -> None:
+                      evaluation: "StageEvaluation", last: dict, tracking: Tracking) -> int:
         """The stages after the complete ones (`done`, the base stage first; `last` the latest's
         metrics) in the hook order: before_task, fit, after_task, task_deltas, evaluation, write
-        (rank 0)."""
+        (rank 0). Returns the run's optimizer steps, the complete stages' included."""
         labels = method.stages(ctx)
         first = max(0, len(done) - 1)
         saved = SavedTensors(ctx.model, last.get("saved_tensors", []))  # the base stage has none
@@ -343,15 +358,23 @@ class Runner:
         bar = tqdm(total=len(labels), initial=first, desc=f"{spec.method} {spec.sequence_name} "
                    f"seed{spec.seed}", leave=False, unit="task",
                    disable=not self.options.progress or not self.world.main)
+        steps = trained_steps(done)
         for stage in range(first, len(labels)):
             ctx.stage = stage
             seed_everything(stage_seed(spec.seed, stage))
             prepare_seconds = timed(method.before_task, ctx)
             saved.note(ctx.model)
-            result = fit(ctx, method, ctx.batcher, self.fit_settings(spec, stage, labels[stage], ctx))
+            on_step = (lambda k, values, offset=steps: tracking.scalars("train", values, offset + k)) \
+                if tracking.writers else None
+            result = fit(ctx, method, ctx.batcher,
+                         self.fit_settings(spec, stage, labels[stage], ctx, on_step))
+            steps += result.steps
             consolidate_seconds = timed(method.after_task, ctx)
             deltas = method.task_deltas(ctx)
             accuracy, predictions, eval_seconds = evaluation(stage + 1)
+            tracking.scalars("stage", stage_values(accuracy, labels[:stage + 1], {
+                "prepare_seconds": prepare_seconds, "train_seconds": result.seconds,
+                "consolidate_seconds": consolidate_seconds, "eval_seconds": eval_seconds}), steps)
             if self.world.main:
                 stage_dir = run_dir.write_stage(
                     stage_name(stage + 1, labels[stage]),
@@ -370,12 +393,27 @@ class Runner:
             self.world.barrier()
             bar.update(1)
         bar.close()
+        return steps
 
-    def fit_settings(self, spec: RunSpec, stage: int, label: str, ctx: Context) -> FitSettings:
+    def fit_settings(self, spec: RunSpec, stage: int, label: str, ctx: Context,
+                     on_step=None) -> FitSettings:
         return FitSettings.of_profile(
             self.profile, seed=stage_seed(spec.seed, stage), progress=self.options.progress,
             desc=label, world=self.world, engine_config=self.engine_config,
-            autocast=self.profile.bf16 and ctx.device.type == "cuda")
+            autocast=self.profile.bf16 and ctx.device.type == "cuda", on_step=on_step)
+
+
+def stage_values(accuracy: dict[str, float], seen: list[str], seconds: dict[str, float]) -> dict:
+    """A stage's row for the trackers: each task's accuracy, AA over the tasks seen, timings."""
+    seen_values = [accuracy[t] for t in seen if t in accuracy]
+    return {**{f"accuracy/{t}": v for t, v in accuracy.items()},
+            "AA_seen": sum(seen_values) / len(seen_values) if seen_values else float("nan"),
+            **seconds}
+
+
+def trained_steps(done: list[Path]) -> int:
+    """Optimizer steps of the complete trained stages (the base stage first in `done`)."""
+    return sum(read_json(d / "metrics.json").get("train", {}).get("steps", 0) for d in done[1:])
 
 
 def timed(hook, ctx: Context) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +32,7 @@ class LocalStep:
         self.model, self.optimizer, self.params = model, optimizer, params
         self.max_grad_norm = max_grad_norm
         self.autocast = autocast  # bf16 autocast on GPU when the profile asks
+        self.grad_norm: torch.Tensor | None = None
 
     def forward(self, batch: dict):
         if self.autocast:
@@ -42,8 +44,8 @@ class LocalStep:
         loss.backward()
 
     def step(self) -> None:
-        if self.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if self.max_grad_norm:  # the norm before clipping, kept as a tensor (no sync)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -82,6 +84,7 @@ class FitSettings:
     desc: str = "train"
     world: World = SINGLE
     engine_config: dict | None = None  # DeepSpeed's; None: the plain loop
+    on_step: Callable[[int, dict[str, float]], None] | None = None  # (step, values): tracking
 
     @classmethod
     def of_profile(cls, profile, **rest) -> "FitSettings":
@@ -139,6 +142,16 @@ def _closure(ctx: Context, method: Method, stepper, micro: list[tuple[dict, floa
     return closure
 
 
+def _step_values(loss: torch.Tensor, stepper, examples: int, seconds: float) -> dict[str, float]:
+    """What a tracker shows of one optimizer step (reading them waits for the device)."""
+    optimizer = getattr(stepper, "optimizer", None) or stepper.engine.optimizer
+    values = {"loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
+              "examples_per_second": examples / max(seconds, 1e-9)}
+    if getattr(stepper, "grad_norm", None) is not None:
+        values["grad_norm"] = float(stepper.grad_norm)
+    return values
+
+
 def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -> FitResult:
     """Train one stage: AdamW (or the method's optimizer), constant LR, gradient accumulation.
 
@@ -162,7 +175,7 @@ def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -
     lengths = batcher.source_lengths(sources) if s.group_by_length else None
     total_steps = -(-len(sources) // per_step) * s.epochs  # the last step of an epoch may be smaller
     losses: list[torch.Tensor] = []
-    start = time.perf_counter()
+    start = tick = time.perf_counter()
     bar = tqdm(total=total_steps, desc=s.desc, leave=False, disable=not s.progress or not world.main,
                unit="step")
     try:
@@ -174,6 +187,10 @@ def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -
                                                             world.size, s.engine_config is not None)]
                 losses.append(method.step(ctx, _closure(ctx, method, stepper, micro)).detach())
                 stepper.step()
+                if s.on_step is not None:
+                    now = time.perf_counter()
+                    s.on_step(len(losses), _step_values(losses[-1], stepper, len(ids), now - tick))
+                    tick = now
                 bar.update(1)
                 if len(losses) % 10 == 0 and not bar.disable:
                     bar.set_postfix(loss=f"{float(sum(losses[-10:])) / 10:.3f}")

@@ -167,6 +167,8 @@ CASES = [
      "no tuned settings for olora"),
     ("--tuned setting the method does not have",
      lambda t: seqlora(t, "--tuned", str(t["root"] / "tuned_unknown.json")), "has no setting 'lamda'"),
+    ("unknown tracker", lambda t: seqlora(t, "--report-to", "tensorboard,nosuch"),
+     "unknown tracker 'nosuch'"),
     ("tune an unknown method", lambda t: ["tune", "--methods", "nosuch", *SEQ, "--out",
                                           str(t["results"] / "tune")], "unknown method 'nosuch'"),
     ("tune with a reversed learning-rate range",

@@ -1,0 +1,69 @@
+"""`run --report-to tensorboard`: what a run logs, read back through TensorBoard's own event reader;
+tracking changes no result; a resumed run continues its curves without repeating a step."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from harness.cli import main
+from harness.store import RunSpec
+
+pytest.importorskip("tensorboard")
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+TASKS = ("agnews", "SST-2")
+ARGS = ["--tasks", ",".join(TASKS), "--train-per-task", "32", "--test-per-task", "8", "--no-progress"]
+
+
+def events(folder):
+    accumulator = EventAccumulator(str(folder / "tensorboard"),
+                                   size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def run_folder(results, method="olora"):
+    return RunSpec(method=method, tasks=TASKS, seed=0, profile="default").folder(results)
+
+
+def test_a_tracked_run_logs_steps_stages_and_results_and_changes_nothing(synthetic_dir, tmp_path):
+    for name, extra in (("plain", []), ("tracked", ["--report-to", "tensorboard"])):
+        assert main(["run", "--method", "olora", "--data-dir", str(synthetic_dir), "--results",
+                     str(tmp_path / name), *ARGS, *extra]) == 0
+    plain, tracked = run_folder(tmp_path / "plain"), run_folder(tmp_path / "tracked")
+    assert (plain / "accuracy_matrix.csv").read_text() == (tracked / "accuracy_matrix.csv").read_text()
+    a, b = (load_file(str(f / "stage_02-SST-2" / "model.safetensors")) for f in (plain, tracked))
+    assert all((a[k] == b[k]).all() for k in a)
+    assert not (plain / "tensorboard").exists()
+
+    log = events(tracked)
+    summary = json.loads((tracked / "summary.json").read_text())
+    steps = sum(json.loads((tracked / s / "metrics.json").read_text())["train"]["steps"]
+                for s in ("stage_01-agnews", "stage_02-SST-2"))
+    assert [e.step for e in log.Scalars("train/loss")] == list(range(1, steps + 1))
+    assert {"train/lr", "train/grad_norm", "train/examples_per_second"} <= set(log.Tags()["scalars"])
+    R = summary["accuracy_matrix"]
+    assert [e.value for e in log.Scalars("stage/accuracy/agnews")] == pytest.approx([R[1][0], R[2][0]])
+    assert [e.value for e in log.Scalars("stage/AA_seen")] == \
+        pytest.approx([R[1][0], (R[2][0] + R[2][1]) / 2])
+    assert log.Scalars("final/AA")[0].value == pytest.approx(summary["metrics"]["AA"])
+    assert log.Tags()["images"] == ["accuracy_matrix"]
+    assert summary["fingerprint"].encode() in log.Tensors("fingerprint/text_summary")[0] \
+        .tensor_proto.string_val[0]
+
+
+def test_a_resumed_run_continues_its_curves_without_repeating_steps(synthetic_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HARNESS_KILL_AT": "train_step:9"}
+    argv = [sys.executable, "-m", "harness", "run", "--method", "seqlora", "--data-dir",
+            str(synthetic_dir), "--results", str(tmp_path), *ARGS, "--report-to", "tensorboard"]
+    assert subprocess.run(argv, env=env, capture_output=True).returncode == -9  # mid stage 2
+    env.pop("HARNESS_KILL_AT")
+    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = events(run_folder(tmp_path, "seqlora"))
+    assert [e.step for e in log.Scalars("train/loss")] == list(range(1, 13))  # 2 stages x 6 steps
+    assert [e.step for e in log.Scalars("stage/AA_seen")] == [6, 12]  # at each stage's last step
