@@ -118,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     _setup_arguments(run)
     run.add_argument("--report-to", default="none", metavar="TRACKERS",
                      help="log live training curves, stage rows and results to these trackers: "
-                     "tensorboard (into each run's folder; `tensorboard --logdir RESULTS`), or none")
+                     "tensorboard (into each run's folder; `tensorboard --logdir RESULTS`), mlflow "
+                     "(RESULTS/mlflow.db, or --mlflow-uri), a comma-separated list, or none")
+    run.add_argument("--mlflow-uri", metavar="URI", help="with --report-to mlflow: the tracking "
+                     "server or store (default: sqlite:///RESULTS/mlflow.db)")
     run.add_argument("--tuned", type=Path, metavar="FILE", help="apply the settings `harness tune` "
                      "chose (its tuned.json) to every method; the tables mark such runs")
     run.add_argument("--shard", type=_shard, help="with --all: run the share i/N of the sweep "
@@ -325,7 +328,7 @@ def cmd_run(args) -> int:
         tuned = tuned_settings(args.tuned, args.profile, methods)
     options = _run_options(args, results=args.results, deepspeed_config=args.deepspeed_config,
                            eval_scope=args.eval_scope, eval_split=args.eval_split, tuned=tuned,
-                           report_to=parse_report_to(args.report_to))
+                           report_to=parse_report_to(args.report_to), mlflow_uri=args.mlflow_uri)
     _quiet_transformers(args)
     world, runner = _runner(args, options)
     for name in methods:
@@ -468,7 +471,8 @@ def cmd_new_method(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "datasets", "transformers", "peft", "DeepSpeed", "fontTools"):
+    for noisy in ("httpx", "datasets", "transformers", "peft", "DeepSpeed", "fontTools", "mlflow",
+                  "alembic"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     # peft still calls a transformers API deprecated for v6; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

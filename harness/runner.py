@@ -64,6 +64,7 @@ class Options:
     eval_split: str = "test"                  # or "heldout": train.json records not trained on
     tuned: dict[str, dict[str, float]] | None = None  # --tuned FILE: method -> its chosen settings
     report_to: tuple[str, ...] = ()           # trackers (harness.tracking); not in the config
+    mlflow_uri: str | None = None             # an MLflow server; None: RESULTS/mlflow.db
 
 
 def stage_seed(seed: int, stage: int) -> int:
@@ -251,7 +252,7 @@ class Runner:
             {t.name: self._base_row[t.name][1] for t in tasks}
         evaluation = StageEvaluation(evaluate, ctx, method, len(method.stages(ctx)),
                                      self.options.eval_scope == "seen+next", last["accuracy"], latest)
-        tracking = held.enter_context(self._tracking(run_dir, done))
+        tracking = held.enter_context(self._tracking(spec, run_dir, done))
         steps = self._train_stages(spec, method, ctx, run_dir, done, evaluation, last, tracking)
         summary = finish_run(run_dir, spec, [t.name for t in tasks], config) if self.world.main else None
         if summary is not None and tracking.writers:
@@ -259,10 +260,13 @@ class Runner:
         return self.world.broadcast(summary)
 
     @contextmanager
-    def _tracking(self, run_dir: RunDir, done: list[Path]):
+    def _tracking(self, spec: RunSpec, run_dir: RunDir, done: list[Path]):
         """The run's trackers (rank 0), from the global step after the complete stages."""
         names = self.options.report_to if self.world.main else ()
-        tracking = open_tracking(names, run_dir.path, trained_steps(done))
+        tracking = open_tracking(
+            names, run_dir.path, trained_steps(done), results=self.options.results,
+            run_name=str(run_dir.path.relative_to(self.options.results)),
+            mlflow_uri=self.options.mlflow_uri)
         try:
             yield tracking
         finally:

@@ -1,8 +1,10 @@
-"""Live curves of a run in the tracker its user already reads (`run --report-to tensorboard`).
+"""Live curves of a run in the trackers its user already reads (`run --report-to tensorboard,mlflow`).
 
-One tracker run per harness run, written by rank 0 only, into the run's own folder
+One tracker run per harness run, written by rank 0 only. TensorBoard: into the run's own folder
 (`<run>/tensorboard/`), so `tensorboard --logdir RESULTS` shows every run of a sweep grouped by
-profile, method, sequence and seed. What is logged:
+profile, method, sequence and seed. MLflow: one experiment per results folder (the sweep), one
+MLflow run per harness run, named `profile/method/sequence/seed`, in a local SQLite store
+(`RESULTS/mlflow.db`) or the server `--mlflow-uri` names. What is logged:
 - per optimizer step (`train/*`): the loss, the learning rate, the gradient norm before clipping,
   examples per second; the step count runs on across stages;
 - per stage (`stage/*`, at the stage's last step): the accuracy of every task, AA over the tasks
@@ -19,12 +21,13 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
 
-TRACKERS = ("tensorboard",)
+TRACKERS = ("tensorboard", "mlflow")
 
 
 def parse_report_to(text: str) -> tuple[str, ...]:
@@ -75,13 +78,70 @@ class Tracking:
             writer.close()
 
 
-def open_tracking(names: tuple[str, ...], run_folder: Path, first_step: int) -> Tracking:
+def open_tracking(names: tuple[str, ...], run_folder: Path, first_step: int, *,
+                  results: Path | None = None, run_name: str = "",
+                  mlflow_uri: str | None = None) -> Tracking:
     """The trackers `names` for the run in `run_folder`, continuing from global step
-    `first_step` (0 for a new run)."""
-    writers = []
+    `first_step` (0 for a new run). MLflow's store is `mlflow_uri`, by default a SQLite file in
+    `results` shared by the sweep (one experiment per results folder)."""
+    writers: list = []
     if "tensorboard" in names:
         from torch.utils.tensorboard import SummaryWriter
 
         writers.append(SummaryWriter(log_dir=str(run_folder / "tensorboard"),
                                      purge_step=first_step + 1 if first_step else None))
+    if "mlflow" in names:
+        results = Path(results or run_folder).resolve()
+        writers.append(MLflowWriter(mlflow_uri or f"sqlite:///{results / 'mlflow.db'}",
+                                    str(results), run_name, run_folder))
     return Tracking(writers)
+
+
+class MLflowWriter:
+    """The TensorBoard writer's calls, as MLflow logging (`MlflowClient`). Metrics are sent in
+    batches every few seconds, since each call to a SQLite store costs about 10 ms. The run's id
+    is kept in `<run>/mlflow.json`, so a resumed harness run continues its MLflow run (MLflow
+    cannot delete metric points: a stage trained again logs its steps a second time)."""
+
+    FLUSH_SECONDS = 5.0
+
+    def __init__(self, uri: str, experiment: str, run_name: str, run_folder: Path):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        record = run_folder / "mlflow.json"
+        if record.exists() and json.loads(record.read_text()).get("uri") == uri:
+            self.run_id = json.loads(record.read_text())["run_id"]
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            found = self.client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found else self.client.create_experiment(
+                experiment, artifact_location=(Path(experiment) / "mlflow-artifacts").as_uri())
+            self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+            record.write_text(json.dumps({"uri": uri, "run_id": self.run_id}))
+        self.pending: list = []
+        self.flushed = time.monotonic()
+
+    def add_scalar(self, key: str, value: float, step: int) -> None:
+        from mlflow.entities import Metric
+
+        self.pending.append(Metric(key, float(value), int(time.time() * 1000), step))
+        if time.monotonic() - self.flushed > self.FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        for start in range(0, len(self.pending), 1000):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, metrics=self.pending[start:start + 1000])
+        self.pending, self.flushed = [], time.monotonic()
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        self.client.log_text(self.run_id, text, f"{tag}.txt")
+        if tag == "fingerprint":
+            self.client.set_tag(self.run_id, "fingerprint", text)
+
+    def add_image(self, tag: str, image, step: int, dataformats: str = "HWC") -> None:
+        self.client.log_image(self.run_id, image, f"{tag}.png")
+
+    def close(self) -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id)

@@ -67,3 +67,31 @@ def test_a_resumed_run_continues_its_curves_without_repeating_steps(synthetic_di
     log = events(run_folder(tmp_path, "seqlora"))
     assert [e.step for e in log.Scalars("train/loss")] == list(range(1, 13))  # 2 stages x 6 steps
     assert [e.step for e in log.Scalars("stage/AA_seen")] == [6, 12]  # at each stage's last step
+
+
+def test_mlflow_gets_one_run_per_harness_run_in_the_sweeps_experiment(synthetic_dir, tmp_path):
+    """Read back with MlflowClient: the same values TensorBoard gets, and a resumed harness run
+    (here: the same run asked again after its summary was removed) continues its MLflow run."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    results = tmp_path / "results"
+    argv = ["run", "--method", "seqlora", "--data-dir", str(synthetic_dir), "--results",
+            str(results), *ARGS, "--report-to", "mlflow"]
+    assert main(argv) == 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{results.resolve() / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(str(results.resolve()))
+    [run] = client.search_runs([experiment.experiment_id])
+    folder = run_folder(results, "seqlora")
+    summary = json.loads((folder / "summary.json").read_text())
+    assert run.info.run_name == "default/seqlora/tasks-agnews+SST-2/seed0"
+    assert run.info.status == "FINISHED" and run.data.tags["fingerprint"] == summary["fingerprint"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == \
+        list(range(1, 13))
+    assert run.data.metrics["final/AA"] == pytest.approx(summary["metrics"]["AA"])
+    assert run.data.metrics["stage/AA_seen"] == pytest.approx(summary["stage_average_accuracy"][-1])
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= \
+        {"accuracy_matrix.png", "config.txt", "fingerprint.txt"}
+    (folder / "summary.json").unlink()  # as if killed before the summary: resumed, not restarted
+    assert main(argv) == 0
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run.info.run_id]
