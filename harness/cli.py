@@ -260,6 +260,8 @@ def _check_run_flags(args) -> None:
                            "deepspeed every run already uses all ranks")
     if args.results.exists() and not args.results.is_dir():
         raise HarnessError(f"--results {args.results}: not a directory")
+    if args.mlflow_uri and "mlflow" not in args.report_to:
+        raise HarnessError("run: --mlflow-uri only applies with --report-to mlflow")
 
 
 def _sweep_contents(args, bench) -> tuple[list[str], list[tuple[int | None, tuple[str, ...]]], list[int]]:
@@ -333,6 +335,10 @@ def cmd_run(args) -> int:
     world, runner = _runner(args, options)
     for name in methods:
         runner.create_method(name)  # unknown names, bad settings and combinations fail first
+    if "mlflow" in options.report_to and world.main:
+        from harness.tracking import prepare_mlflow
+
+        prepare_mlflow(args.results, args.mlflow_uri)
     for _, seq in sequences:
         bench.sequence(list(seq))
     if world is SINGLE and args.launcher == "deepspeed":

@@ -92,9 +92,38 @@ def open_tracking(names: tuple[str, ...], run_folder: Path, first_step: int, *,
                                      purge_step=first_step + 1 if first_step else None))
     if "mlflow" in names:
         results = Path(results or run_folder).resolve()
-        writers.append(MLflowWriter(mlflow_uri or f"sqlite:///{results / 'mlflow.db'}",
-                                    str(results), run_name, run_folder))
+        writers.append(MLflowWriter(mlflow_uri or default_mlflow_uri(results), str(results),
+                                    run_name, run_folder))
     return Tracking(writers)
+
+
+def default_mlflow_uri(results: Path) -> str:
+    return f"sqlite:///{Path(results).resolve() / 'mlflow.db'}"
+
+
+def mlflow_experiment(client, name: str) -> str:
+    """The id of the experiment `name` (a results folder), created on first use."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(name, artifact_location=(Path(name) / "mlflow-artifacts").as_uri())
+
+
+def prepare_mlflow(results: Path, uri: str | None) -> None:
+    """Open the store and create the sweep's experiment once, before any run or job writes to it
+    (jobs creating a SQLite store's tables at the same time would collide); a store that cannot
+    be opened is one line."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if uri is None:
+        Path(results).mkdir(parents=True, exist_ok=True)
+    where = uri or default_mlflow_uri(results)
+    try:
+        mlflow_experiment(MlflowClient(tracking_uri=where), str(Path(results).resolve()))
+    except (MlflowException, OSError, ValueError) as exc:
+        raise HarnessError(f"--mlflow-uri {where}: cannot use it "
+                           f"({str(exc).strip().splitlines()[0]})") from None
 
 
 class MLflowWriter:
@@ -114,9 +143,7 @@ class MLflowWriter:
             self.run_id = json.loads(record.read_text())["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
         else:
-            found = self.client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found else self.client.create_experiment(
-                experiment, artifact_location=(Path(experiment) / "mlflow-artifacts").as_uri())
+            experiment_id = mlflow_experiment(self.client, experiment)
             self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
             record.write_text(json.dumps({"uri": uri, "run_id": self.run_id}))
         self.pending: list = []
