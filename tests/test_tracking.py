@@ -15,6 +15,8 @@ from harness.store import RunSpec
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+# One worker runs the module: its tests share the tracked run.
+pytestmark = pytest.mark.xdist_group("tracking")
 TASKS = ("agnews", "SST-2")
 ARGS = ["--tasks", ",".join(TASKS), "--train-per-task", "32", "--test-per-task", "8", "--no-progress"]
 
@@ -30,11 +32,18 @@ def run_folder(results, method="olora"):
     return RunSpec(method=method, tasks=TASKS, seed=0, profile="default").folder(results)
 
 
-def test_a_tracked_run_logs_steps_stages_and_results_and_changes_nothing(synthetic_dir, tmp_path):
-    for name, extra in (("plain", []), ("tracked", ["--report-to", "tensorboard"])):
+@pytest.fixture(scope="module")
+def runs(synthetic_dir, tmp_path_factory):
+    """One run without tracking and the same run reported to TensorBoard and MLflow."""
+    root = tmp_path_factory.mktemp("tracking")
+    for name, extra in (("plain", []), ("tracked", ["--report-to", "tensorboard,mlflow"])):
         assert main(["run", "--method", "olora", "--data-dir", str(synthetic_dir), "--results",
-                     str(tmp_path / name), *ARGS, *extra]) == 0
-    plain, tracked = run_folder(tmp_path / "plain"), run_folder(tmp_path / "tracked")
+                     str(root / name), *ARGS, *extra]) == 0
+    return root
+
+
+def test_a_tracked_run_logs_steps_stages_and_results_and_changes_nothing(runs):
+    plain, tracked = run_folder(runs / "plain"), run_folder(runs / "tracked")
     assert (plain / "accuracy_matrix.csv").read_text() == (tracked / "accuracy_matrix.csv").read_text()
     a, b = (load_file(str(f / "stage_02-SST-2" / "model.safetensors")) for f in (plain, tracked))
     assert all((a[k] == b[k]).all() for k in a)
@@ -69,22 +78,19 @@ def test_a_resumed_run_continues_its_curves_without_repeating_steps(synthetic_di
     assert [e.step for e in log.Scalars("stage/AA_seen")] == [6, 12]  # at each stage's last step
 
 
-def test_mlflow_gets_one_run_per_harness_run_in_the_sweeps_experiment(synthetic_dir, tmp_path):
+def test_mlflow_gets_one_run_per_harness_run_in_the_sweeps_experiment(runs, synthetic_dir):
     """Read back with MlflowClient: the same values TensorBoard gets, and a resumed harness run
     (here: the same run asked again after its summary was removed) continues its MLflow run."""
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    results = tmp_path / "results"
-    argv = ["run", "--method", "seqlora", "--data-dir", str(synthetic_dir), "--results",
-            str(results), *ARGS, "--report-to", "mlflow"]
-    assert main(argv) == 0
+    results = runs / "tracked"
     client = MlflowClient(tracking_uri=f"sqlite:///{results.resolve() / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(str(results.resolve()))
     [run] = client.search_runs([experiment.experiment_id])
-    folder = run_folder(results, "seqlora")
+    folder = run_folder(results)
     summary = json.loads((folder / "summary.json").read_text())
-    assert run.info.run_name == "default/seqlora/tasks-agnews+SST-2/seed0"
+    assert run.info.run_name == "default/olora/tasks-agnews+SST-2/seed0"
     assert run.info.status == "FINISHED" and run.data.tags["fingerprint"] == summary["fingerprint"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == \
         list(range(1, 13))
@@ -93,5 +99,6 @@ def test_mlflow_gets_one_run_per_harness_run_in_the_sweeps_experiment(synthetic_
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= \
         {"accuracy_matrix.png", "config.txt", "fingerprint.txt"}
     (folder / "summary.json").unlink()  # as if killed before the summary: resumed, not restarted
-    assert main(argv) == 0
+    assert main(["run", "--method", "olora", "--data-dir", str(synthetic_dir), "--results",
+                 str(results), *ARGS, "--report-to", "mlflow"]) == 0
     assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run.info.run_id]
