@@ -90,8 +90,9 @@ def test_the_head_at_label_positions_gives_the_whole_row_loss_and_gradient(smol,
         (full_loss, full_shape, full_grad), (loss, shape, grad) = results
         assert shape[1] < full_shape[1] / 5  # only the label positions' logits
         assert torch.allclose(loss, full_loss, rtol=1e-5)
-        # float32 sums over another padding layout: equal up to rounding, not bitwise
-        assert (grad - full_grad).norm() < 1e-4 * full_grad.norm()
+        # float32 sums over another padding layout: equal up to rounding, not bitwise (2e-4
+        # relative measured on the synthetic prompts; a wrong position would differ at order 1)
+        assert (grad - full_grad).norm() < 1e-3 * full_grad.norm()
     finally:
         model.unload()
 
