@@ -271,14 +271,22 @@ def _sweep_contents(args, bench) -> tuple[list[str], list[tuple[int | None, tupl
 
     seed = 0 if args.seed is None else args.seed
     if not args.all:
-        sequences = [(args.order, bench.order(args.order))] if args.order is not None \
-            else [(bench.order_of(args.tasks), tuple(args.tasks))]
-        return [args.method], sequences, [seed]
+        return [args.method], _sequences(bench, args.tasks, [args.order]), [seed]
     methods = args.methods or [m for m in registry.available()  # modifiers only run combined
                                if not issubclass(registry.method_class(m), Modifier)]
-    sequences = [(bench.order_of(args.tasks), tuple(args.tasks))] if args.tasks else \
-        [(k, bench.order(k)) for k in args.orders or sorted(bench.orders)]
-    return methods, sequences, args.seeds or [seed]
+    return methods, _sequences(bench, args.tasks, args.orders or sorted(bench.orders)), \
+        args.seeds or [seed]
+
+
+def _sequences(bench, tasks: list[str] | None,
+               orders: list[int]) -> list[tuple[int | None, tuple[str, ...]]]:
+    """(order, tasks) of each sequence asked for, checked: the `--tasks` list (the order whose
+    task list it is, if any), else each of `orders`."""
+    sequences = [(bench.order_of(tasks), tuple(tasks))] if tasks else \
+        [(k, bench.order(k)) for k in orders]
+    for _, seq in sequences:
+        bench.sequence(list(seq))
+    return sequences
 
 
 def _run_options(args, **fields):
@@ -339,8 +347,6 @@ def cmd_run(args) -> int:
         from harness.tracking import prepare_mlflow
 
         prepare_mlflow(args.results, args.mlflow_uri)
-    for _, seq in sequences:
-        bench.sequence(list(seq))
     if world is SINGLE and args.launcher == "deepspeed":
         import subprocess
 
@@ -383,10 +389,7 @@ def cmd_tune(args) -> None:
     from harness.runner import runner_for
 
     bench = load_benchmark()
-    sequences = [(bench.order_of(args.tasks), tuple(args.tasks))] if args.tasks else \
-        [(k, bench.order(k)) for k in args.orders]
-    for _, seq in sequences:
-        bench.sequence(list(seq))
+    sequences = _sequences(bench, args.tasks, args.orders)
     if args.out.exists() and not args.out.is_dir():
         raise HarnessError(f"--out {args.out}: not a directory")
     _quiet_transformers(args)
