@@ -252,19 +252,21 @@ class Runner:
             {t.name: self._base_row[t.name][1] for t in tasks}
         evaluation = StageEvaluation(evaluate, ctx, method, len(method.stages(ctx)),
                                      self.options.eval_scope == "seen+next", last["accuracy"], latest)
-        tracking = held.enter_context(self._tracking(spec, run_dir, done))
-        steps = self._train_stages(spec, method, ctx, run_dir, done, evaluation, last, tracking)
+        steps = trained_steps(done)  # the global step the tracker curves go on from
+        tracking = held.enter_context(self._tracking(spec, run_dir, steps))
+        steps = self._train_stages(spec, method, ctx, run_dir, done, evaluation, last, tracking,
+                                   steps)
         summary = finish_run(run_dir, spec, [t.name for t in tasks], config) if self.world.main else None
         if summary is not None and tracking.writers:
             tracking.finish(summary, config, steps)
         return self.world.broadcast(summary)
 
     @contextmanager
-    def _tracking(self, spec: RunSpec, run_dir: RunDir, done: list[Path]):
-        """The run's trackers (rank 0), from the global step after the complete stages."""
+    def _tracking(self, spec: RunSpec, run_dir: RunDir, first_step: int):
+        """The run's trackers (rank 0), going on from `first_step` (the complete stages')."""
         names = self.options.report_to if self.world.main else ()
         tracking = open_tracking(
-            names, run_dir.path, trained_steps(done), results=self.options.results,
+            names, run_dir.path, first_step, results=self.options.results,
             run_name=str(run_dir.path.relative_to(self.options.results)),
             mlflow_uri=self.options.mlflow_uri)
         try:
@@ -351,10 +353,11 @@ class Runner:
         return done
 
     def _train_stages(self, spec: RunSpec, method, ctx: Context, run_dir: RunDir, done: list[Path],
-                      evaluation: "StageEvaluation", last: dict, tracking: Tracking) -> int:
+                      evaluation: "StageEvaluation", last: dict, tracking: Tracking,
+                      steps: int) -> int:
         """The stages after the complete ones (`done`, the base stage first; `last` the latest's
-        metrics) in the hook order: before_task, fit, after_task, task_deltas, evaluation, write
-        (rank 0). Returns the run's optimizer steps, the complete stages' included."""
+        metrics; `steps` their optimizer steps) in the hook order: before_task, fit, after_task,
+        task_deltas, evaluation, write (rank 0). Returns the run's optimizer steps."""
         labels = method.stages(ctx)
         first = max(0, len(done) - 1)
         saved = SavedTensors(ctx.model, last.get("saved_tensors", []))  # the base stage has none
@@ -362,7 +365,6 @@ class Runner:
         bar = tqdm(total=len(labels), initial=first, desc=f"{spec.method} {spec.sequence_name} "
                    f"seed{spec.seed}", leave=False, unit="task",
                    disable=not self.options.progress or not self.world.main)
-        steps = trained_steps(done)
         for stage in range(first, len(labels)):
             ctx.stage = stage
             seed_everything(stage_seed(spec.seed, stage))

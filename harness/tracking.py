@@ -139,8 +139,9 @@ class MLflowWriter:
 
         self.client = MlflowClient(tracking_uri=uri)
         record = run_folder / "mlflow.json"
-        if record.exists() and json.loads(record.read_text()).get("uri") == uri:
-            self.run_id = json.loads(record.read_text())["run_id"]
+        earlier = json.loads(record.read_text()) if record.exists() else {}
+        if earlier.get("uri") == uri:
+            self.run_id = earlier["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             experiment_id = mlflow_experiment(self.client, experiment)
