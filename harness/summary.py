@@ -134,13 +134,14 @@ def stage_predictions(stage_dir: Path) -> dict[str, list[dict]]:
 
 
 def final_outcomes(folder: Path) -> dict[tuple[str, int], bool]:
-    """Whether each test item was answered right after the last stage, `(task, index) -> correct`:
-    from the latest complete stage that evaluated the task (one that carried a cell over did not)."""
-    outcomes: dict[tuple[str, int], bool] = {}
-    for stage in sorted(Path(folder).glob("stage_[0-9][0-9]-*")):  # a finished run's stages
-        for task, records in stage_predictions(stage).items():
-            outcomes.update({(task, r["index"]): bool(r["correct"]) for r in records})
-    return outcomes
+    """Whether each test item was answered right after the last stage, `(task, index) -> correct`,
+    from a finished run's last stage folder: its row is whole, and a cell the method carried over
+    is stored with its predictions. Empty for an imported run (no predictions)."""
+    stages = sorted(Path(folder).glob("stage_[0-9][0-9]-*"))
+    if not stages:
+        return {}
+    return {(task, r["index"]): bool(r["correct"])
+            for task, records in stage_predictions(stages[-1]).items() for r in records}
 
 
 def run_parameter_metrics(folders: list[Path], n_trained: int) -> dict | None:
@@ -192,7 +193,8 @@ def _write_matrix_csv(path: Path, R: np.ndarray, labels: list[str], names: list[
 
 
 def _cells(M: np.ndarray) -> list[list[float | None]]:
-    return [[None if np.isnan(v) else round(v, 4) for v in row] for row in M.tolist()]
+    """A matrix as JSON: NaN (a cell not evaluated) as null."""
+    return [[None if np.isnan(v) else v for v in row] for row in M.tolist()]
 
 
 def finish_run(run_dir: RunDir, spec: RunSpec, names: list[str], config: dict) -> Summary:
@@ -202,8 +204,9 @@ def finish_run(run_dir: RunDir, spec: RunSpec, names: list[str], config: dict) -
     rows = [read_json(d / "metrics.json") for d in folders]
     R, labels, missing = _accuracy_matrix(rows, names)
     O = _format_matrix(folders, rows, names, R.shape)
+    has_format = not np.isnan(O).all()  # imported runs store no predictions
     _write_matrix_csv(run_dir.path / "accuracy_matrix.csv", R, labels, names)
-    if not np.isnan(O).all():  # imported runs store no predictions
+    if has_format:
         _write_matrix_csv(run_dir.path / "format_matrix.csv", O, labels, names)
     split = metrics.forgetting_by_kind(R, O)
     train_seconds = sum(r.get("train", {}).get("seconds", 0.0) for r in rows)
@@ -218,8 +221,7 @@ def finish_run(run_dir: RunDir, spec: RunSpec, names: list[str], config: dict) -
             None if np.isnan(seen).any() else round(float(np.mean(seen)), 4)
             for i in range(1, len(R))
             for seen in [R[i, :i] if len(R) == len(names) + 1 else R[i]]],
-        accuracy_matrix=[[None if np.isnan(v) else v for v in row] for row in R.tolist()],
-        format_matrix=[] if np.isnan(O).all() else _cells(O),
+        accuracy_matrix=_cells(R), format_matrix=_cells(O) if has_format else [],
         row_labels=labels, missing_stages=missing,
         parameter_metrics=run_parameter_metrics(folders, len(R) - 1),
         train_seconds=round(train_seconds, 3), eval_seconds=round(eval_seconds, 3),
