@@ -60,6 +60,7 @@ class PairedTest:
     t_p: float
     wilcoxon_p: float
     note: str = ""
+    sd_diff: float = math.nan  # the spread of the paired differences (for the power note)
 
 
 def paired_test(a: np.ndarray, b: np.ndarray) -> PairedTest:
@@ -85,7 +86,8 @@ def paired_test(a: np.ndarray, b: np.ndarray) -> PairedTest:
         w_p = math.nan
     elif not np.all(diff == 0):
         w_p = float(stats.wilcoxon(a[keep], b[keep]).pvalue)
-    return PairedTest(n, float(diff.mean()) if n else math.nan, t_p, w_p, "; ".join(notes))
+    return PairedTest(n, float(diff.mean()) if n else math.nan, t_p, w_p, "; ".join(notes),
+                      float(diff.std(ddof=1)) if n > 1 else math.nan)
 
 
 def compare(runs: pd.DataFrame, metric: str = "AA", reference: str | None = None) -> pd.DataFrame:
@@ -110,6 +112,8 @@ def compare(runs: pd.DataFrame, metric: str = "AA", reference: str | None = None
         tests = {m: paired_test(wide[m].to_numpy(), wide[target].to_numpy())
                  for m in wide.columns if m != target}
         table[f"vs_{label}_diff"] = pd.Series({m: t.mean_diff for m, t in tests.items()})
+        table[f"vs_{label}_sd"] = pd.Series({m: t.sd_diff for m, t in tests.items()})
+        table[f"vs_{label}_pairs"] = pd.Series({m: t.n for m, t in tests.items()})
         for test, key in (("t_p", "t"), ("wilcoxon_p", "w")):
             raw = {m: getattr(t, test) for m, t in tests.items()}
             adjusted = dict(zip(raw, holm(list(raw.values()))))

@@ -173,7 +173,7 @@ def full_tables(df: pd.DataFrame, fmt: str = "github", reference: str | None = N
             table["McNemar p vs best (a / b)"] = pd.Series(
                 {m: f"{t.p:.3g} ({t.a_only} / {t.b_only})" for m, t in per_example.items()})
             table = table.fillna({"McNemar p vs best (a / b)": "-"})
-            title += "\n" + power_note(group, best, per_example)
+            title += "\n" + power_note(comparison, per_example)
             legend = LEGEND + ("\nNot tested: " + "; ".join(notes) if notes else "")
             out.append(_render(table, fmt, title, legend if fmt != "csv" else ""))
     return "\n\n".join(out)
@@ -259,22 +259,24 @@ def per_example_tests(group: pd.DataFrame, best: str) -> dict[str, stats.McNemar
             for m in outcomes if m != best and outcomes[m] and outcomes[best]}
 
 
-def power_note(group: pd.DataFrame, best: str, per_example: dict[str, stats.McNemar]) -> str:
+def power_note(comparison: pd.DataFrame, per_example: dict[str, stats.McNemar]) -> str:
     """The smallest AA difference from the best method this table could detect (ALPHA, power
-    0.8): run-level, from the spread of the paired differences; per example, from the share of
-    items on which two methods disagree (medians over the methods)."""
-    wide = group.pivot_table(index=["sequence", "seed"], columns="method", values="AA")
-    diffs = [wide[m] - wide[best] for m in wide.columns if m != best]
-    runs = [stats.detectable_difference(float(d.std(ddof=1)), int(d.notna().sum())) for d in diffs]
+    0.8): run-level, from the spread of each method's paired differences to the best
+    (`stats.compare`); per example, from the share of items on which two methods disagree
+    (medians over the methods)."""
+    others = comparison[~comparison["best"]]
+    runs = [stats.detectable_difference(sd, int(n))
+            for sd, n in zip(others["vs_best_sd"], others["vs_best_pairs"])]
     items = [stats.detectable_difference_items(t.discordant_rate, t.items)
              for t in per_example.values()]
+    runs_per_method = int(comparison["n"].max())
 
     def show(values: list[float], what: str) -> str:
         finite = [v for v in values if math.isfinite(v)]
         return f"{np.median(finite):.1f} points {what}" if finite else f"- {what}"
 
     return ("Smallest AA difference from the best detectable (alpha 0.05, power 0.8): "
-            f"{show(runs, f'with the paired t-test over {len(wide)} runs')}, "
+            f"{show(runs, f'with the paired t-test over {runs_per_method} runs')}, "
             f"{show(items, 'with McNemar over the pooled test items')}")
 
 
