@@ -22,6 +22,15 @@ def write_summary(root, method, order, seed, AA, BWT=-5.0, profile="default", ki
         "accuracy_matrix": R, "row_labels": ["base", "a", "b", "c", "d"]}))
 
 
+def published_numbers(tmp_path, *rows: str):
+    """A baselines folder with one CSV of published numbers (`rows`, below its header)."""
+    baselines = tmp_path / "baselines"
+    baselines.mkdir()
+    (baselines / "published.csv").write_text(
+        "paper,arxiv_id,table,model,method,metric,order,value\n" + "".join(r + "\n" for r in rows))
+    return baselines
+
+
 @pytest.fixture
 def tree(tmp_path):
     root = tmp_path / "results"
@@ -59,13 +68,9 @@ def test_full_table_marks_best_and_ties(tree):
 
 
 def test_compare_with_published(tree, tmp_path):
-    baselines = tmp_path / "baselines"
-    baselines.mkdir()
-    (baselines / "paper.csv").write_text(
-        "paper,arxiv_id,table,model,method,metric,order,value\n"
-        "O-LoRA,1,Table 1,t5-large,O-LoRA,AA,1,75.0\n"
-        "O-LoRA,1,Table 1 [SECONDARY: reprint],t5-large,O-LoRA,AA,avg_1_3,75.8\n"
-        "O-LoRA,1,Table 1,llama-2-7b,O-LoRA,AA,1,99.0\n")
+    baselines = published_numbers(tmp_path, "O-LoRA,1,Table 1,t5-large,O-LoRA,AA,1,75.0",
+                                  "O-LoRA,1,Table 1 [SECONDARY: reprint],t5-large,O-LoRA,AA,avg_1_3,75.8",
+                                  "O-LoRA,1,Table 1,llama-2-7b,O-LoRA,AA,1,99.0")
     text = table.compare_published(table.load_summaries(tree), "t5-large", fmt="csv",
                                    directory=baselines)
     rows = [l.split(",") for l in text.splitlines() if l.startswith("olora,")]
@@ -130,10 +135,8 @@ def test_compare_with_published_gives_kendalls_tau_of_the_ranking(tmp_path):
     write_summary(root, "pertask", 1, 0, AA=99.0)  # nothing published: not ranked
     published = {"SeqLoRA": [44.6], "IncLoRA": [66.0], "O-LoRA": [75.4, 75.0], "N-LoRA": [79.2],
                  "Replay": [55.2]}
-    baselines = tmp_path / "baselines"
-    baselines.mkdir()
-    (baselines / "p.csv").write_text("paper,arxiv_id,table,model,method,metric,order,value\n" + "".join(
-        f"P,1,T,t5-large,{m},AA,1,{v}\n" for m, values in published.items() for v in values))
+    baselines = published_numbers(tmp_path, *(f"P,1,T,t5-large,{m},AA,1,{v}"
+                                              for m, values in published.items() for v in values))
     text = table.compare_published(table.load_summaries(root), "t5-large", directory=baselines)
     line = next(l for l in text.splitlines() if l.startswith("order 1:"))
     x = [ours[m] for m in ("seqlora", "inclora", "olora", "nlora", "replay")]
@@ -146,11 +149,7 @@ def test_compare_with_published_gives_kendalls_tau_of_the_ranking(tmp_path):
 
 def test_a_number_published_under_another_label_sits_under_the_order_with_its_tasks(tree, tmp_path):
     """GainLoRA's "order 3" is the task list of our order 6."""
-    baselines = tmp_path / "baselines"
-    baselines.mkdir()
-    (baselines / "gainlora.csv").write_text(
-        "paper,arxiv_id,table,model,method,metric,order,value\n"
-        "GainLoRA,2,Table 2,t5-large,O-LoRA,AA,3,61.5\n")
+    baselines = published_numbers(tmp_path, "GainLoRA,2,Table 2,t5-large,O-LoRA,AA,3,61.5")
     text = table.compare_published(table.load_summaries(tree), "t5-large", fmt="csv",
                                    directory=baselines)
     by_order = {r.split(",")[1]: r.split(",") for r in text.splitlines() if r.startswith("olora,")}
@@ -183,14 +182,10 @@ def test_parameter_metrics_sit_beside_the_published_ones_with_their_ratios(tmp_p
         summary = json.loads(path.read_text())
         summary["parameter_metrics"] = params
         path.write_text(json.dumps(summary))
-    baselines = tmp_path / "baselines"
-    baselines.mkdir()
-    (baselines / "fig.csv").write_text(
-        "paper,arxiv_id,table,model,method,metric,order,value\n"
-        "N-LoRA,1,Fig 1,t5-large,N-LoRA,collision_rate,avg_1_6,0.8\n"
-        "N-LoRA,1,Fig 1,t5-large,O-LoRA,collision_rate,avg_1_6,46.6\n"
-        "N-LoRA,1,Fig 3,t5-large,N-LoRA,nuclear_norm,avg_1_6,0.14\n"
-        "N-LoRA,1,Fig 3,t5-large,O-LoRA,nuclear_norm,avg_1_6,6.80\n")
+    baselines = published_numbers(tmp_path, "N-LoRA,1,Fig 1,t5-large,N-LoRA,collision_rate,avg_1_6,0.8",
+                                  "N-LoRA,1,Fig 1,t5-large,O-LoRA,collision_rate,avg_1_6,46.6",
+                                  "N-LoRA,1,Fig 3,t5-large,N-LoRA,nuclear_norm,avg_1_6,0.14",
+                                  "N-LoRA,1,Fig 3,t5-large,O-LoRA,nuclear_norm,avg_1_6,6.80")
     text = table.compare_published(table.load_summaries(root), "t5-large", fmt="csv",
                                    directory=baselines)
     rows = {(r[0], r[1]): r for r in (l.split(",") for l in text.splitlines())
