@@ -193,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--out", type=Path,
                        help="write every table as .md, .tex and .csv, and the plots, into this folder")
 
+    report = sub.add_parser("report", help="one self-contained HTML page: tables, published "
+                            "numbers, every plot and each run's provenance")
+    report.add_argument("--results", type=Path, default=Path("results"))
+    report.add_argument("--out", type=Path, help="folder for index.html (default: RESULTS/report)")
+    report.add_argument("--profile", help="only this profile")
+    report.add_argument("--reference", help="also test every method against this one, e.g. olora")
+    report.add_argument("--published-backbone", default="t5-large",
+                        help="backbone of the published numbers to compare with (default t5-large)")
+
     new = sub.add_parser("new-method", help="write a method plugin, its config and test")
     new.add_argument("name")
 
@@ -372,14 +381,20 @@ def cmd_run(args) -> int:
 
 
 def _print_leaderboard(results: Path, profile: str) -> None:
-    """The end of a sweep: the paper-layout table of what the results folder now holds."""
+    """The end of a sweep: the paper-layout table of what the results folder now holds, and the
+    report page of it."""
     from harness import table
+    from harness.report import write_report
 
     runs = table.load_summaries(results, profile) if results.is_dir() else None
-    text = table.paper_table(runs) if runs is not None and not runs.empty else ""
+    if runs is None or runs.empty:
+        return
+    text = table.paper_table(runs)
     if text:
-        print(f"\n{text}\n\n(every table and plot: python -m harness table --results {results} "
-              f"--out DIR)", flush=True)
+        print(f"\n{text}\n", flush=True)
+    page = write_report(results, results / "report", profile=profile)
+    print(f"report (every table, plot and run): {page}\n(tables as .md, .tex and .csv: "
+          f"python -m harness table --results {results} --out DIR)", flush=True)
 
 
 def cmd_tune(args) -> None:
@@ -459,6 +474,14 @@ def cmd_table(args) -> None:
     print(f"tables (.md, .tex, .csv) and {len(plots)} plot files written to {args.out}")
 
 
+def cmd_report(args) -> None:
+    from harness.report import write_report
+
+    page = write_report(args.results, args.out or args.results / "report", profile=args.profile,
+                        reference=args.reference, backbone=args.published_backbone)
+    print(f"report: {page}")
+
+
 def cmd_generate(args) -> None:
     from harness.paths import synthetic_data_dir
     from harness.synthetic import generate
@@ -494,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         args.argv = without(argv, ("--local_rank", "--local-rank"))
         handler = {"run": cmd_run, "import": cmd_import, "list": cmd_list, "table": cmd_table,
-                   "generate": cmd_generate, "new-method": cmd_new_method, "tune": cmd_tune}[args.command]
+                   "report": cmd_report, "generate": cmd_generate, "new-method": cmd_new_method, "tune": cmd_tune}[args.command]
         code = handler(args) or 0
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -6,7 +6,8 @@
 - `aa_with_ci`: AA per method with 95% confidence intervals;
 - `write_all`: all of the above for every run of a results tree.
 
-Each writes `<stem>.png` and `<stem>.pdf` and returns the paths written. Figures are built on
+Each writes `<stem>.png` (200 dpi) and `<stem>.pdf`, or the `formats` asked for, and returns the
+paths written. Figures are built on
 `matplotlib.figure.Figure` with an Agg canvas, never through pyplot: nothing is registered in a
 global figure list (so nothing leaks over hundreds of runs) and the caller's backend is untouched.
 """
@@ -17,6 +18,7 @@ import functools
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib as mpl
@@ -28,7 +30,7 @@ from matplotlib.patches import Rectangle
 
 from harness.errors import HarnessError
 from harness.stats import describe
-from harness.summary import Summary, read_summaries
+from harness.summary import TUNED, Summary, read_summaries
 from methods.registry import table_entry
 
 STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9,
@@ -51,18 +53,26 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _save(fig: Figure, out_stem: Path) -> list[Path]:
+FORMATS = {".png": 200, ".pdf": None}  # file suffix -> dots per inch of a raster format
+
+
+def _save(fig: Figure, out_stem: Path, formats: dict[str, int | None]) -> list[Path]:
     out_stem = Path(out_stem)
     out_stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out_stem.with_name(out_stem.name + ext) for ext in (".png", ".pdf")]
-    fig.savefig(paths[0], dpi=200, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None})  # reproducible
+    paths = []
+    for suffix, dpi in formats.items():
+        paths.append(out_stem.with_name(out_stem.name + suffix))
+        if dpi is None:
+            fig.savefig(paths[-1], bbox_inches="tight", metadata={"CreationDate": None})  # reproducible
+        else:
+            fig.savefig(paths[-1], dpi=dpi, bbox_inches="tight")
     fig.clear()  # drop the artists now rather than when the figure is collected
     return paths
 
 
 @_styled
-def accuracy_heatmap(summary: Summary, out_stem: Path) -> list[Path]:
+def accuracy_heatmap(summary: Summary, out_stem: Path, formats: dict[str, int | None] = FORMATS
+                     ) -> list[Path]:
     """The accuracy matrix R: rows = stages (base, then each trained stage), columns = tasks;
     missing cells are hatched. Beside it, when the run stored predictions, the format matrix O
     (the share of answers outside each task's label set)."""
@@ -76,9 +86,9 @@ def accuracy_heatmap(summary: Summary, out_stem: Path) -> list[Path]:
     for index, (M, label, colours) in enumerate(panels, 1):
         ax = fig.add_subplot(1, len(panels), index)
         _matrix_panel(fig, ax, M, summary, label, colours, ylabels=index == 1)
-    fig.suptitle(f"{summary.method} on {summary.sequence}, seed {summary.seed}; "
+    fig.suptitle(f"{summary.label} on {summary.sequence}, seed {summary.seed}; "
                  f"profile {summary.profile}, {summary.benchmark['kind']} benchmark")
-    return _save(fig, out_stem)
+    return _save(fig, out_stem, formats)
 
 
 def _matrix_panel(fig, ax, M: np.ndarray, summary: Summary, label: str, colours: str,
@@ -106,16 +116,17 @@ def _matrix_panel(fig, ax, M: np.ndarray, summary: Summary, label: str, colours:
 
 
 @_styled
-def forgetting_curves(summaries: list[Summary], out_stem: Path) -> list[Path]:
+def forgetting_curves(summaries: list[Summary], out_stem: Path,
+                      formats: dict[str, int | None] = FORMATS) -> list[Path]:
     """For one method and sequence: each task's accuracy from the stage that learned it to the
     last stage; the mean over seeds, with a min-max band when there are several."""
     if not summaries:
         raise ValueError("forgetting_curves: no runs given")
     first = summaries[0]
     for s in summaries:
-        if (s.method, s.sequence, s.tasks) != (first.method, first.sequence, first.tasks):
+        if (s.label, s.sequence, s.tasks) != (first.label, first.sequence, first.tasks):
             raise ValueError("forgetting_curves: runs must share one method and sequence "
-                             f"(got {s.method}/{s.sequence} and {first.method}/{first.sequence})")
+                             f"(got {s.label}/{s.sequence} and {first.label}/{first.sequence})")
         if s.joint:  # trained once on the whole sequence: one trained row
             raise ValueError(f"forgetting_curves: {s.method}/{s.sequence} seed {s.seed} is a joint "
                              f"run (rows {s.row_labels}): it has no per-stage accuracies to follow")
@@ -148,17 +159,18 @@ def forgetting_curves(summaries: list[Summary], out_stem: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     seeds = sorted(s.seed for s in summaries)
     band = "\nline: mean over seeds; band: min to max" if len(seeds) > 1 else ""
-    ax.set_title(f"{first.method} on {first.sequence}: each task's accuracy after it is "
+    ax.set_title(f"{first.label} on {first.sequence}: each task's accuracy after it is "
                  f"learned\nprofile {first.profile}, {first.benchmark['kind']} benchmark, "
                  f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}{band}")
     # Beside the axes, below the title's height: constrained layout makes room for it.
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0,
               title="task (stage learned)", ncols=2 if T > 16 else 1)
-    return _save(fig, out_stem)
+    return _save(fig, out_stem, formats)
 
 
 @_styled
-def aa_with_ci(table: pd.DataFrame, out_stem: Path, title: str) -> list[Path]:
+def aa_with_ci(table: pd.DataFrame, out_stem: Path, title: str,
+               formats: dict[str, int | None] = FORMATS) -> list[Path]:
     """AA per method (columns method, mean, ci_low, ci_high; optional n), one row per method in
     the order given, with the confidence interval as an error bar where it is known."""
     missing = {"method", "mean", "ci_low", "ci_high"} - set(table.columns)
@@ -196,7 +208,7 @@ def aa_with_ci(table: pd.DataFrame, out_stem: Path, title: str) -> list[Path]:
     ax.grid(axis="x", alpha=0.3)
     fig.legend(loc="outside lower center", ncols=2, frameon=False)  # never over a point
     ax.set_title(title)
-    return _save(fig, out_stem)
+    return _save(fig, out_stem, formats)
 
 
 def bootstrap_ci(values) -> tuple[float, float]:
@@ -219,39 +231,49 @@ def aa_table(runs: pd.DataFrame) -> pd.DataFrame:
         low, high = bootstrap_ci(values)
         rows.append({"method": method, "mean": values.mean(),
                      "ci_low": low, "ci_high": high, "n": len(values)})
-    key = [table_entry(r["method"])[0] for r in rows]
+    key = [(table_entry(r["method"].removesuffix(TUNED))[0], r["method"]) for r in rows]
     return pd.DataFrame([r for _, r in sorted(zip(key, rows), key=lambda p: p[0])],
                         columns=["method", "mean", "ci_low", "ci_high", "n"])
 
 
-def write_all(results: Path, out_dir: Path, profile: str | None = None) -> list[Path]:
-    """Every figure for a results tree: `heatmaps/<profile>-<method>-<sequence>-seed<s>`,
-    `forgetting/<profile>-<method>-<sequence>` (not for joint runs) and
-    `aa_<profile>_<kind>`, each as PNG and PDF. Runs without summary.json are incomplete and
-    skipped."""
+def draw_all(results: Path, out_dir: Path, profile: str | None = None,
+             formats: dict[str, int | None] = FORMATS) -> Iterator[tuple[str, str | None, list[Path]]]:
+    """Every figure for a results tree, as (kind, method label or None, paths):
+    `aa_<profile>_<kind>` (kind "aa"), `forgetting/<profile>-<method>-<sequence>` ("forgetting";
+    not for joint runs) and `heatmaps/<profile>-<method>-<sequence>-seed<s>` ("heatmap"). Runs
+    without summary.json are incomplete and skipped; a tuned run is a method of its own."""
     results, out_dir = Path(results), Path(out_dir)
     if not results.is_dir():
         raise HarnessError(f"--results {results}: no such directory")
     summaries = read_summaries(results, profile)
-    written = []
-    curves = defaultdict(list)
-    for s in summaries:
-        written += accuracy_heatmap(s, out_dir / "heatmaps" /
-                                    f"{s.profile}-{s.method}-{s.sequence}-seed{s.seed}")
-        if not s.joint:
-            curves[s.profile, s.method, s.sequence].append(s)
-    for (prof, method, sequence), group in sorted(curves.items()):
-        written += forgetting_curves(group, out_dir / "forgetting" / f"{prof}-{method}-{sequence}")
     runs = pd.DataFrame([{"profile": s.profile, "kind": s.benchmark["kind"],
-                          "method": s.method, "AA": s.metrics.get("AA")}
+                          "method": s.label, "AA": s.metrics.get("AA")}
                          for s in summaries], columns=["profile", "kind", "method", "AA"])
     runs["AA"] = pd.to_numeric(runs["AA"], errors="coerce")  # null AA -> NaN, left out
     for (prof, kind), group in runs.groupby(["profile", "kind"], sort=True):
         table = aa_table(group)
-        if table.empty:
-            continue
-        written += aa_with_ci(table, out_dir / f"aa_{prof}_{kind}",
-                              f"Average accuracy (AA) per method; profile {prof}, {kind} "
-                              "benchmark\nall sequences and seeds pooled; 95% bootstrap CI "
-                              "of the mean")
-    return written
+        if not table.empty:
+            yield "aa", None, aa_with_ci(
+                table, out_dir / f"aa_{prof}_{kind}",
+                f"Average accuracy (AA) per method; profile {prof}, {kind} benchmark\nall "
+                "sequences and seeds pooled; 95% bootstrap CI of the mean", formats)
+    curves = defaultdict(list)
+    for s in summaries:
+        if not s.joint:
+            curves[s.profile, s.label, s.sequence].append(s)
+    for (prof, label, sequence), group in sorted(curves.items()):
+        yield "forgetting", label, forgetting_curves(
+            group, out_dir / "forgetting" / f"{prof}-{_file_name(label)}-{sequence}", formats)
+    for s in summaries:
+        yield "heatmap", s.label, accuracy_heatmap(
+            s, out_dir / "heatmaps" / f"{s.profile}-{_file_name(s.label)}-{s.sequence}-seed{s.seed}",
+            formats)
+
+
+def _file_name(label: str) -> str:
+    return label.replace(TUNED, "-tuned")
+
+
+def write_all(results: Path, out_dir: Path, profile: str | None = None) -> list[Path]:
+    """Every figure of `draw_all`, as PNG and PDF."""
+    return [path for _, _, paths in draw_all(results, out_dir, profile) for path in paths]

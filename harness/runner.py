@@ -253,7 +253,7 @@ class Runner:
         evaluation = StageEvaluation(evaluate, ctx, method, len(method.stages(ctx)),
                                      self.options.eval_scope == "seen+next", last["accuracy"], latest)
         steps = trained_steps(done)  # the global step the tracker curves go on from
-        tracking = held.enter_context(self._tracking(spec, run_dir, steps))
+        tracking = held.enter_context(self._tracking(spec, run_dir, steps, config))
         steps = self._train_stages(spec, method, ctx, run_dir, done, evaluation, last, tracking,
                                    steps)
         summary = finish_run(run_dir, spec, [t.name for t in tasks], config) if self.world.main else None
@@ -262,13 +262,13 @@ class Runner:
         return self.world.broadcast(summary)
 
     @contextmanager
-    def _tracking(self, spec: RunSpec, run_dir: RunDir, first_step: int):
+    def _tracking(self, spec: RunSpec, run_dir: RunDir, first_step: int, config: dict):
         """The run's trackers (rank 0), going on from `first_step` (the complete stages')."""
         names = self.options.report_to if self.world.main else ()
         tracking = open_tracking(
             names, run_dir.path, first_step, results=self.options.results,
             run_name=str(run_dir.path.relative_to(self.options.results)),
-            mlflow_uri=self.options.mlflow_uri)
+            mlflow_uri=self.options.mlflow_uri, config=config)
         try:
             yield tracking
         finally:

@@ -40,6 +40,9 @@ from harness.errors import HarnessError
 from harness.param_metrics import parameter_metrics
 from harness.store import DELTAS, RunDir, RunSpec, read_json, write_atomic, write_json
 
+# The label of a run made with `run --tuned` (settings chosen by `harness tune` on held-out data),
+# beside the runs of its method with the settings of its config file.
+TUNED = " (tuned)"
 REQUIRED = ("method", "sequence", "tasks", "seed", "profile", "benchmark", "metrics",
             "accuracy_matrix")
 
@@ -69,6 +72,11 @@ class Summary:
     threads: int | None = None
     # The run folder it was read from (not part of the file).
     folder: Path | None = field(default=None, repr=False, compare=False, metadata={"stored": False})
+
+    @property
+    def label(self) -> str:
+        """The method as tables and figures name it: a tuned run apart from the untuned one."""
+        return self.method + (TUNED if self.tuned else "")
 
     @property
     def joint(self) -> bool:

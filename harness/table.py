@@ -9,6 +9,7 @@ Three tables, each rendered to markdown, LaTeX or CSV and headed by where its nu
 
 from __future__ import annotations
 
+import html
 import math
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from harness import stats
 from harness.benchmark import load_benchmark
 from harness.errors import HarnessError
 from harness.paths import PROJECT_ROOT
-from harness.summary import final_outcomes, read_summaries
+from harness.summary import TUNED, final_outcomes, read_summaries
 from methods.registry import table_entry
 
 BASELINES_DIR = PROJECT_ROOT / "baselines"
@@ -28,9 +29,6 @@ BASELINES_DIR = PROJECT_ROOT / "baselines"
 METRICS = ["AA", "BWT", "FWT", "forgetting", "LA", "BWT_format", "forgetting_format"]
 PARAMETER_METRICS = ["ACR", "GSR_hoyer", "OO"]
 COMPARED_PARAMETERS = ["AWOM", "nuclear_norm"]  # loaded for --compare-published only
-# Rows of runs made with `run --tuned` (settings chosen by `harness tune` on held-out data); other
-# rows use the settings of the methods' config files.
-TUNED = " (tuned)"
 LEGEND = (
     "AA: mean over tasks of the last row of R (%). BWT: mean over j<T of R[T][j] - R[j][j] "
     "(Lopez-Paz & Ranzato). FWT: mean over j>1 of R[j-1][j] - R[0][j], R[0] the untrained model. "
@@ -67,7 +65,7 @@ def load_summaries(results: Path, profile: str | None = None) -> pd.DataFrame:
         bench = s.benchmark
         split = f" [{bench['split']} split]" if "split" in bench else ""
         params = s.parameter_metrics or {}
-        rows.append({"profile": s.profile, "method": s.method + (TUNED if s.tuned else ""),
+        rows.append({"profile": s.profile, "method": s.label,
                      "sequence": s.sequence,
                      "order": s.order, "seed": s.seed, "model": s.model or "",
                      "kind": bench["kind"], "benchmark": f"{bench['kind']} ({bench.get('data_dir')}){split}",
@@ -86,21 +84,36 @@ def _plugin(label: str) -> str:
     return label.removesuffix(TUNED)
 
 
-def _method_key(methods: pd.Index) -> list:
+def _method_key(methods) -> list:
     return [(table_entry(_plugin(m))[0], m) for m in methods]
+
+
+def sorted_methods(methods) -> list[str]:
+    """Method labels in the tables' order (the paper's, then alphabetical)."""
+    return sorted(methods, key=lambda m: _method_key([m])[0])
 
 
 def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_index(key=lambda idx: pd.Index(_method_key(idx)))
 
 
-def _render(frame: pd.DataFrame, fmt: str, title: str, legend: str = "") -> str:
+def render(frame: pd.DataFrame, fmt: str, title: str, legend: str = "") -> str:
+    """One table with its title and legend, as Markdown (github), LaTeX, CSV or an HTML fragment
+    (title as a heading, notes as paragraphs, cells escaped)."""
     if fmt == "csv":
         return f"# {title}\n" + frame.to_csv(float_format="%.2f")
     frame = frame.astype(object).where(frame.notna(), None)  # tabulate prints None as missingval
-    body = frame.to_markdown(tablefmt="latex" if fmt == "latex" else "github", floatfmt=".2f",
-                             missingval="-")
-    return "\n\n".join(filter(None, [title, body, legend]))
+    body = frame.to_markdown(tablefmt={"latex": "latex", "html": "html"}.get(fmt, "github"),
+                             floatfmt=".2f", missingval="-")
+    if fmt != "html":
+        return "\n\n".join(filter(None, [title, body, legend]))
+    heading, *notes = title.splitlines()
+    paragraph = '<p class="note">{}</p>'.format
+    return "\n".join([f"<h3>{html.escape(heading)}</h3>",
+                      *(paragraph(html.escape(line)) for line in notes),
+                      '<div class="scroll">' + body.replace("<table>", '<table class="sortable">', 1)
+                      + "</div>",
+                      *(paragraph(html.escape(line)) for line in legend.splitlines())])
 
 
 def _blocks(df: pd.DataFrame):
@@ -125,7 +138,7 @@ def paper_table(df: pd.DataFrame, fmt: str = "github", metric: str = "AA") -> st
         table = table.dropna(axis=1, how="all")
         seeds = group.groupby(["method", "sequence"]).seed.nunique()
         title = (f"{metric} (%), paper layout; {where}; seeds per cell {seeds.min()}-{seeds.max()}")
-        out.append(_render(_sorted(table), fmt, title))
+        out.append(render(_sorted(table), fmt, title))
     return "\n\n".join(out)  # empty when no run is on orders 1-6
 
 
@@ -175,7 +188,7 @@ def full_tables(df: pd.DataFrame, fmt: str = "github", reference: str | None = N
             table = table.fillna({"McNemar p vs best (a / b)": "-"})
             title += "\n" + power_note(comparison, per_example)
             legend = LEGEND + ("\nNot tested: " + "; ".join(notes) if notes else "")
-            out.append(_render(table, fmt, title, legend if fmt != "csv" else ""))
+            out.append(render(table, fmt, title, legend if fmt != "csv" else ""))
     return "\n\n".join(out)
 
 
@@ -209,7 +222,7 @@ def compare_published(df: pd.DataFrame, backbone: str, fmt: str = "github",
     for where, group in _blocks(df[df["order"].notna()]):
         ours = group.groupby(["method", "order"])["AA"].mean()
         rows = []
-        for method in sorted(group["method"].unique(), key=lambda m: _method_key(pd.Index([m]))):
+        for method in sorted(group["method"].unique(), key=lambda m: _method_key([m])[0]):
             cells = {str(int(k)): v for (m, k), v in ours.items() if m == method}
             for name, orders in (("avg_1_3", "123"), ("avg_4_6", "456")):
                 if all(k in cells for k in orders):
@@ -238,10 +251,10 @@ def compare_published(df: pd.DataFrame, backbone: str, fmt: str = "github",
             title += f"\nNote: our backbone differs from the published {backbone}; compare trends only."
         title += ("\nsecondary = read in another paper's reprint or in notes, not in the paper "
                   "itself (baselines/SOURCES.md)")
-        out.append(_render(table, fmt, title, correlation))
+        out.append(render(table, fmt, title, correlation))
         parameters = compare_parameters(group, everything[everything["model"] == backbone])
         if parameters is not None:
-            out.append(_render(parameters, fmt, f"Parameter metrics: ours vs published ({backbone}); "
+            out.append(render(parameters, fmt, f"Parameter metrics: ours vs published ({backbone}); "
                                f"ours: {where}, mean over runs", PARAMETER_DEFINITIONS))
     if not out:
         raise HarnessError("no runs on the benchmark orders 1-6 to compare with published numbers")

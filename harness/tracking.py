@@ -18,8 +18,10 @@ step once. Tracking reads values the run computes anyway; it changes no result.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -27,11 +29,11 @@ from typing import Any
 
 from harness.errors import HarnessError
 
-TRACKERS = ("tensorboard", "mlflow")
+TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
 def parse_report_to(text: str) -> tuple[str, ...]:
-    """`--report-to a,b`: known tracker names, or none."""
+    """`--report-to a,b`: known tracker names, or none; each one's library must be installed."""
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     if names == ("none",):
         return ()
@@ -39,6 +41,9 @@ def parse_report_to(text: str) -> tuple[str, ...]:
     if unknown:
         raise HarnessError(f"--report-to {text}: unknown tracker {', '.join(map(repr, unknown))} "
                            f"(known: {', '.join(TRACKERS)}, or none)")
+    if "wandb" in names and importlib.util.find_spec("wandb") is None:
+        raise HarnessError("--report-to wandb: the wandb package is not installed "
+                           "(pip install 'cl-harness[wandb]')")
     return names
 
 
@@ -65,7 +70,7 @@ class Tracking:
                                        if isinstance(v, (int, float)) and not isinstance(v, bool)}}
         self.scalars("final", final, step)
         with tempfile.TemporaryDirectory() as tmp:
-            png = next(p for p in accuracy_heatmap(summary, Path(tmp) / "R") if p.suffix == ".png")
+            (png,) = accuracy_heatmap(summary, Path(tmp) / "R", formats={".png": 200})
             image = np.asarray(Image.open(png).convert("RGB"))
         for writer in self.writers:
             writer.add_text("config", "```\n" + json.dumps(config, indent=1, default=str) + "\n```",
@@ -80,10 +85,11 @@ class Tracking:
 
 def open_tracking(names: tuple[str, ...], run_folder: Path, first_step: int, *,
                   results: Path | None = None, run_name: str = "",
-                  mlflow_uri: str | None = None) -> Tracking:
+                  mlflow_uri: str | None = None, config: dict | None = None) -> Tracking:
     """The trackers `names` for the run in `run_folder`, continuing from global step
     `first_step` (0 for a new run). MLflow's store is `mlflow_uri`, by default a SQLite file in
-    `results` shared by the sweep (one experiment per results folder)."""
+    `results` shared by the sweep (one experiment per results folder); a W&B run groups by
+    results folder and takes the run's `config` as its own."""
     writers: list = []
     if "tensorboard" in names:
         from torch.utils.tensorboard import SummaryWriter
@@ -94,6 +100,9 @@ def open_tracking(names: tuple[str, ...], run_folder: Path, first_step: int, *,
         results = Path(results or run_folder).resolve()
         writers.append(MLflowWriter(mlflow_uri or default_mlflow_uri(results), str(results),
                                     run_name, run_folder))
+    if "wandb" in names:
+        writers.append(WandbWriter(run_folder, run_name, Path(results or run_folder).resolve().name,
+                                   config or {}))
     return Tracking(writers)
 
 
@@ -173,3 +182,50 @@ class MLflowWriter:
     def close(self) -> None:
         self.flush()
         self.client.set_terminated(self.run_id)
+
+
+class WandbWriter:
+    """The TensorBoard writer's calls, as a Weights & Biases run. Offline unless the user chose
+    otherwise (`WANDB_MODE`): the run is written under `<run>/wandb/` and `wandb sync` uploads it
+    later. Project `WANDB_PROJECT` or "cl-harness", grouped by results folder (the sweep), named
+    like the run folder, with the harness configuration as its config. The run's id is kept in
+    `<run>/wandb.json`, so a resumed harness run continues its W&B run (each process writes its own
+    offline folder; `wandb sync` joins folders of one id in order). The values of one step go in
+    one `log` call, when the next step begins: one message per step instead of one per value."""
+
+    def __init__(self, run_folder: Path, run_name: str, group: str, config: dict):
+        import wandb
+
+        record = run_folder / "wandb.json"
+        run_id = json.loads(record.read_text())["run_id"] if record.exists() else None
+        self.run = wandb.init(
+            dir=run_folder, id=run_id, resume="allow", name=run_name, group=group,
+            project=os.environ.get("WANDB_PROJECT", "cl-harness"),
+            mode=os.environ.get("WANDB_MODE", "offline"), config=config,
+            settings=wandb.Settings(console="off", silent=True))  # the progress bar stays ours
+        record.write_text(json.dumps({"run_id": self.run.id}))
+        self.step, self.values = None, {}
+
+    def add_scalar(self, key: str, value, step: int) -> None:
+        if step != self.step:
+            self.flush()
+            self.step = step
+        self.values[key] = value
+
+    def flush(self) -> None:
+        if self.values:
+            self.run.log(self.values, step=self.step)
+        self.values = {}
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        if tag != "config":  # the configuration is the run's config already
+            self.run.summary[tag] = text
+
+    def add_image(self, tag: str, image, step: int, dataformats: str = "HWC") -> None:
+        import wandb
+
+        self.add_scalar(tag, wandb.Image(image), step)
+
+    def close(self) -> None:
+        self.flush()
+        self.run.finish()

@@ -101,9 +101,9 @@ def test_write_all(tree, tmp_path, monkeypatch):
     charts = {}
     draw = plots.aa_with_ci
 
-    def spy(table, out_stem, title):
+    def spy(table, out_stem, title, formats):
         charts[out_stem.name] = table
-        return draw(table, out_stem, title)
+        return draw(table, out_stem, title, formats)
 
     monkeypatch.setattr(plots, "aa_with_ci", spy)
     out = tmp_path / "figures"

@@ -243,7 +243,8 @@ def test_a_sweep_ends_with_the_leaderboard_of_its_results(synthetic_dir, tmp_pat
     assert main(args) == 0
     out = capsys.readouterr().out.split("done:")[-1]
     assert "AA (%), paper layout" in out and "| olora" in out and "70.00" in out
-    assert f"harness table --results {tmp_path} --out DIR" in out
+    assert f"report (every table, plot and run): {tmp_path / 'report' / 'index.html'}" in out
+    assert "olora" in (tmp_path / "report" / "index.html").read_text()
     assert main(args + ["--shard", "0/2"]) == 0  # a shard is part of a sweep: no table
     assert "paper layout" not in capsys.readouterr().out
 

@@ -1,5 +1,6 @@
-"""`run --report-to tensorboard`: what a run logs, read back through TensorBoard's own event reader;
-tracking changes no result; a resumed run continues its curves without repeating a step."""
+"""`run --report-to tensorboard,mlflow,wandb`: what a run logs, read back through each library's own
+reader (TensorBoard's event reader, MlflowClient, the records of a W&B offline run); tracking
+changes no result; a resumed run continues its curves without repeating a step."""
 
 import json
 import os
@@ -34,9 +35,9 @@ def run_folder(results, method="olora"):
 
 @pytest.fixture(scope="module")
 def runs(synthetic_dir, tmp_path_factory):
-    """One run without tracking and the same run reported to TensorBoard and MLflow."""
+    """One run without tracking and the same run reported to TensorBoard, MLflow and W&B."""
     root = tmp_path_factory.mktemp("tracking")
-    for name, extra in (("plain", []), ("tracked", ["--report-to", "tensorboard,mlflow"])):
+    for name, extra in (("plain", []), ("tracked", ["--report-to", "tensorboard,mlflow,wandb"])):
         assert main(["run", "--method", "olora", "--data-dir", str(synthetic_dir), "--results",
                      str(root / name), *ARGS, *extra]) == 0
     return root
@@ -78,6 +79,46 @@ def test_a_resumed_run_continues_its_curves_without_repeating_steps(synthetic_di
     assert [e.step for e in log.Scalars("stage/AA_seen")] == [6, 12]  # at each stage's last step
 
 
+def wandb_records(folder):
+    """(offline-run folder, record) for every record W&B wrote for the run in `folder`."""
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal.datastore import DataStore
+
+    for path in sorted(folder.glob("wandb/offline-run-*/run-*.wandb")):
+        store = DataStore()
+        store.open_for_scan(str(path))
+        while (data := store.scan_data()) is not None:
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(data)
+            yield path.parent.name, record
+
+
+def test_wandb_writes_an_offline_run_that_a_resumed_run_continues(runs, synthetic_dir):
+    pytest.importorskip("wandb")
+    results = runs / "tracked"
+    folder = run_folder(results)
+    summary = json.loads((folder / "summary.json").read_text())
+    records = list(wandb_records(folder))
+    [run] = [r.run for _, r in records if r.HasField("run")]
+    assert (run.display_name, run.run_group, run.project) == \
+        ("default/olora/tasks-agnews+SST-2/seed0", "tracked", "cl-harness")
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["fingerprint"] == summary["fingerprint"] and config["run"]["method"] == "olora"
+    history = [(r.history.step.num, {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                                     for i in r.history.item})
+               for _, r in records if r.HasField("history")]
+    assert [step for step, values in history if "train/loss" in values] == list(range(1, 13))
+    last_step, last = history[-1]
+    assert last_step == 12 and last["final/AA"] == pytest.approx(summary["metrics"]["AA"])
+    assert last["stage/AA_seen"] == pytest.approx(summary["stage_average_accuracy"][-1])
+    assert last["accuracy_matrix/_type"] == "image-file"
+    (folder / "summary.json").unlink()  # as if killed before the summary: resumed, not restarted
+    assert main(["run", "--method", "olora", "--data-dir", str(synthetic_dir), "--results",
+                 str(results), *ARGS, "--report-to", "wandb"]) == 0
+    runs_written = {(name, r.run.run_id) for name, r in wandb_records(folder) if r.HasField("run")}
+    assert len(runs_written) == 2 and {run_id for _, run_id in runs_written} == {run.run_id}
+
+
 def test_mlflow_gets_one_run_per_harness_run_in_the_sweeps_experiment(runs, synthetic_dir):
     """Read back with MlflowClient: the same values TensorBoard gets, and a resumed harness run
     (here: the same run asked again after its summary was removed) continues its MLflow run."""
@@ -102,3 +143,16 @@ def test_mlflow_gets_one_run_per_harness_run_in_the_sweeps_experiment(runs, synt
     assert main(["run", "--method", "olora", "--data-dir", str(synthetic_dir), "--results",
                  str(results), *ARGS, "--report-to", "mlflow"]) == 0
     assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run.info.run_id]
+
+
+def test_wandb_without_its_package_is_one_line(monkeypatch):
+    import importlib.util
+
+    from harness.errors import HarnessError
+    from harness.tracking import parse_report_to
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
+    with pytest.raises(HarnessError, match="wandb package is not installed"):
+        parse_report_to("tensorboard,wandb")
+    assert parse_report_to("tensorboard") == ("tensorboard",)
