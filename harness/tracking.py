@@ -1,12 +1,14 @@
-"""Live curves of a run in the trackers its user already reads (`run --report-to tensorboard,mlflow`).
+"""Live curves of a run in the trackers its user already reads (`run --report-to
+tensorboard,mlflow,wandb`).
 
 One tracker run per harness run, written by rank 0 only. TensorBoard: into the run's own folder
 (`<run>/tensorboard/`), so `tensorboard --logdir RESULTS` shows every run of a sweep grouped by
 profile, method, sequence and seed. MLflow: one experiment per results folder (the sweep), one
 MLflow run per harness run, named `profile/method/sequence/seed`, in a local SQLite store
 (`RESULTS/mlflow.db`) or the server `--mlflow-uri` names. What is logged:
-- per optimizer step (`train/*`): the loss, the learning rate, the gradient norm before clipping,
-  examples per second; the step count runs on across stages;
+- per optimizer step (`train/*`): the loss, the task loss and each penalty term of the method
+  (`penalty/<name>`), the learning rate, the gradient norm before clipping, examples per second;
+  the step count runs on across stages;
 - per stage (`stage/*`, at the stage's last step): the accuracy of every task, AA over the tasks
   seen, and the seconds spent preparing, training, consolidating and evaluating;
 - at the end (`final/*`, at the last step): the summary metrics and parameter metrics, the

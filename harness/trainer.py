@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from harness import faults
 from harness.distributed import SINGLE, World
 from harness.textio import Batcher
-from methods.base import Context, Method
+from methods.base import Context, Method, penalty_terms
 
 
 @dataclass
@@ -121,31 +121,44 @@ def _stepper(ctx: Context, method: Method, settings: FitSettings, params):
     return LocalStep(ctx.model, optimizer, params, settings.max_grad_norm, settings.autocast)
 
 
-def _closure(ctx: Context, method: Method, stepper, micro: list[tuple[dict, float | None]]):
-    """Forward and backward over one step's micro-batches (task loss + the method's penalty);
-    returns their mean loss, kept on the device (reading it would make the host wait)."""
+def _closure(ctx: Context, method: Method, stepper, micro: list[tuple[dict, float | None]],
+             parts: dict[str, torch.Tensor] | None = None):
+    """Forward and backward over one step's micro-batches (task loss + the method's penalty
+    terms); returns their mean loss, kept on the device (reading it would make the host wait).
+    With `parts`, also leaves there the mean task loss and the mean of each penalty term."""
 
     def closure() -> torch.Tensor:
         total, real = torch.zeros((), device=ctx.device), 0
+        if parts is not None:
+            parts.clear()
         for k, (batch, w) in enumerate(micro):
             outputs = stepper.forward(batch)
+            terms = penalty_terms(method.penalty(ctx, batch, outputs))
             loss = outputs.loss
-            extra = method.penalty(ctx, batch, outputs)
-            if extra is not None:
-                loss = loss + extra
+            for term in terms.values():
+                loss = loss + term
             stepper.backward(loss / len(micro) if w is None else loss * w, last=k == len(micro) - 1)
             if w != 0.0:
                 total += loss.detach().float()
                 real += 1
+                if parts is not None:
+                    for name, value in {"task_loss": outputs.loss,
+                                        **{f"penalty/{n}": t for n, t in terms.items()}}.items():
+                        parts[name] = parts.get(name, 0.0) + value.detach().float()
+        if parts is not None:
+            for name in parts:
+                parts[name] = parts[name] / max(1, real)
         return total / max(1, real)
 
     return closure
 
 
-def _step_values(loss: torch.Tensor, stepper, examples: int, seconds: float) -> dict[str, float]:
+def _step_values(loss: torch.Tensor, parts: dict[str, torch.Tensor], stepper, examples: int,
+                 seconds: float) -> dict[str, float]:
     """What a tracker shows of one optimizer step (reading them waits for the device)."""
     optimizer = getattr(stepper, "optimizer", None) or stepper.engine.optimizer
-    values = {"loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
+    values = {"loss": float(loss), **{name: float(v) for name, v in parts.items()},
+              "lr": optimizer.param_groups[0]["lr"],
               "examples_per_second": examples / max(seconds, 1e-9)}
     if getattr(stepper, "grad_norm", None) is not None:
         values["grad_norm"] = float(stepper.grad_norm)
@@ -185,11 +198,13 @@ def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -
                 micro = [(batcher.train_batch([sources[i] for i in chunk], [targets[i] for i in chunk]), w)
                          for chunk, w in rank_micro_batches(ids, s.batch_size, s.grad_accum, world.rank,
                                                             world.size, s.engine_config is not None)]
-                losses.append(method.step(ctx, _closure(ctx, method, stepper, micro)).detach())
+                parts = {} if s.on_step is not None else None
+                losses.append(method.step(ctx, _closure(ctx, method, stepper, micro, parts)).detach())
                 stepper.step()
                 if s.on_step is not None:
                     now = time.perf_counter()
-                    s.on_step(len(losses), _step_values(losses[-1], stepper, len(ids), now - tick))
+                    s.on_step(len(losses), _step_values(losses[-1], parts, stepper, len(ids),
+                                                        now - tick))
                     tick = now
                 bar.update(1)
                 if len(losses) % 10 == 0 and not bar.disable:

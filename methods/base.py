@@ -20,6 +20,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from harness.textio import Batcher
 
 
+def penalty_terms(value: torch.Tensor | dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """A `penalty` hook's value as named terms: none, {"penalty": value}, or the terms given."""
+    if value is None:
+        return {}
+    return {"penalty": value} if isinstance(value, torch.Tensor) else dict(value)
+
+
 @dataclass
 class Context:
     """What a hook sees. `model` is the model being trained and evaluated; `setup` may replace it
@@ -155,8 +162,10 @@ class Method:
                                  fused=ctx.device.type == "cuda" or None)
 
     # -- the step ------------------------------------------------------------------------------
-    def penalty(self, ctx: Context, batch: dict, outputs: Any) -> torch.Tensor | None:
-        """Extra loss added to the task loss of every micro-batch; None for none."""
+    def penalty(self, ctx: Context, batch: dict, outputs: Any
+                ) -> torch.Tensor | dict[str, torch.Tensor] | None:
+        """Extra loss added to the task loss of every micro-batch: one tensor, named terms (each
+        logged on its own by the trackers), or None for none."""
         return None
 
     def step(self, ctx: Context, closure: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -238,18 +238,19 @@ class GORP(IncLoRA):
         """The parameters with a memory: this stage's LoRA A's and the full-rank weights."""
         return {**self.new_a, **self.full_rank}
 
-    def penalty(self, ctx: Context, batch: dict, outputs) -> torch.Tensor | None:
+    def penalty(self, ctx: Context, batch: dict, outputs) -> dict[str, torch.Tensor] | None:
         if not self.enable_reg_terms:
             return None
         lambda1, lambda2 = (float(self.stage_config.get(k, 0.0)) for k in ("lambda1", "lambda2"))
-        total = lambda1 * sum(orthogonality_term(a_old, a, "code_l1") for a_old, a, _ in self.pairs)
-        total = total + lambda2 * norm_term([p for _, a, b in self.pairs for p in (a, b)], "code_norm")
+        terms = {"orthogonal": lambda1 * sum(orthogonality_term(a_old, a, "code_l1")
+                                             for a_old, a, _ in self.pairs),
+                 "l2": lambda2 * norm_term([p for _, a, b in self.pairs for p in (a, b)], "code_norm")}
         if self._lambda3():
-            for name, weight in self.full_rank.items():
-                delta = weight - self.initial[name]
-                eye = torch.eye(delta.shape[0], dtype=delta.dtype, device=delta.device)
-                total = total + self._lambda3() * torch.linalg.matrix_norm(delta @ delta.T - eye)
-        return total
+            deltas = [weight - self.initial[name] for name, weight in self.full_rank.items()]
+            terms["full_rank_orthogonality"] = self._lambda3() * sum(
+                torch.linalg.matrix_norm(d @ d.T - torch.eye(d.shape[0], dtype=d.dtype, device=d.device))
+                for d in deltas)
+        return terms
 
     def after_task(self, ctx: Context) -> None:
         for key, param in self._projected().items():

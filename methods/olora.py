@@ -40,29 +40,30 @@ def norm_term(params: list[torch.Tensor], form: str) -> torch.Tensor:
 
 
 def batched_penalty(pairs: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]],
-                    lambda1: float, lambda2: float, orth_form: str, l2_form: str) -> torch.Tensor:
-    """lambda1 * sum of `orthogonality_term` + lambda2 * `norm_term` over every layer's (A_old,
-    A, B), with the layers of one shape stacked into single batched ops: per layer, the dozen small
-    ops of the two terms cost more in per-op overhead than in arithmetic on small models."""
+                    lambda1: float, lambda2: float, orth_form: str, l2_form: str
+                    ) -> dict[str, torch.Tensor]:
+    """{"orthogonal": lambda1 * sum of `orthogonality_term`, "l2": lambda2 * `norm_term`} over
+    every layer's (A_old, A, B) (a term only when its lambda is set and it has something to
+    measure), with the layers of one shape stacked into single batched ops: per layer, the dozen
+    small ops of the two terms cost more in per-op overhead than in arithmetic on small models."""
     groups: dict[tuple, list] = {}
     for a_old, a, b in pairs:
         groups.setdefault((None if a_old is None else a_old.shape, a.shape, b.shape), []).append(
             (a_old, a, b))
-    total = []
+    orthogonal, l2 = [], []
     for (old_shape, _, _), group in groups.items():
         A = torch.stack([a for _, a, _ in group])
         if lambda1 and old_shape is not None and old_shape[0] > 0:
             overlap = torch.stack([a_old for a_old, _, _ in group]) @ A.transpose(1, 2)
-            total.append(lambda1 * (overlap.abs().sum() if orth_form == "code_l1"
-                                    else overlap.pow(2).sum()))
+            orthogonal.append(overlap.abs().sum() if orth_form == "code_l1" else overlap.pow(2).sum())
         if lambda2:
             B = torch.stack([b for _, _, b in group])
             if l2_form == "code_norm":
-                norms = A.flatten(1).norm(dim=1).sum() + B.flatten(1).norm(dim=1).sum()
+                l2.append(A.flatten(1).norm(dim=1).sum() + B.flatten(1).norm(dim=1).sum())
             else:
-                norms = A.pow(2).sum() + B.pow(2).sum()
-            total.append(lambda2 * norms)
-    return torch.stack(total).sum() if total else pairs[0][1].new_zeros(())
+                l2.append(A.pow(2).sum() + B.pow(2).sum())
+    terms = {"orthogonal": (lambda1, orthogonal), "l2": (lambda2, l2)}
+    return {name: weight * torch.stack(parts).sum() for name, (weight, parts) in terms.items() if parts}
 
 
 def stage_lambdas(config: dict, ctx: Context, names: tuple[str, ...]) -> list[float]:
@@ -99,7 +100,7 @@ class OLoRA(IncLoRA):
             a_old = torch.cat([layer.lora_A[b].weight.detach() for b in old]) if old else None
             self.pairs.append((a_old, layer.lora_A[new].weight, layer.lora_B[new].weight))
 
-    def penalty(self, ctx: Context, batch: dict, outputs) -> torch.Tensor | None:
+    def penalty(self, ctx: Context, batch: dict, outputs) -> dict[str, torch.Tensor] | None:
         if not (self.lambda1 or self.lambda2):
             return None
         return batched_penalty(self.pairs, self.lambda1, self.lambda2, self.orth_form, self.l2_form)

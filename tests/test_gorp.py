@@ -140,4 +140,6 @@ def test_regulariser_terms_only_when_enabled(synthetic_dir):
     layers = lora_layers(ctx.model)
     expected = 0.5 * sum((l.lora_A["task1"].weight @ l.lora_A["task2"].weight.T).abs().sum()
                          for l in layers)
-    torch.testing.assert_close(method.penalty(ctx, {}, None), expected)
+    terms = method.penalty(ctx, {}, None)
+    torch.testing.assert_close(terms["orthogonal"], expected)
+    assert terms["l2"].item() == 0.0  # lambda2 = 0

@@ -56,6 +56,15 @@ def test_a_tracked_run_logs_steps_stages_and_results_and_changes_nothing(runs):
                 for s in ("stage_01-agnews", "stage_02-SST-2"))
     assert [e.step for e in log.Scalars("train/loss")] == list(range(1, steps + 1))
     assert {"train/lr", "train/grad_norm", "train/examples_per_second"} <= set(log.Tags()["scalars"])
+    # The loss is the task loss plus O-LoRA's penalty terms, each logged apart; the orthogonality
+    # term from stage 2 on, when there is an old branch to be orthogonal to.
+    train = {tag: {e.step: e.value for e in log.Scalars(tag)} for tag in log.Tags()["scalars"]
+             if tag.startswith("train/")}
+    penalties = [tag for tag in train if tag.startswith("train/penalty/")]
+    assert min(train["train/penalty/orthogonal"]) == 7 and train["train/penalty/orthogonal"][12] > 0
+    for step, loss in train["train/loss"].items():
+        assert loss == pytest.approx(train["train/task_loss"][step]
+                                     + sum(train[tag].get(step, 0.0) for tag in penalties), rel=1e-5)
     R = summary["accuracy_matrix"]
     assert [e.value for e in log.Scalars("stage/accuracy/agnews")] == pytest.approx([R[1][0], R[2][0]])
     assert [e.value for e in log.Scalars("stage/AA_seen")] == \
