@@ -116,10 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=_int_list, help="with --all: seeds, e.g. 0-2 (default: 0)")
     run.add_argument("--results", type=Path, default=Path("results"), help="results root")
     _setup_arguments(run)
-    run.add_argument("--report-to", default="none", metavar="TRACKERS",
+    run.add_argument("--report-to", metavar="TRACKERS",
                      help="log live training curves, stage rows and results to these trackers: "
                      "tensorboard (into each run's folder; `tensorboard --logdir RESULTS`), mlflow "
-                     "(RESULTS/mlflow.db, or --mlflow-uri), a comma-separated list, or none")
+                     "(RESULTS/mlflow.db, or --mlflow-uri), wandb (offline unless WANDB_MODE is "
+                     "set), a comma-separated list, or none (default: the profile's [tracking] "
+                     "report_to, else none)")
     run.add_argument("--mlflow-uri", metavar="URI", help="with --report-to mlflow: the tracking "
                      "server or store (default: sqlite:///RESULTS/mlflow.db)")
     run.add_argument("--tuned", type=Path, metavar="FILE", help="apply the settings `harness tune` "
@@ -269,8 +271,18 @@ def _check_run_flags(args) -> None:
                            "deepspeed every run already uses all ranks")
     if args.results.exists() and not args.results.is_dir():
         raise HarnessError(f"--results {args.results}: not a directory")
-    if args.mlflow_uri and "mlflow" not in args.report_to:
+
+
+def _trackers(args) -> dict:
+    """`--report-to` and `--mlflow-uri`, else the profile's [tracking] settings."""
+    from harness.profiles import load_profile
+    from harness.tracking import parse_report_to
+
+    profile = load_profile(args.profile, [o for o in args.overrides if not o.startswith("method.")])
+    report_to = profile.report_to if args.report_to is None else parse_report_to(args.report_to)
+    if args.mlflow_uri and "mlflow" not in report_to:
         raise HarnessError("run: --mlflow-uri only applies with --report-to mlflow")
+    return {"report_to": report_to, "mlflow_uri": args.mlflow_uri or profile.mlflow_uri}
 
 
 def _sweep_contents(args, bench) -> tuple[list[str], list[tuple[int | None, tuple[str, ...]]], list[int]]:
@@ -333,7 +345,6 @@ def _runner(args, options):
 
 def cmd_run(args) -> int:
     from harness import sweep
-    from harness.tracking import parse_report_to
     from harness.benchmark import load_benchmark
     from harness.distributed import SINGLE, launch_command
 
@@ -347,7 +358,7 @@ def cmd_run(args) -> int:
         tuned = tuned_settings(args.tuned, args.profile, methods)
     options = _run_options(args, results=args.results, deepspeed_config=args.deepspeed_config,
                            eval_scope=args.eval_scope, eval_split=args.eval_split, tuned=tuned,
-                           report_to=parse_report_to(args.report_to), mlflow_uri=args.mlflow_uri)
+                           **_trackers(args))
     _quiet_transformers(args)
     world, runner = _runner(args, options)
     for name in methods:
@@ -355,7 +366,7 @@ def cmd_run(args) -> int:
     if "mlflow" in options.report_to and world.main:
         from harness.tracking import prepare_mlflow
 
-        prepare_mlflow(args.results, args.mlflow_uri)
+        prepare_mlflow(args.results, options.mlflow_uri)
     if world is SINGLE and args.launcher == "deepspeed":
         import subprocess
 

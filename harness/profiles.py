@@ -41,9 +41,14 @@ class Profile:
     lora: dict[str, Any] = field(default_factory=dict)
     embedded: dict[str, Any] = field(default_factory=dict)
     overrides: tuple[str, ...] = ()  # the --set arguments applied, for the record
+    # [tracking]: the trackers a run reports to unless --report-to says otherwise (they change no
+    # result, so they are not part of a run's configuration or fingerprint).
+    report_to: tuple[str, ...] = ()
+    mlflow_uri: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
+               if k not in ("report_to", "mlflow_uri")}
         if not self.group_by_length:  # so that runs made before the setting existed keep their
             del out["group_by_length"]  # fingerprint
         return out
@@ -123,11 +128,27 @@ def load_profile(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Prof
             group_by_length=train.get("group_by_length", False),
             deepspeed_config=raw["deepspeed"].get("config", "zero2"),
             lora=raw.get("lora", {}), embedded=raw.get("embedded", {}),
-            overrides=tuple(overrides))
+            overrides=tuple(overrides), **_tracking(raw.get("tracking", {}), where))
     except KeyError as exc:
         raise HarnessError(f"{where}: missing setting {exc}") from exc
     _validate(profile, where)
     return profile
+
+
+def _tracking(section: Any, where: str) -> dict[str, Any]:
+    """The [tracking] section: report_to (a list of tracker names) and mlflow_uri."""
+    from harness.tracking import parse_report_to
+
+    if not isinstance(section, dict) or set(section) - {"report_to", "mlflow_uri"}:
+        raise HarnessError(f"{where}: [tracking] takes report_to (a list of trackers) and "
+                           f"mlflow_uri, got {section!r}")
+    names, uri = section.get("report_to", []), section.get("mlflow_uri")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) \
+            or not isinstance(uri, (str, type(None))):
+        raise HarnessError(f"{where}: tracking.report_to must be a list of tracker names and "
+                           f"tracking.mlflow_uri a string, got {names!r} and {uri!r}")
+    return {"report_to": parse_report_to(",".join(names), f"{where}: tracking.report_to"),
+            "mlflow_uri": uri}
 
 
 def _validate(profile: Profile, where: str) -> None:

@@ -34,17 +34,18 @@ from harness.errors import HarnessError
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
-def parse_report_to(text: str) -> tuple[str, ...]:
-    """`--report-to a,b`: known tracker names, or none; each one's library must be installed."""
+def parse_report_to(text: str, where: str = "--report-to") -> tuple[str, ...]:
+    """`--report-to a,b` (or a profile's list, `where`): known tracker names, or none; each one's
+    library must be installed."""
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     if names == ("none",):
         return ()
     unknown = [n for n in names if n not in TRACKERS]
     if unknown:
-        raise HarnessError(f"--report-to {text}: unknown tracker {', '.join(map(repr, unknown))} "
+        raise HarnessError(f"{where} {text}: unknown tracker {', '.join(map(repr, unknown))} "
                            f"(known: {', '.join(TRACKERS)}, or none)")
     if "wandb" in names and importlib.util.find_spec("wandb") is None:
-        raise HarnessError("--report-to wandb: the wandb package is not installed "
+        raise HarnessError(f"{where} {text}: the wandb package is not installed "
                            "(pip install 'cl-harness[wandb]')")
     return names
 

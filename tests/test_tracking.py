@@ -165,3 +165,57 @@ def test_wandb_without_its_package_is_one_line(monkeypatch):
     with pytest.raises(HarnessError, match="wandb package is not installed"):
         parse_report_to("tensorboard,wandb")
     assert parse_report_to("tensorboard") == ("tensorboard",)
+
+
+@pytest.fixture
+def tracked_profile(tmp_path, monkeypatch):
+    """A profile folder holding `default` and `watched`: the default profile with a [tracking]
+    section."""
+    from harness import profiles
+
+    default = (profiles.PROFILE_DIR / "default.toml").read_text()
+    (tmp_path / "default.toml").write_text(default)
+    (tmp_path / "watched.toml").write_text(
+        default + '\n[tracking]\nreport_to = ["tensorboard", "mlflow"]\nmlflow_uri = "sqlite:///w.db"\n')
+    monkeypatch.setattr(profiles, "PROFILE_DIR", tmp_path)
+    return tmp_path
+
+
+def test_a_profile_names_the_trackers_unless_the_command_line_does(tracked_profile):
+    from types import SimpleNamespace
+
+    from harness.cli import _trackers
+    from harness.profiles import load_profile
+
+    watched, default = load_profile("watched"), load_profile("default")
+    assert (watched.report_to, watched.mlflow_uri) == (("tensorboard", "mlflow"), "sqlite:///w.db")
+    # Trackers change no result: not part of the configuration a fingerprint is made of.
+    assert {**watched.as_dict(), "name": "default"} == default.as_dict()
+
+    def args(profile, report_to=None, mlflow_uri=None):
+        return SimpleNamespace(profile=profile, overrides=[], report_to=report_to, mlflow_uri=mlflow_uri)
+
+    assert _trackers(args("watched")) == {"report_to": ("tensorboard", "mlflow"),
+                                          "mlflow_uri": "sqlite:///w.db"}
+    assert _trackers(args("watched", "none"))["report_to"] == ()
+    assert _trackers(args("default")) == {"report_to": (), "mlflow_uri": None}
+    from harness.errors import HarnessError
+
+    with pytest.raises(HarnessError, match="--mlflow-uri only applies"):
+        _trackers(args("watched", "tensorboard", "sqlite:///x.db"))
+
+
+@pytest.mark.parametrize("section, message", [
+    ('report_to = ["tensorboard", "nosuch"]', "tracking.report_to tensorboard,nosuch: unknown tracker 'nosuch'"),
+    ('report_to = "tensorboard"', "must be a list of tracker names"),
+    ('reportto = ["tensorboard"]', "[tracking] takes report_to"),
+])
+def test_a_bad_tracking_section_names_the_profile_file(tracked_profile, section, message):
+    from harness.errors import HarnessError
+    from harness.profiles import load_profile
+
+    path = tracked_profile / "bad.toml"
+    path.write_text((tracked_profile / "default.toml").read_text() + f"\n[tracking]\n{section}\n")
+    with pytest.raises(HarnessError) as error:
+        load_profile("bad")
+    assert str(path) in str(error.value) and message in str(error.value)
