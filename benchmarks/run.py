@@ -15,7 +15,7 @@ steps and seed (the embedded default backbone, the synthetic benchmark):
 5. how run time grows with the number of tasks and examples per task (fitted exponents), and what
    --eval-scope seen+next saves;
 6. the wall time of `python -m harness run --all` (only with --rows 6: it runs the whole sweep);
-7. the training loop logging every step to TensorBoard or MLflow (`--report-to`) against the
+7. the training loop logging every step to TensorBoard, MLflow or W&B (`--report-to`) against the
    same loop without tracking.
 
 Timings are the best of `--repeats` alternating repetitions (the minimum is the least disturbed by
@@ -300,16 +300,17 @@ class Bench:
                  " / ".join(f"{t:.1f}" for t in times) + " s", "", f"N^{slope:.2f}")
 
     def row7(self):
-        """Tracking every optimizer step (TensorBoard, MLflow) against none on the same stage: the
-        wall time (the three alternate, each in turn going first) and the share of it spent
-        inside the tracking calls."""
+        """Tracking every optimizer step (TensorBoard, MLflow, W&B offline) against none on the
+        same stage: the wall time (the variants alternate, each in turn going first) and the
+        share of it spent inside the tracking calls."""
         from harness.tracking import open_tracking
 
-        trackers = ("tensorboard", "mlflow")
+        trackers = ("tensorboard", "mlflow", "wandb")
         times = {name: [] for name in ("none", *trackers)}
         inside = {name: [] for name in trackers}
+        variants = ("none", *trackers)
         for repeat in range(self.repeats):
-            order = ("none", *trackers)[repeat % 3:] + ("none", *trackers)[:repeat % 3]
+            order = variants[repeat % len(variants):] + variants[:repeat % len(variants)]
             for name in order:
                 if name == "none":
                     times[name].append(self.harness_fit("seqlora", progress=False)[0])
