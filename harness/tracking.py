@@ -5,7 +5,8 @@ One tracker run per harness run, written by rank 0 only. TensorBoard: into the r
 (`<run>/tensorboard/`), so `tensorboard --logdir RESULTS` shows every run of a sweep grouped by
 profile, method, sequence and seed. MLflow: one experiment per results folder (the sweep), one
 MLflow run per harness run, named `profile/method/sequence/seed`, in a local SQLite store
-(`RESULTS/mlflow.db`) or the server `--mlflow-uri` names. What is logged:
+(`RESULTS/mlflow.db`) or the server `--mlflow-uri` names. W&B: one run per harness run, grouped
+by results folder, offline under `<run>/wandb/` unless `WANDB_MODE` says otherwise. What is logged:
 - per optimizer step (`train/*`): the loss, the task loss and each penalty term of the method
   (`penalty/<name>`), the learning rate, the gradient norm before clipping, examples per second;
   the step count runs on across stages;
