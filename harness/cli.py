@@ -6,6 +6,7 @@ Any bad input ends with exit code 2 and one line that names the argument or file
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -195,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--out", type=Path,
                        help="write every table as .md, .tex and .csv, and the plots, into this folder")
 
+    status = sub.add_parser("status", help="where every run of a sweep stands: complete, running, "
+                            "failed, k of T stages, or not started (and its Slurm state)")
+    status.add_argument("--results", type=Path, default=Path("results"))
+    status.add_argument("--json", action="store_true", help="one JSON object per run")
+
     report = sub.add_parser("report", help="one self-contained HTML page: tables, published "
                             "numbers, every plot and each run's provenance")
     report.add_argument("--results", type=Path, default=Path("results"))
@@ -374,6 +380,11 @@ def cmd_run(args) -> int:
 
         ranks = args.num_gpus or max(1, torch.cuda.device_count())
         return subprocess.call(launch_command(args.argv, ranks))
+    if args.all and world.main:  # so that `harness status` lists the runs not started yet
+        from harness.status import record_sweep
+
+        record_sweep(args.results, [runner.run_dir(s).path for s in
+                                    sweep.expand(methods, sequences, seeds, args.profile)], args.argv)
     specs = sweep.expand(methods, sequences, seeds, args.profile, args.shard)
     jobs = args.jobs if args.jobs != "auto" else sweep.auto_jobs(len(specs), world)
     if world.main:
@@ -485,6 +496,13 @@ def cmd_table(args) -> None:
     print(f"tables (.md, .tex, .csv) and {len(plots)} plot files written to {args.out}")
 
 
+def cmd_status(args) -> None:
+    from harness.status import format_status, sweep_status
+
+    statuses = sweep_status(args.results)
+    print(json.dumps([vars(s) for s in statuses], indent=1) if args.json else format_status(statuses))
+
+
 def cmd_report(args) -> None:
     from harness.report import write_report
 
@@ -528,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         args.argv = without(argv, ("--local_rank", "--local-rank"))
         handler = {"run": cmd_run, "import": cmd_import, "list": cmd_list, "table": cmd_table,
-                   "report": cmd_report, "generate": cmd_generate, "new-method": cmd_new_method, "tune": cmd_tune}[args.command]
+                   "report": cmd_report, "status": cmd_status, "generate": cmd_generate, "new-method": cmd_new_method, "tune": cmd_tune}[args.command]
         code = handler(args) or 0
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)

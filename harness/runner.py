@@ -31,6 +31,7 @@ from harness.errors import HarnessError
 from harness.evaluator import evaluate_task
 from harness.models import resolve_model
 from harness.profiles import Profile, load_profile
+from harness.status import FAILED, STAGES, record_failure
 from harness.store import LOCK, RunDir, RunSpec, read_json, stage_name, write_json
 from harness.summary import Summary, finish_run, read_summary, stage_predictions
 from harness.textio import Batcher
@@ -191,6 +192,14 @@ class Runner:
         with ExitStack() as held:
             return self._run(spec, run_dir, force, held)
 
+    @staticmethod
+    def _record_failure(run_dir: RunDir, kind, error, trace) -> bool:
+        """On leaving a claimed run by an error (not an interrupt), keep it for `harness status`
+        while the lock is still held; the error goes on."""
+        if isinstance(error, Exception):
+            record_failure(run_dir.path, error)
+        return False
+
     def _claim(self, run_dir: RunDir, config: dict, force: bool, held: ExitStack) -> str | None:
         """Lock the run folder and clear what a killed process left: None to go on, "complete" if
         another process finished the run meanwhile, or why it cannot be run now."""
@@ -205,6 +214,7 @@ class Runner:
         elif run_dir.is_complete():  # finished by another process while this one loaded
             return "complete"
         run_dir.remove_leftovers()
+        (run_dir.path / FAILED).unlink(missing_ok=True)  # an earlier attempt's error
         write_json(run_dir.config_path, config)
         return None
 
@@ -237,6 +247,9 @@ class Runner:
         finished = self._claim_on_every_rank(run_dir, config, force, held)
         if finished is not None:
             return finished
+        if self.world.main:  # for `harness status`: the stages to come, and the error if any
+            write_json(run_dir.path / STAGES, method.stages(ctx))
+            held.push(partial(self._record_failure, run_dir))
         seed_everything(spec.seed)  # after the backbone is in place, whether built or cached
         evaluate = partial(evaluate_task, batcher=ctx.batcher, batch_size=self.profile.eval_batch_size,
                            max_new_tokens=self.profile.max_new_tokens, world=self.world,

@@ -1,0 +1,120 @@
+"""`harness status`: where every run of a results folder stands, read from the folder alone.
+
+A run is complete (summary.json), running (another process holds its folder lock), failed (the
+error it stopped with, in failed.json, and nobody working on it), partial (k of T stages done),
+or not started (planned by a sweep, no folder yet). `run` records each sweep it is asked for in
+`RESULTS/sweeps/`, so runs no process has reached yet are listed too; a sweep submitted through
+Slurm also records its job, and the state of each array task is shown beside its run. Nothing
+but the results tree (and, for Slurm, `squeue`/`sacct`) is read, so shards copied together from
+several machines are reported as one sweep.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import HarnessError
+from harness.store import LOCK, RunDir, read_json, write_atomic
+
+FAILED = "failed.json"
+STAGES = "stages.json"  # the labels of the stages a run trains, written when it starts
+SWEEPS = "sweeps"
+STATES = ("complete", "running", "failed", "partial", "not started")
+
+
+@dataclass
+class RunStatus:
+    run: str                  # the run folder, relative to the results folder
+    state: str
+    stages: str = "-"         # "k of T" trained stages done
+    detail: str = ""          # the last error line, or the Slurm state
+
+
+def record_sweep(results: Path, folders: list[Path], argv: list[str],
+                 slurm: dict | None = None) -> Path:
+    """Note the runs a command was asked for (the same command twice: one record)."""
+    runs = sorted(str(Path(f).relative_to(results)) for f in folders)
+    digest = hashlib.sha256("\n".join(runs).encode()).hexdigest()[:12]
+    path = Path(results) / SWEEPS / f"{digest}.json"
+    earlier = read_json(path) if path.exists() else {}
+    record = {"argv": argv, "runs": runs, "slurm": slurm or earlier.get("slurm")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(record, indent=1) + "\n")
+    return path
+
+
+def record_failure(folder: Path, error: BaseException) -> None:
+    """Keep the error a run stopped with (the next attempt at the run clears it)."""
+    lines = traceback.format_exception(error)
+    write_atomic(folder / FAILED, json.dumps({"error": f"{type(error).__name__}: {error}",
+                                              "traceback": "".join(lines)}, indent=1) + "\n")
+
+
+def locked(folder: Path) -> bool:
+    """Whether a process holds the run folder's lock (the OS releases it when the process dies)."""
+    lock = folder / LOCK
+    if not lock.exists():
+        return False
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+def run_status(results: Path, folder: Path) -> RunStatus:
+    run_dir = RunDir(folder)
+    name = str(folder.relative_to(results))
+    planned = read_json(folder / STAGES) if (folder / STAGES).exists() else None
+    done = max(0, len(run_dir.completed_stages()) - 1)  # stage 0 is the untrained model's row
+    stages = f"{done} of {len(planned)}" if planned is not None else f"{done} of ?"
+    if run_dir.is_complete():
+        return RunStatus(name, "complete", stages)
+    if locked(folder):
+        return RunStatus(name, "running", stages)
+    if (folder / FAILED).exists():
+        return RunStatus(name, "failed", stages, read_json(folder / FAILED)["error"].splitlines()[-1])
+    return RunStatus(name, "partial", stages)
+
+
+def sweep_status(results: Path) -> list[RunStatus]:
+    """Every run folder under `results`, and every run a recorded sweep planned."""
+    results = Path(results)
+    if not results.is_dir():
+        raise HarnessError(f"--results {results}: no such directory")
+    folders = {str(p.relative_to(results)): p for p in sorted(results.glob("*/*/*/seed*"))
+               if p.is_dir()}
+    slurm_states: dict[str, str] = {}
+    for record_path in sorted((results / SWEEPS).glob("*.json")):
+        record = read_json(record_path)
+        for run in record.get("runs", []):
+            folders.setdefault(run, results / run)
+        if record.get("slurm"):
+            from harness.executor import array_states
+
+            slurm_states.update(array_states(record["slurm"], record["runs"]))
+    statuses = []
+    for run, folder in sorted(folders.items()):
+        status = run_status(results, folder) if folder.is_dir() else RunStatus(run, "not started")
+        if run in slurm_states:
+            status.detail = "; ".join(filter(None, [f"slurm {slurm_states[run]}", status.detail]))
+        statuses.append(status)
+    return statuses
+
+
+def format_status(statuses: list[RunStatus]) -> str:
+    import pandas as pd
+
+    if not statuses:
+        return "no runs"
+    frame = pd.DataFrame([vars(s) for s in statuses])
+    counts = frame["state"].value_counts()
+    totals = ", ".join(f"{counts.get(state, 0)} {state}" for state in STATES)
+    return f"{frame.to_markdown(index=False)}\n\n{len(frame)} runs: {totals}"
