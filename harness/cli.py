@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -142,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "each, with the CPU threads divided between them; auto (default): one per "
                      "core on a machine without a GPU (a small model keeps one core busy better "
                      "than two), else 1")
+    run.add_argument("--executor", choices=["slurm", "local"], help="with --all: submit the sweep "
+                     "as a job array through submitit, one run per array task (slurm: from a login "
+                     "node; local: the same jobs as local processes), then return (or --wait)")
+    run.add_argument("--slurm", metavar="KEY=VALUE,...", help="with --executor: job settings, e.g. "
+                     "partition=gpu,gpus_per_node=8,cpus_per_task=8,mem=64G,time=24:00:00,"
+                     "array_parallelism=16; other keys become #SBATCH --key=value (default: the "
+                     "profile's [slurm] section; time 24:00:00)")
+    run.add_argument("--wait", action="store_true", help="with --executor: wait for the array, then "
+                     "print the leaderboard")
     run.add_argument("--launcher", choices=["none", "deepspeed"], default="none",
                      help="deepspeed: train every run data-parallel through the DeepSpeed engine")
     run.add_argument("--num-gpus", type=_positive, help="with --launcher deepspeed: ranks on this "
@@ -256,8 +266,17 @@ def _check_run_flags(args) -> None:
     for seed in (args.seeds or []) + ([args.seed] if args.seed is not None else []):
         if not 0 <= seed < 2**63:
             raise HarnessError(f"run: --seed {seed} is out of range (0 <= seed < 2**63)")
+    if not args.executor and (args.slurm or args.wait):
+        raise HarnessError("run: --slurm and --wait only apply with --executor")
+    if args.executor and (args.shard or args.jobs not in ("auto", 1)):
+        raise HarnessError("run: --executor runs each run as an array task; it takes no --shard "
+                           "or --jobs")
+    if args.executor == "slurm" and shutil.which("sbatch") is None:
+        raise HarnessError("run: --executor slurm needs Slurm's sbatch on the PATH (run it on a "
+                           "login node of the cluster)")
     if not args.all:
-        extra = [f"--{n}" for n in ("methods", "orders", "seeds", "shard") if getattr(args, n)]
+        extra = [f"--{n}" for n in ("methods", "orders", "seeds", "shard", "executor")
+                 if getattr(args, n)]
         extra += ["--jobs"] if args.jobs not in ("auto", 1) else []
         if extra:
             raise HarnessError(f"run: {', '.join(extra)} only apply with --all")
@@ -373,6 +392,8 @@ def cmd_run(args) -> int:
         from harness.tracking import prepare_mlflow
 
         prepare_mlflow(args.results, options.mlflow_uri)
+    if args.executor and world.main:
+        return _submit(args, runner, sweep.expand(methods, sequences, seeds, args.profile))
     if world is SINGLE and args.launcher == "deepspeed":
         import subprocess
 
@@ -400,6 +421,36 @@ def cmd_run(args) -> int:
     if code == 0 and args.all and world.main and args.shard is None:
         _print_leaderboard(args.results, args.profile)
     return code
+
+
+def _submit(args, runner, specs) -> int:
+    """`--executor`: the sweep as one job array (one run per task), recorded for `harness status`."""
+    from harness import executor
+    from harness.status import record_sweep
+    from harness.sweep import without
+
+    settings = {**runner.profile.slurm, **executor.parse_slurm(args.slurm or "")}
+    if args.launcher == "deepspeed" and args.num_gpus:
+        settings.setdefault("gpus_per_node", str(args.num_gpus))
+    argv = without(args.argv, ("--executor", "--slurm", "--jobs", "--shard"), flags=("--wait",))
+    jobs = executor.submit(args.executor, argv, len(specs), settings, args.results, "--slurm")
+    job_id = str(jobs[0].job_id).split("_")[0]
+    runs = [str(runner.run_dir(s).path.relative_to(args.results)) for s in specs]
+    record_sweep(args.results, [args.results / r for r in runs], args.argv,
+                 slurm={"executor": args.executor, "job_id": job_id, "tasks": runs})
+    print(f"submitted {len(specs)} run(s) as job array {job_id} ({args.executor}); logs in "
+          f"{args.results / 'slurm'}; watch: python -m harness status --results {args.results}",
+          flush=True)
+    if not args.wait:
+        return 0
+    failed = [(run, job) for run, job in zip(runs, jobs) if job.exception() is not None]
+    for run, job in failed:
+        print(f"failed: {run}: {str(job.exception()).strip().splitlines()[-1]}", file=sys.stderr)
+    print(f"done: {len(specs) - len(failed)} of {len(specs)} run(s) complete", flush=True)
+    if failed:
+        return 1
+    _print_leaderboard(args.results, args.profile)
+    return 0
 
 
 def _print_leaderboard(results: Path, profile: str) -> None:

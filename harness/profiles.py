@@ -45,10 +45,11 @@ class Profile:
     # result, so they are not part of a run's configuration or fingerprint).
     report_to: tuple[str, ...] = ()
     mlflow_uri: str | None = None
+    slurm: dict[str, str] = field(default_factory=dict)  # [slurm]: `--executor slurm` settings
 
     def as_dict(self) -> dict[str, Any]:
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
-               if k not in ("report_to", "mlflow_uri")}
+               if k not in ("report_to", "mlflow_uri", "slurm")}
         if not self.group_by_length:  # so that runs made before the setting existed keep their
             del out["group_by_length"]  # fingerprint
         return out
@@ -128,7 +129,8 @@ def load_profile(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Prof
             group_by_length=train.get("group_by_length", False),
             deepspeed_config=raw["deepspeed"].get("config", "zero2"),
             lora=raw.get("lora", {}), embedded=raw.get("embedded", {}),
-            overrides=tuple(overrides), **_tracking(raw.get("tracking", {}), where))
+            overrides=tuple(overrides), **_tracking(raw.get("tracking", {}), where),
+            slurm=_slurm(raw.get("slurm", {}), where))
     except KeyError as exc:
         raise HarnessError(f"{where}: missing setting {exc}") from exc
     _validate(profile, where)
@@ -149,6 +151,20 @@ def _tracking(section: Any, where: str) -> dict[str, Any]:
                            f"tracking.mlflow_uri a string, got {names!r} and {uri!r}")
     return {"report_to": parse_report_to(",".join(names), f"{where}: tracking.report_to"),
             "mlflow_uri": uri}
+
+
+def _slurm(section: Any, where: str) -> dict[str, str]:
+    """The [slurm] section: the `--slurm` settings as TOML (partition = "gpu", gpus_per_node = 8,
+    time = "24:00:00", ...)."""
+    from harness.executor import executor_parameters
+
+    if not isinstance(section, dict) or not all(
+            isinstance(v, (str, int)) and not isinstance(v, bool) for v in section.values()):
+        raise HarnessError(f"{where}: [slurm] takes settings like partition = \"gpu\" and "
+                           f"gpus_per_node = 8, got {section!r}")
+    settings = {key: str(value) for key, value in section.items()}
+    executor_parameters(settings, f"{where}: [slurm]")  # a bad value fails here, not at submission
+    return settings
 
 
 def _validate(profile: Profile, where: str) -> None:

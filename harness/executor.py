@@ -1,0 +1,136 @@
+"""`run --all --executor slurm|local`: a sweep as a job array, through submitit.
+
+Array task i runs run i of the sweep (`--shard i/N`, N the number of runs) by the same code path as
+a local run, under the DeepSpeed launcher when `--launcher deepspeed` asks for it. When Slurm is
+about to stop a task (its time limit, or preemption), submitit requeues it and the run resumes at
+its last complete stage; a task that Slurm requeues on its own (`scontrol requeue`, a node
+failure) starts the same call again, with the same effect. Job logs go to `RESULTS/slurm/`.
+`--executor local` runs the same array as local processes (submitit's local executor), for
+trying a submission without a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+try:  # the job object is pickled for the cluster: its class must exist without submitit too
+    from submitit.helpers import Checkpointable
+except ImportError:  # pragma: no cover
+    Checkpointable = object
+
+EXECUTORS = ("slurm", "local")
+# --slurm keys submitit takes as they are; any other key becomes an extra `#SBATCH --key=value`.
+GENERIC = {"gpus_per_node", "cpus_per_task", "nodes", "mem_gb", "timeout_min"}
+SBATCH = {"partition", "account", "qos", "constraint", "gres", "exclude", "nodelist", "mem",
+          "mem_per_cpu", "mem_per_gpu", "cpus_per_gpu", "gpus_per_task", "comment", "wckey",
+          "mail_type", "mail_user", "array_parallelism", "exclusive", "signal_delay_s"}
+DEFAULT_TIME = "24:00:00"
+
+
+def parse_slurm(text: str, where: str = "--slurm") -> dict[str, str]:
+    """'partition=gpu,gpus_per_node=8,time=24:00:00' -> {key: value}."""
+    settings = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise HarnessError(f"{where} {text}: expected key=value pairs, e.g. "
+                               "partition=gpu,gpus_per_node=8,time=24:00:00")
+        settings[key.strip()] = value.strip()
+    return settings
+
+
+def minutes(text: str, where: str) -> int:
+    """A Slurm time limit (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in whole minutes, rounded up."""
+    days, _, clock = text.rpartition("-")
+    parts = clock.split(":")
+    if not all(p.isdigit() for p in [*parts, *([days] if days else [])]) or len(parts) > 3:
+        raise HarnessError(f"{where}: time={text} is not a Slurm time limit (e.g. 24:00:00, 2-00:00)")
+    numbers = [int(p) for p in parts]
+    if days:
+        hours, mins, secs = (numbers + [0, 0])[:3]
+    else:
+        hours, mins, secs = {1: (0, numbers[0], 0), 2: (0, *numbers), 3: tuple(numbers)}[len(numbers)]
+    return max(1, int(days or 0) * 1440 + hours * 60 + mins + (secs > 0))
+
+
+def executor_parameters(settings: dict[str, str], where: str) -> dict:
+    """submitit's parameters for the `--slurm` settings (the time limit defaults to a day)."""
+    params: dict = {"timeout_min": minutes(settings.get("time", DEFAULT_TIME), where)}
+    extra = {}
+    for key, value in settings.items():
+        if key == "time":
+            continue
+        if key in GENERIC or key in ("array_parallelism", "signal_delay_s"):
+            if not value.isdigit():
+                raise HarnessError(f"{where}: {key}={value} must be a whole number")
+            params[key if key in GENERIC else f"slurm_{key}"] = int(value)
+        elif key in SBATCH:
+            params[f"slurm_{key}"] = value
+        else:
+            extra[key] = value
+    if extra:
+        params["slurm_additional_parameters"] = extra
+    return params
+
+
+class SweepTask(Checkpointable):
+    """One array task: run `index` of the sweep, by the command line of a local run. Requeued by
+    submitit (Checkpointable: the same call again) when Slurm is about to stop it."""
+
+    def __init__(self, argv: list[str], threads: int):
+        self.argv, self.threads = argv, threads
+
+    def __call__(self, index: int, count: int) -> int:
+        import torch
+
+        from harness.cli import main
+
+        os.environ["OMP_NUM_THREADS"] = str(self.threads)  # DeepSpeed ranks and jobs inherit it
+        torch.set_num_threads(self.threads)
+        code = main([*self.argv, "--shard", f"{index}/{count}", "--jobs", "1", "--no-progress"])
+        if code:
+            raise RuntimeError(f"run {index} of {count} exited with code {code} (its log: this "
+                               "job's .out and .err files)")
+        return code
+
+
+def submit(kind: str, argv: list[str], runs: int, settings: dict[str, str], results: Path,
+           where: str):
+    """Submit the sweep's `runs` as one job array; returns the submitit jobs."""
+    import submitit
+
+    params = executor_parameters(settings, where)
+    threads = int(params.get("cpus_per_task", 1)) if kind == "slurm" else \
+        max(1, (os.cpu_count() or 1) // max(1, min(runs, int(params.get("slurm_array_parallelism",
+                                                                         runs)))))
+    executor = submitit.AutoExecutor(folder=Path(results).resolve() / "slurm" / "%j", cluster=kind)
+    executor.update_parameters(name="harness", **params)
+    try:
+        return executor.map_array(SweepTask(argv, threads), range(runs), [runs] * runs)
+    except (subprocess.CalledProcessError, OSError, RuntimeError) as exc:
+        raise HarnessError(f"{where}: submitting the job array failed ({str(exc).strip()})") from exc
+
+
+def array_states(record: dict, runs: list[str]) -> dict[str, str]:
+    """Each run's Slurm state, for a recorded submission: squeue for the tasks still queued or
+    running, sacct for the rest where accounting is on; {} when neither answers."""
+    if record.get("executor") != "slurm":
+        return {}
+    job, tasks = record["job_id"], record["tasks"]
+    states: dict[str, str] = {}
+    for command in (["squeue", "--noheader", "--array", "-j", job, "-o", "%i %T"],
+                    ["sacct", "--noheader", "-X", "-P", "-j", job, "-o", "JobID,State"]):
+        try:
+            out = subprocess.run(command, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        for line in out.splitlines():
+            task, _, state = line.replace("|", " ").partition(" ")
+            index = task.rpartition("_")[2]
+            if index.isdigit() and int(index) < len(tasks):
+                states.setdefault(tasks[int(index)], state.split()[0].lower() if state else "?")
+    return states

@@ -1,0 +1,96 @@
+"""`run --all --executor slurm|local`: a sweep submitted as a job array gives the results of a local
+run, also when Slurm requeues a task mid-run. The Slurm tests need a cluster (`.ci/run` starts a
+one-node one, `.ci/slurm-up.sh`); without `sbatch` they are skipped, except under CI."""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from harness.cli import main
+from harness.executor import executor_parameters, minutes, parse_slurm
+from harness.errors import HarnessError
+from harness.status import sweep_status
+
+# One worker runs the module: its sweeps share the reference and the cluster's two cores.
+pytestmark = pytest.mark.xdist_group("slurm")
+SWEEP = ["--all", "--methods", "seqlora,olora", "--tasks", "agnews,SST-2", "--train-per-task", "24",
+         "--test-per-task", "8", "--no-progress"]
+
+
+def matrices(results):
+    return {str(p.parent.relative_to(results)): p.read_text()
+            for p in sorted(results.glob("*/*/*/seed*/accuracy_matrix.csv"))}
+
+
+@pytest.fixture(scope="module")
+def reference(synthetic_dir, tmp_path_factory):
+    """The sweep run here, two processes of one thread each (as the array tasks run)."""
+    results = tmp_path_factory.mktemp("local") / "results"
+    assert main(["run", *SWEEP, "--seeds", "0-1", "--data-dir", str(synthetic_dir), "--results",
+                 str(results), "--jobs", "2"]) == 0
+    return matrices(results)
+
+
+def sbatch():
+    if shutil.which("sbatch") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must start a Slurm cluster (.ci/slurm-up.sh) for the Slurm tests")
+        pytest.skip("no Slurm here (sbatch not on the PATH; .ci/slurm-up.sh starts a one-node cluster)")
+
+
+def test_slurm_settings_become_submitit_parameters():
+    assert minutes("24:00:00", "x") == 1440 and minutes("2-00", "x") == 2880
+    assert minutes("30", "x") == 30 and minutes("1:30", "x") == 2  # M:S, rounded up
+    params = executor_parameters(parse_slurm("partition=gpu,gpus_per_node=8,time=1-00:00:00,"
+                                             "array_parallelism=4,account=abc,reservation=r1"), "x")
+    assert params == {"timeout_min": 1440, "slurm_partition": "gpu", "gpus_per_node": 8,
+                      "slurm_array_parallelism": 4, "slurm_account": "abc",
+                      "slurm_additional_parameters": {"reservation": "r1"}}
+    for bad in ("partition", "time=tomorrow", "gpus_per_node=eight"):
+        with pytest.raises(HarnessError):
+            executor_parameters(parse_slurm(bad), "--slurm")
+
+
+def test_the_local_executor_runs_the_sweep_as_a_local_run_does(reference, synthetic_dir, tmp_path):
+    results = tmp_path / "results"
+    assert main(["run", *SWEEP, "--seeds", "0", "--data-dir", str(synthetic_dir), "--results",
+                 str(results), "--executor", "local", "--wait"]) == 0
+    ours = matrices(results)
+    assert ours and ours == {run: m for run, m in reference.items() if run.endswith("seed0")}
+    assert {s.state for s in sweep_status(results)} == {"complete"}
+
+
+def test_a_slurm_sweep_gives_the_local_results(reference, synthetic_dir, tmp_path):
+    sbatch()
+    results = tmp_path / "results"
+    assert main(["run", *SWEEP, "--seeds", "0-1", "--data-dir", str(synthetic_dir), "--results",
+                 str(results), "--executor", "slurm", "--slurm", "cpus_per_task=1,time=20",
+                 "--wait"]) == 0
+    assert matrices(results) == reference
+    assert any((results / "slurm").rglob("*_log.out"))  # the jobs' logs, under the results
+    assert {s.state for s in sweep_status(results)} == {"complete"}
+
+
+def test_a_requeued_task_resumes_and_the_sweep_completes(reference, synthetic_dir, tmp_path):
+    """Requeue a task while its run is training: Slurm starts it again, the run resumes from its
+    last complete stage, and the sweep ends with the local results."""
+    sbatch()
+    results = tmp_path / "results"
+    assert main(["run", *SWEEP, "--seeds", "0-1", "--data-dir", str(synthetic_dir), "--results",
+                 str(results), "--executor", "slurm", "--slurm", "cpus_per_task=1,time=20"]) == 0
+    [record] = [json.loads(p.read_text()) for p in (results / "sweeps").glob("*.json")]
+    job = record["slurm"]["job_id"]
+    task = results / record["slurm"]["tasks"][0]
+    deadline = time.monotonic() + 240
+    while not (task / "stage_00-base").is_dir():  # the run has started: requeue it mid-run
+        assert time.monotonic() < deadline, "the first array task never started"
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "requeue", f"{job}_0"], check=True)
+    while {s.state for s in sweep_status(results)} != {"complete"}:
+        assert time.monotonic() < deadline, [vars(s) for s in sweep_status(results)]
+        time.sleep(2)
+    assert matrices(results) == reference
