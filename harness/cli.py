@@ -271,6 +271,10 @@ def _check_run_flags(args) -> None:
     if args.executor and (args.shard or args.jobs not in ("auto", 1)):
         raise HarnessError("run: --executor runs each run as an array task; it takes no --shard "
                            "or --jobs")
+    if args.slurm:
+        from harness.executor import executor_parameters, parse_slurm
+
+        executor_parameters(parse_slurm(args.slurm), "--slurm")
     if args.executor == "slurm" and shutil.which("sbatch") is None:
         raise HarnessError("run: --executor slurm needs Slurm's sbatch on the PATH (run it on a "
                            "login node of the cluster)")
@@ -443,9 +447,9 @@ def _submit(args, runner, specs) -> int:
           flush=True)
     if not args.wait:
         return 0
-    failed = [(run, job) for run, job in zip(runs, jobs) if job.exception() is not None]
-    for run, job in failed:
-        print(f"failed: {run}: {str(job.exception()).strip().splitlines()[-1]}", file=sys.stderr)
+    failed = [(run, error) for run, error in zip(runs, executor.wait(args.executor, jobs)) if error]
+    for run, error in failed:
+        print(f"failed: {run}: {error}", file=sys.stderr)
     print(f"done: {len(specs) - len(failed)} of {len(specs)} run(s) complete", flush=True)
     if failed:
         return 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from harness.errors import HarnessError
@@ -115,15 +116,16 @@ def submit(kind: str, argv: list[str], runs: int, settings: dict[str, str], resu
         raise HarnessError(f"{where}: submitting the job array failed ({str(exc).strip()})") from exc
 
 
-def array_states(record: dict, runs: list[str]) -> dict[str, str]:
-    """Each run's Slurm state, for a recorded submission: squeue for the tasks still queued or
-    running, sacct for the rest where accounting is on; {} when neither answers."""
-    if record.get("executor") != "slurm":
-        return {}
-    job, tasks = record["job_id"], record["tasks"]
-    states: dict[str, str] = {}
-    for command in (["squeue", "--noheader", "--array", "-j", job, "-o", "%i %T"],
-                    ["sacct", "--noheader", "-X", "-P", "-j", job, "-o", "JobID,State"]):
+ENDED = {"completed", "failed", "cancelled", "timeout", "node_fail", "out_of_memory", "boot_fail",
+         "deadline", "preempted"}
+
+
+def slurm_states(job_id: str) -> dict[int, str]:
+    """Each array task's state (lower case) while Slurm remembers it: `squeue -t all` (finished
+    tasks too, for MinJobAge), then `sacct` where accounting is on."""
+    states: dict[int, str] = {}
+    for command in (["squeue", "--noheader", "--array", "-t", "all", "-j", job_id, "-o", "%i %T"],
+                    ["sacct", "--noheader", "-X", "-P", "-j", job_id, "-o", "JobID,State"]):
         try:
             out = subprocess.run(command, capture_output=True, text=True, timeout=30).stdout
         except (OSError, subprocess.TimeoutExpired):
@@ -131,6 +133,35 @@ def array_states(record: dict, runs: list[str]) -> dict[str, str]:
         for line in out.splitlines():
             task, _, state = line.replace("|", " ").partition(" ")
             index = task.rpartition("_")[2]
-            if index.isdigit() and int(index) < len(tasks):
-                states.setdefault(tasks[int(index)], state.split()[0].lower() if state else "?")
+            if index.isdigit() and state.split():
+                states.setdefault(int(index), state.split()[0].lower())
     return states
+
+
+def array_states(record: dict, runs: list[str]) -> dict[str, str]:
+    """Each run's Slurm state, for a submission `harness status` found recorded."""
+    if record.get("executor") != "slurm":
+        return {}
+    tasks = record["tasks"]
+    return {tasks[i]: state for i, state in slurm_states(record["job_id"]).items() if i < len(tasks)}
+
+
+def wait(kind: str, jobs: list, poll: float = 2.0) -> list[str | None]:
+    """Wait for every task of the array; each one's error, or None. A task that Slurm ended
+    without a result (cancelled, failed on its node) counts as ended: submitit alone would wait
+    for it forever on a cluster without accounting."""
+    errors: dict[int, str | None] = {}
+    job_id = str(jobs[0].job_id).split("_")[0]
+    while len(errors) < len(jobs):
+        states = slurm_states(job_id) if kind == "slurm" else {}
+        for index, job in enumerate(jobs):
+            if index in errors:
+                continue
+            if job.done():
+                error = job.exception()
+                errors[index] = None if error is None else str(error).strip().splitlines()[-1]
+            elif states.get(index) in ENDED:
+                errors[index] = f"Slurm ended the task: {states[index]}"
+        if len(errors) < len(jobs):
+            time.sleep(poll)
+    return [errors[i] for i in range(len(jobs))]

@@ -72,7 +72,7 @@ def test_a_slurm_sweep_gives_the_local_results(reference, synthetic_dir, tmp_pat
                  "--wait"]) == 0
     assert matrices(results) == reference
     assert any((results / "slurm").rglob("*_log.out"))  # the jobs' logs, under the results
-    assert {s.state for s in sweep_status(results)} == {"complete"}
+    assert {(s.state, s.detail) for s in sweep_status(results)} == {("complete", "slurm completed")}
 
 
 def test_a_requeued_task_resumes_and_the_sweep_completes(reference, synthetic_dir, tmp_path):
@@ -89,8 +89,29 @@ def test_a_requeued_task_resumes_and_the_sweep_completes(reference, synthetic_di
     while not (task / "stage_00-base").is_dir():  # the run has started: requeue it mid-run
         assert time.monotonic() < deadline, "the first array task never started"
         time.sleep(0.5)
+    base = (task / "stage_00-base" / "metrics.json").stat().st_mtime_ns
     subprocess.run(["scontrol", "requeue", f"{job}_0"], check=True)
+    assert not (task / "summary.json").exists()  # stopped mid-run
     while {s.state for s in sweep_status(results)} != {"complete"}:
         assert time.monotonic() < deadline, [vars(s) for s in sweep_status(results)]
         time.sleep(2)
     assert matrices(results) == reference
+    restarts = subprocess.run(["scontrol", "show", "job", f"{job}_0"], capture_output=True,
+                              text=True).stdout
+    assert "Restarts=1" in restarts  # Slurm ran the task a second time...
+    assert (task / "stage_00-base" / "metrics.json").stat().st_mtime_ns == base  # ...which resumed
+
+
+def test_a_profile_holds_the_slurm_settings(tmp_path, monkeypatch):
+    from harness import profiles
+
+    default = (profiles.PROFILE_DIR / "default.toml").read_text()
+    (tmp_path / "default.toml").write_text(default)
+    (tmp_path / "cluster.toml").write_text(default + '\n[slurm]\npartition = "gpu"\ngpus_per_node = 8\n')
+    (tmp_path / "broken.toml").write_text(default + '\n[slurm]\ntime = "tomorrow"\n')
+    monkeypatch.setattr(profiles, "PROFILE_DIR", tmp_path)
+    cluster = profiles.load_profile("cluster")
+    assert cluster.slurm == {"partition": "gpu", "gpus_per_node": "8"}
+    assert {**cluster.as_dict(), "name": "default"} == profiles.load_profile("default").as_dict()
+    with pytest.raises(HarnessError, match=r"broken\.toml: \[slurm\]: time=tomorrow"):
+        profiles.load_profile("broken")
