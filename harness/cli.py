@@ -396,8 +396,9 @@ def cmd_run(args) -> int:
         from harness.tracking import prepare_mlflow
 
         prepare_mlflow(args.results, options.mlflow_uri)
+    everything = sweep.expand(methods, sequences, seeds, args.profile)
     if args.executor and world.main:
-        return _submit(args, runner, sweep.expand(methods, sequences, seeds, args.profile))
+        return _submit(args, runner, everything)
     if world is SINGLE and args.launcher == "deepspeed":
         import subprocess
 
@@ -408,8 +409,7 @@ def cmd_run(args) -> int:
     if args.all and world.main:  # so that `harness status` lists the runs not started yet
         from harness.status import record_sweep
 
-        record_sweep(args.results, [runner.run_dir(s).path for s in
-                                    sweep.expand(methods, sequences, seeds, args.profile)], args.argv)
+        record_sweep(args.results, [runner.run_dir(s).path for s in everything], args.argv)
     specs = sweep.expand(methods, sequences, seeds, args.profile, args.shard)
     jobs = args.jobs if args.jobs != "auto" else sweep.auto_jobs(len(specs), world)
     if world.main:
