@@ -106,7 +106,7 @@ def open_tracking(names: tuple[str, ...], run_folder: Path, first_step: int, *,
     if "mlflow" in names:
         results = Path(results or run_folder).resolve()
         writers.append(MLflowWriter(mlflow_uri or default_mlflow_uri(results), str(results),
-                                    run_name, run_folder))
+                                    run_name, run_folder, config or {}))
     if "wandb" in names:
         writers.append(WandbWriter(run_folder, run_name, Path(results or run_folder).resolve().name,
                                    config or {}))
@@ -142,8 +142,22 @@ def prepare_mlflow(results: Path, uri: str | None) -> None:
                            f"({str(exc).strip().splitlines()[0]})") from None
 
 
+def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
+    """The configuration as MLflow params: nested keys joined by dots ("profile.lora.r"), lists
+    and other values as their JSON text (cut to MLflow's 6000 characters)."""
+    params = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            params.update(flat_params(value, f"{prefix}{key}."))
+        else:
+            params[f"{prefix}{key}"] = (value if isinstance(value, str)
+                                        else json.dumps(value, default=str))[:6000]
+    return params
+
+
 class MLflowWriter:
-    """The TensorBoard writer's calls, as MLflow logging (`MlflowClient`). Metrics are sent in
+    """The TensorBoard writer's calls, as MLflow logging (`MlflowClient`); the configuration
+    also as the run's params, so runs can be filtered and compared by setting. Metrics are sent in
     batches every few seconds, written by MLflow's asynchronous logging, since each call to a
     SQLite store costs about 10 ms (and a batch of a thousand, 100 ms). The run's id
     is kept in `<run>/mlflow.json`, so a resumed harness run continues its MLflow run (MLflow
@@ -151,7 +165,8 @@ class MLflowWriter:
 
     FLUSH_SECONDS = 5.0
 
-    def __init__(self, uri: str, experiment: str, run_name: str, run_folder: Path):
+    def __init__(self, uri: str, experiment: str, run_name: str, run_folder: Path, config: dict):
+        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
@@ -164,6 +179,9 @@ class MLflowWriter:
             experiment_id = mlflow_experiment(self.client, experiment)
             self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
             record.write_text(json.dumps({"uri": uri, "run_id": self.run_id}))
+            params = [Param(key, value) for key, value in flat_params(config).items()]
+            for start in range(0, len(params), 100):  # MLflow's batch limit for params
+                self.client.log_batch(self.run_id, params=params[start:start + 100])
         self.pending: list = []
         self.sending: list = []  # batches being written
         self.flushed = time.monotonic()

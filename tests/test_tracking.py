@@ -148,6 +148,11 @@ def test_mlflow_gets_one_run_per_harness_run_in_the_sweeps_experiment(runs, synt
     assert run.data.metrics["stage/AA_seen"] == pytest.approx(summary["stage_average_accuracy"][-1])
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= \
         {"accuracy_matrix.png", "config.txt", "fingerprint.txt"}
+    config = json.loads((folder / "config.json").read_text())
+    assert run.data.params["run.method"] == "olora" and run.data.params["fingerprint"] == \
+        summary["fingerprint"]
+    assert run.data.params["profile.lora.r"] == str(config["profile"]["lora"]["r"])
+    assert run.data.params["run.tasks"] == json.dumps(list(TASKS))
     (folder / "summary.json").unlink()  # as if killed before the summary: resumed, not restarted
     assert main(["run", "--method", "olora", "--data-dir", str(synthetic_dir), "--results",
                  str(results), *ARGS, "--report-to", "mlflow"]) == 0
