@@ -439,8 +439,9 @@ def _submit(args, runner, specs) -> int:
     argv = without(args.argv, ("--executor", "--slurm", "--jobs", "--shard"), flags=("--wait",))
     jobs = executor.submit(args.executor, argv, len(specs), settings, args.results, "--slurm")
     job_id = str(jobs[0].job_id).split("_")[0]
-    runs = [str(runner.run_dir(s).path.relative_to(args.results)) for s in specs]
-    record_sweep(args.results, [args.results / r for r in runs], args.argv,
+    folders = [runner.run_dir(s).path for s in specs]
+    runs = [str(folder.relative_to(args.results)) for folder in folders]  # task i runs runs[i]
+    record_sweep(args.results, folders, args.argv,
                  slurm={"executor": args.executor, "job_id": job_id, "tasks": runs})
     print(f"submitted {len(specs)} run(s) as job array {job_id} ({args.executor}); logs in "
           f"{args.results / 'slurm'}; watch: python -m harness status --results {args.results}",

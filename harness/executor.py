@@ -25,10 +25,11 @@ except ImportError:  # pragma: no cover
 
 EXECUTORS = ("slurm", "local")
 # --slurm keys submitit takes as they are; any other key becomes an extra `#SBATCH --key=value`.
-GENERIC = {"gpus_per_node", "cpus_per_task", "nodes", "mem_gb", "timeout_min"}
+GENERIC = {"gpus_per_node", "cpus_per_task", "nodes", "mem_gb", "timeout_min"}  # whole numbers
+SLURM_NUMBERS = {"array_parallelism", "signal_delay_s"}
 SBATCH = {"partition", "account", "qos", "constraint", "gres", "exclude", "nodelist", "mem",
           "mem_per_cpu", "mem_per_gpu", "cpus_per_gpu", "gpus_per_task", "comment", "wckey",
-          "mail_type", "mail_user", "array_parallelism", "exclusive", "signal_delay_s"}
+          "mail_type", "mail_user", "exclusive"}
 DEFAULT_TIME = "24:00:00"
 
 
@@ -65,7 +66,7 @@ def executor_parameters(settings: dict[str, str], where: str) -> dict:
     for key, value in settings.items():
         if key == "time":
             continue
-        if key in GENERIC or key in ("array_parallelism", "signal_delay_s"):
+        if key in GENERIC | SLURM_NUMBERS:
             if not value.isdigit():
                 raise HarnessError(f"{where}: {key}={value} must be a whole number")
             params[key if key in GENERIC else f"slurm_{key}"] = int(value)
@@ -105,9 +106,11 @@ def submit(kind: str, argv: list[str], runs: int, settings: dict[str, str], resu
     import submitit
 
     params = executor_parameters(settings, where)
-    threads = int(params.get("cpus_per_task", 1)) if kind == "slurm" else \
-        max(1, (os.cpu_count() or 1) // max(1, min(runs, int(params.get("slurm_array_parallelism",
-                                                                         runs)))))
+    if kind == "slurm":  # a task's CPU threads: the CPUs Slurm gives it
+        threads = params.get("cpus_per_task", 1)
+    else:  # the cores divided between the tasks that run at once
+        at_once = min(runs, params.get("slurm_array_parallelism", runs))
+        threads = max(1, (os.cpu_count() or 1) // max(1, at_once))
     executor = submitit.AutoExecutor(folder=Path(results).resolve() / "slurm" / "%j", cluster=kind)
     executor.update_parameters(name="harness", **params)
     try:
@@ -120,12 +123,15 @@ ENDED = {"completed", "failed", "cancelled", "timeout", "node_fail", "out_of_mem
          "deadline", "preempted"}
 
 
-def slurm_states(job_id: str) -> dict[int, str]:
-    """Each array task's state (lower case) while Slurm remembers it: `squeue -t all` (finished
-    tasks too, for MinJobAge), then `sacct` where accounting is on."""
+def slurm_states(job_id: str, tasks: int) -> dict[int, str]:
+    """Each of the `tasks` array tasks' state (lower case) while Slurm remembers it: `squeue -t
+    all` (finished tasks too, for MinJobAge), then, for the tasks it no longer lists, `sacct`
+    where accounting is on."""
     states: dict[int, str] = {}
     for command in (["squeue", "--noheader", "--array", "-t", "all", "-j", job_id, "-o", "%i %T"],
                     ["sacct", "--noheader", "-X", "-P", "-j", job_id, "-o", "JobID,State"]):
+        if len(states) >= tasks:
+            break
         try:
             out = subprocess.run(command, capture_output=True, text=True, timeout=30).stdout
         except (OSError, subprocess.TimeoutExpired):
@@ -138,12 +144,13 @@ def slurm_states(job_id: str) -> dict[int, str]:
     return states
 
 
-def array_states(record: dict, runs: list[str]) -> dict[str, str]:
+def array_states(record: dict) -> dict[str, str]:
     """Each run's Slurm state, for a submission `harness status` found recorded."""
     if record.get("executor") != "slurm":
         return {}
     tasks = record["tasks"]
-    return {tasks[i]: state for i, state in slurm_states(record["job_id"]).items() if i < len(tasks)}
+    return {tasks[i]: state for i, state in slurm_states(record["job_id"], len(tasks)).items()
+            if i < len(tasks)}
 
 
 def wait(kind: str, jobs: list, poll: float = 2.0) -> list[str | None]:
@@ -153,7 +160,7 @@ def wait(kind: str, jobs: list, poll: float = 2.0) -> list[str | None]:
     errors: dict[int, str | None] = {}
     job_id = str(jobs[0].job_id).split("_")[0]
     while len(errors) < len(jobs):
-        states = slurm_states(job_id) if kind == "slurm" else {}
+        states = slurm_states(job_id, len(jobs)) if kind == "slurm" else {}
         for index, job in enumerate(jobs):
             if index in errors:
                 continue

@@ -31,7 +31,7 @@ from matplotlib.patches import Rectangle
 from harness.errors import HarnessError
 from harness.stats import describe
 from harness.summary import TUNED, Summary, read_summaries
-from methods.registry import table_entry
+from harness.table import method_key
 
 STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9,
          "ytick.labelsize": 9, "legend.fontsize": 8,
@@ -231,8 +231,7 @@ def aa_table(runs: pd.DataFrame) -> pd.DataFrame:
         low, high = bootstrap_ci(values)
         rows.append({"method": method, "mean": values.mean(),
                      "ci_low": low, "ci_high": high, "n": len(values)})
-    key = [(table_entry(r["method"].removesuffix(TUNED))[0], r["method"]) for r in rows]
-    return pd.DataFrame([r for _, r in sorted(zip(key, rows), key=lambda p: p[0])],
+    return pd.DataFrame(sorted(rows, key=lambda r: method_key(r["method"])),
                         columns=["method", "mean", "ci_low", "ci_high", "n"])
 
 

@@ -11,7 +11,6 @@ several machines are reported as one sweep.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import traceback
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.store import LOCK, RunDir, read_json, write_atomic
+from harness.store import RunDir, read_json, write_atomic
 
 FAILED = "failed.json"
 STAGES = "stages.json"  # the labels of the stages a run trains, written when it starts
@@ -55,20 +54,6 @@ def record_failure(folder: Path, error: BaseException) -> None:
                                               "traceback": "".join(lines)}, indent=1) + "\n")
 
 
-def locked(folder: Path) -> bool:
-    """Whether a process holds the run folder's lock (the OS releases it when the process dies)."""
-    lock = folder / LOCK
-    if not lock.exists():
-        return False
-    with open(lock, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
-
-
 def run_status(results: Path, folder: Path) -> RunStatus:
     run_dir = RunDir(folder)
     name = str(folder.relative_to(results))
@@ -77,7 +62,7 @@ def run_status(results: Path, folder: Path) -> RunStatus:
     stages = f"{done} of {len(planned)}" if planned is not None else f"{done} of ?"
     if run_dir.is_complete():
         return RunStatus(name, "complete", stages)
-    if locked(folder):
+    if run_dir.locked():
         return RunStatus(name, "running", stages)
     if (folder / FAILED).exists():
         return RunStatus(name, "failed", stages, read_json(folder / FAILED)["error"].splitlines()[-1])
@@ -99,7 +84,7 @@ def sweep_status(results: Path) -> list[RunStatus]:
         if record.get("slurm"):
             from harness.executor import array_states
 
-            slurm_states.update(array_states(record["slurm"], record["runs"]))
+            slurm_states.update(array_states(record["slurm"]))
     statuses = []
     for run, folder in sorted(folders.items()):
         status = run_status(results, folder) if folder.is_dir() else RunStatus(run, "not started")

@@ -11,6 +11,7 @@ Nothing here is ever unpickled: tensors go through safetensors, everything else 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -122,6 +123,20 @@ class RunDir:
 
     def is_complete(self) -> bool:
         return self.summary_path.exists()
+
+    def locked(self) -> bool:
+        """Whether a process holds the folder's lock, as a runner does while it works on the run
+        (the OS releases it when the process dies)."""
+        lock = self.path / LOCK
+        if not lock.exists():
+            return False
+        with open(lock, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
 
     def check_config(self, config: dict[str, Any]) -> None:
         """Refuse to mix results of two different configurations in one folder."""

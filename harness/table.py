@@ -84,17 +84,18 @@ def _plugin(label: str) -> str:
     return label.removesuffix(TUNED)
 
 
-def _method_key(methods) -> list:
-    return [(table_entry(_plugin(m))[0], m) for m in methods]
+def method_key(label: str) -> tuple:
+    """Where a method's row goes: the paper's order, then alphabetical."""
+    return table_entry(_plugin(label))[0], label
 
 
 def sorted_methods(methods) -> list[str]:
-    """Method labels in the tables' order (the paper's, then alphabetical)."""
-    return sorted(methods, key=lambda m: _method_key([m])[0])
+    """Method labels in the tables' order."""
+    return sorted(methods, key=method_key)
 
 
 def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.sort_index(key=lambda idx: pd.Index(_method_key(idx)))
+    return frame.sort_index(key=lambda idx: pd.Index([method_key(m) for m in idx]))
 
 
 def render(frame: pd.DataFrame, fmt: str, title: str, legend: str = "") -> str:
@@ -222,7 +223,7 @@ def compare_published(df: pd.DataFrame, backbone: str, fmt: str = "github",
     for where, group in _blocks(df[df["order"].notna()]):
         ours = group.groupby(["method", "order"])["AA"].mean()
         rows = []
-        for method in sorted(group["method"].unique(), key=lambda m: _method_key([m])[0]):
+        for method in sorted_methods(group["method"].unique()):
             cells = {str(int(k)): v for (m, k), v in ours.items() if m == method}
             for name, orders in (("avg_1_3", "123"), ("avg_4_6", "456")):
                 if all(k in cells for k in orders):

@@ -103,13 +103,12 @@ def open_tracking(names: tuple[str, ...], run_folder: Path, first_step: int, *,
 
         writers.append(SummaryWriter(log_dir=str(run_folder / "tensorboard"),
                                      purge_step=first_step + 1 if first_step else None))
+    results, config = Path(results or run_folder).resolve(), config or {}
     if "mlflow" in names:
-        results = Path(results or run_folder).resolve()
         writers.append(MLflowWriter(mlflow_uri or default_mlflow_uri(results), str(results),
-                                    run_name, run_folder, config or {}))
+                                    run_name, run_folder, config))
     if "wandb" in names:
-        writers.append(WandbWriter(run_folder, run_name, Path(results or run_folder).resolve().name,
-                                   config or {}))
+        writers.append(WandbWriter(run_folder, run_name, results.name, config))
     return Tracking(writers)
 
 
