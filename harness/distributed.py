@@ -62,6 +62,16 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (every rank gets the answer)."""
+        if self.size == 1:
+            return flag
+        import torch.distributed as dist
+
+        box = torch.tensor([int(flag)], device=device_for(self))
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        return bool(box.item())
+
     def barrier(self) -> None:
         if self.size > 1:
             import torch.distributed as dist

@@ -38,6 +38,10 @@ class Profile:
     gradient_checkpointing: bool = False
     group_by_length: bool = False    # training batches of similar length (less padding)
     deepspeed_config: str = "zero2"  # a shipped config (zero0/zero1/zero2) or a JSON file
+    # A step checkpoint every that many optimizer steps (0: only on a preemption signal); it
+    # changes no result (a resumed stage is bitwise the uninterrupted one), so it is no part of a
+    # run's configuration or fingerprint.
+    checkpoint_every: int = 0
     lora: dict[str, Any] = field(default_factory=dict)
     embedded: dict[str, Any] = field(default_factory=dict)
     overrides: tuple[str, ...] = ()  # the --set arguments applied, for the record
@@ -49,7 +53,7 @@ class Profile:
 
     def as_dict(self) -> dict[str, Any]:
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
-               if k not in ("report_to", "mlflow_uri", "slurm")}
+               if k not in ("report_to", "mlflow_uri", "slurm", "checkpoint_every")}
         if not self.group_by_length:  # so that runs made before the setting existed keep their
             del out["group_by_length"]  # fingerprint
         return out
@@ -94,7 +98,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], where: str) -> di
 _OPTIONAL = {
     "data": ("train_per_task", "test_per_task", "seed"),
     "train": ("grad_accum", "max_grad_norm", "max_source_length", "max_target_length", "bf16",
-              "gradient_checkpointing", "group_by_length"),
+              "gradient_checkpointing", "group_by_length", "checkpoint_every"),
     "eval": ("batch_size", "max_new_tokens"),
     "deepspeed": ("config",),
 }
@@ -127,6 +131,7 @@ def load_profile(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Prof
             bf16=train.get("bf16", False),
             gradient_checkpointing=train.get("gradient_checkpointing", False),
             group_by_length=train.get("group_by_length", False),
+            checkpoint_every=train.get("checkpoint_every", 0),
             deepspeed_config=raw["deepspeed"].get("config", "zero2"),
             lora=raw.get("lora", {}), embedded=raw.get("embedded", {}),
             overrides=tuple(overrides), **_tracking(raw.get("tracking", {}), where),
@@ -175,6 +180,10 @@ def _validate(profile: Profile, where: str) -> None:
     for key in ("batch_size", "grad_accum", "epochs", "eval_batch_size", "max_new_tokens",
                 "max_source_length", "max_target_length"):
         positive_int(key, getattr(profile, key))
+    if isinstance(profile.checkpoint_every, bool) or not isinstance(profile.checkpoint_every, int) \
+            or profile.checkpoint_every < 0:
+        raise HarnessError(f"{where}: checkpoint_every must be an integer >= 0 (0 = only on a "
+                           f"preemption signal), got {profile.checkpoint_every!r}")
     for key in ("train_per_task", "test_per_task"):
         if getattr(profile, key) is not None:
             positive_int(key, getattr(profile, key))

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from harness import faults
 from harness.backbone import EmbeddedSpec, embedded_backbone_dir, load_backbone
 from harness.benchmark import Task, load_benchmark
+from harness.checkpoints import StepCheckpoints
 from harness.data import (TaskData, load_instructions, load_task, note_dev_copies,
                           resolve_data_dir)
 from harness.distributed import SINGLE, World, device_for
@@ -385,8 +386,11 @@ class Runner:
             saved.note(ctx.model)
             on_step = (lambda k, values, offset=steps: tracking.scalars("train", values, offset + k)) \
                 if tracking.writers else None
+            checkpoints = StepCheckpoints(run_dir.path, stage, self.profile.checkpoint_every,
+                                          partial(saved.tensors, ctx.model), self.world)
+            checkpoints.clear(keep=checkpoints.latest())  # earlier stages' (killed before clean-up)
             result = fit(ctx, method, ctx.batcher,
-                         self.fit_settings(spec, stage, labels[stage], ctx, on_step))
+                         self.fit_settings(spec, stage, labels[stage], ctx, on_step, checkpoints))
             steps += result.steps
             consolidate_seconds = timed(method.after_task, ctx)
             deltas = method.task_deltas(ctx)
@@ -407,6 +411,7 @@ class Runner:
                 faults.point("stage_done")
                 if previous is not None:  # only the latest stage's checkpoint is kept
                     RunDir.drop_checkpoint(previous)
+                checkpoints.clear()
                 previous = stage_dir
                 bar.set_postfix(acc=f"{accuracy[ctx.task.name]:.1f}")
             self.world.barrier()
@@ -415,11 +420,12 @@ class Runner:
         return steps
 
     def fit_settings(self, spec: RunSpec, stage: int, label: str, ctx: Context,
-                     on_step=None) -> FitSettings:
+                     on_step=None, checkpoints: StepCheckpoints | None = None) -> FitSettings:
         return FitSettings.of_profile(
             self.profile, seed=stage_seed(spec.seed, stage), progress=self.options.progress,
             desc=label, world=self.world, engine_config=self.engine_config,
-            autocast=self.profile.bf16 and ctx.device.type == "cuda", on_step=on_step)
+            autocast=self.profile.bf16 and ctx.device.type == "cuda", on_step=on_step,
+            checkpoints=checkpoints)
 
 
 def stage_values(accuracy: dict[str, float], seen: list[str], seconds: dict[str, float]) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -10,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness import faults
+from harness.checkpoints import Preemption, StepCheckpoints
 from harness.distributed import SINGLE, World
 from harness.textio import Batcher
 from methods.base import Context, Method, penalty_terms
@@ -85,6 +87,7 @@ class FitSettings:
     world: World = SINGLE
     engine_config: dict | None = None  # DeepSpeed's; None: the plain loop
     on_step: Callable[[int, dict[str, float]], None] | None = None  # (step, values): tracking
+    checkpoints: StepCheckpoints | None = None  # step checkpoints (and preemption signals); None: none
 
     @classmethod
     def of_profile(cls, profile, **rest) -> "FitSettings":
@@ -173,7 +176,9 @@ def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -
     generator seeded from `seed`, so a stage is reproducible on its own (which is what lets a run
     resume at a stage boundary with the same result). The gradient of a step is the mean over its
     micro-batches of their mean losses, so W ranks compute exactly what one process with
-    accumulation W * grad_accum computes.
+    accumulation W * grad_accum computes. With `checkpoints`, the stage goes on from its latest
+    step checkpoint, writes one every `checkpoints.every` steps, and one before a preemption signal
+    takes its course (harness.checkpoints).
     """
     s, world = settings, settings.world
     ctx.model.train()
@@ -187,29 +192,38 @@ def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -
     per_step = s.batch_size * s.grad_accum * world.size
     lengths = batcher.source_lengths(sources) if s.group_by_length else None
     total_steps = -(-len(sources) // per_step) * s.epochs  # the last step of an epoch may be smaller
-    losses: list[torch.Tensor] = []
+    losses = _restore(s.checkpoints, method, params, stepper)
+    done = len(losses)
     start = tick = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=s.desc, leave=False, disable=not s.progress or not world.main,
-               unit="step")
+    bar = tqdm(total=total_steps, initial=done, desc=s.desc, leave=False,
+               disable=not s.progress or not world.main, unit="step")
     try:
-        for _ in range(s.epochs):
-            perm = torch.randperm(len(sources), generator=generator).tolist()
-            for ids in epoch_steps(perm, per_step, lengths, generator):
-                micro = [(batcher.train_batch([sources[i] for i in chunk], [targets[i] for i in chunk]), w)
-                         for chunk, w in rank_micro_batches(ids, s.batch_size, s.grad_accum, world.rank,
-                                                            world.size, s.engine_config is not None)]
-                parts = {} if s.on_step is not None else None
-                losses.append(method.step(ctx, _closure(ctx, method, stepper, micro, parts)).detach())
-                stepper.step()
-                if s.on_step is not None:
-                    now = time.perf_counter()
-                    s.on_step(len(losses), _step_values(losses[-1], parts, stepper, len(ids),
-                                                        now - tick))
-                    tick = now
-                bar.update(1)
-                if len(losses) % 10 == 0 and not bar.disable:
-                    bar.set_postfix(loss=f"{float(sum(losses[-10:])) / 10:.3f}")
-                faults.point("train_step")
+        with Preemption(enabled=s.checkpoints is not None) as preemption:
+            position = 0
+            for _ in range(s.epochs):
+                perm = torch.randperm(len(sources), generator=generator).tolist()
+                for ids in epoch_steps(perm, per_step, lengths, generator):
+                    position += 1
+                    if position <= done:  # trained before the step checkpoint
+                        continue
+                    micro = [(batcher.train_batch([sources[i] for i in chunk],
+                                                  [targets[i] for i in chunk]), w)
+                             for chunk, w in rank_micro_batches(ids, s.batch_size, s.grad_accum,
+                                                                world.rank, world.size,
+                                                                s.engine_config is not None)]
+                    parts = {} if s.on_step is not None else None
+                    losses.append(method.step(ctx, _closure(ctx, method, stepper, micro, parts)).detach())
+                    stepper.step()
+                    if s.on_step is not None:
+                        now = time.perf_counter()
+                        s.on_step(len(losses), _step_values(losses[-1], parts, stepper, len(ids),
+                                                            now - tick))
+                        tick = now
+                    bar.update(1)
+                    if len(losses) % 10 == 0 and not bar.disable:
+                        bar.set_postfix(loss=f"{float(sum(losses[-10:])) / 10:.3f}")
+                    faults.point("train_step")
+                    _checkpoint(s.checkpoints, preemption, world, method, params, stepper, losses)
     finally:
         stepper.close()
         bar.close()
@@ -218,3 +232,31 @@ def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -
                      mean_loss=sum(values) / max(1, len(values)),
                      last_loss=values[-1] if values else float("nan"),
                      seconds=time.perf_counter() - start)
+
+
+def _optimizer(stepper) -> torch.optim.Optimizer:
+    return stepper.optimizer if isinstance(stepper, LocalStep) else stepper.engine.optimizer
+
+
+def _restore(checkpoints: StepCheckpoints | None, method: Method, params, stepper) -> list:
+    """The losses of the steps a step checkpoint holds (none without one), its state loaded."""
+    latest = checkpoints.latest() if checkpoints is not None else None
+    if latest is None:
+        return []
+    _, fit_state, losses = checkpoints.restore(latest, params, _optimizer(stepper))
+    method.load_fit_state(fit_state)
+    return losses
+
+
+def _checkpoint(checkpoints: StepCheckpoints | None, preemption: Preemption, world: World,
+                method: Method, params, stepper, losses: list) -> None:
+    """At a step boundary: write a step checkpoint when one is due or a preemption signal came
+    (on any rank: they all stop at the same step), then let the signal take its course."""
+    if checkpoints is None:
+        return
+    stop = world.any(preemption.received is not None)
+    if stop or checkpoints.due(len(losses)):
+        checkpoints.save(len(losses), params, _optimizer(stepper), method.fit_state(), losses)
+    if stop:
+        preemption.received = preemption.received or signal.SIGTERM
+        preemption.deliver()

@@ -203,3 +203,13 @@ class Method:
     def load_state_dict(self, state: dict[str, Any], ctx: Context, completed_stages: int) -> None:
         """Rebuild the state (and any model structure) that `completed_stages` stages produced,
         so that the stage checkpoint's tensors can be loaded into `ctx.model`."""
+
+    def fit_state(self) -> dict[str, Any]:
+        """What the method changes from one training step to the next outside the model and the
+        optimizer (a generator it draws from, a running count), for a step checkpoint: tensors
+        and JSON-able values, nested in dicts and lists. What `before_task` sets up is not part of
+        it: a resumed stage runs `before_task` again, under the same seed."""
+        return {}
+
+    def load_fit_state(self, state: dict[str, Any]) -> None:
+        """Restore `fit_state` (after the stage's `before_task` and optimizer)."""

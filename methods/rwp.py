@@ -46,6 +46,12 @@ class RWP(Modifier):
         super().before_task(ctx)
         self.generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.stage)
 
+    def own_fit_state(self):  # the noise drawn so far moved the generator on
+        return {"generator": self.generator.get_state()}
+
+    def load_own_fit_state(self, state):
+        self.generator.set_state(state["generator"])
+
     def perturbed_tensors(self, ctx) -> list[torch.Tensor]:
         return list(self.params) if self.scope == "lora" else list(ctx.model.parameters())
 

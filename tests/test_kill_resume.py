@@ -26,7 +26,7 @@ KILL_POINTS = {
 }
 
 
-def harness_run(data_dir, results, method, kill_at=None):
+def harness_run(data_dir, results, method, kill_at=None, extra=()):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("HARNESS_KILL_AT", None)
     if kill_at:
@@ -34,7 +34,7 @@ def harness_run(data_dir, results, method, kill_at=None):
     return subprocess.run(
         [sys.executable, "-m", "harness", "run", "--method", method, "--tasks", TASKS,
          "--data-dir", str(data_dir), "--results", str(results), "--train-per-task", "32",
-         "--test-per-task", "8", "--no-progress"], env=env, capture_output=True, text=True)
+         "--test-per-task", "8", "--no-progress", *extra], env=env, capture_output=True, text=True)
 
 
 def run_dir(results, method):
