@@ -175,7 +175,7 @@ class StepCheckpoints:
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
-    def save(self, step: int, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+    def save(self, step: int, params: list[torch.nn.Parameter], optimizer_state: dict[str, Any],
              method_state: dict[str, Any], losses: list[torch.Tensor]) -> Path:
         """Write the checkpoint after `step` optimizer steps of the stage (every rank its optimizer
         state, rank 0 the rest), then drop the earlier ones."""
@@ -187,7 +187,7 @@ class StepCheckpoints:
         self.world.barrier()
         try:
             optimizer_tensors: dict[str, torch.Tensor] = {}
-            plain = {"optimizer": encode(optimizer.state_dict(), optimizer_tensors, "optimizer")}
+            plain = {"optimizer": encode(optimizer_state, optimizer_tensors, "optimizer")}
             save_file(optimizer_tensors, str(tmp / f"optimizer.rank{self.world.rank}.safetensors"))
             (tmp / f"optimizer.rank{self.world.rank}.json").write_text(json.dumps(plain))
             self.world.barrier()
@@ -224,13 +224,16 @@ class StepCheckpoints:
         os.replace(tmp, final)
 
     # -- reading ---------------------------------------------------------------------------------
-    def restore(self, path: Path, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer
+    def restore(self, path: Path, params: list[torch.nn.Parameter],
+                load_optimizer: Callable[[dict[str, Any]], None]
                 ) -> tuple[int, dict[str, Any], list[torch.Tensor]]:
-        """Load `path` into the tensors, the optimizer and the RNGs; returns the steps done, the
-        method's fit state and the losses so far."""
+        """Load `path` into the tensors, the optimizer (`load_optimizer` takes this rank's state)
+        and the RNGs; returns the steps done, the method's fit state and the losses so far."""
         state = json.loads((path / STATE).read_text())
         tensors = load_file(str(path / TENSORS))
-        log.info("%s: resuming stage %d after step %d", self.run_path, self.stage + 1, state["step"])
+        if self.world.main:
+            log.info("%s: resuming stage %d after step %d", self.run_path, self.stage + 1,
+                     state["step"])
         with torch.no_grad():
             named = self.named_tensors()
             for name, value in decode(state["model"], tensors).items():
@@ -239,8 +242,8 @@ class StepCheckpoints:
                 params[index].copy_(value)
         rank = self.world.rank
         plain = json.loads((path / f"optimizer.rank{rank}.json").read_text())
-        optimizer.load_state_dict(decode(plain["optimizer"],
-                                         load_file(str(path / f"optimizer.rank{rank}.safetensors"))))
+        load_optimizer(decode(plain["optimizer"],
+                              load_file(str(path / f"optimizer.rank{rank}.safetensors"))))
         set_rng_state(decode(state["rng"], tensors))
         losses = list(decode(state["losses"], tensors).unbind())
         return state["step"], decode(state["method"], tensors), losses

@@ -180,6 +180,15 @@ def zero_stage(config: dict[str, Any]) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
+def _masters(wrapper) -> list[torch.Tensor]:
+    """The fp32 master partitions of DeepSpeed's ZeRO-1/2 or bf16 optimizer wrapper (none for a
+    plain optimizer, whose parameters are the model's)."""
+    for name in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        if hasattr(wrapper, name):
+            return list(getattr(wrapper, name))
+    return []
+
+
 class EngineStep:
     """One training stage through the DeepSpeed engine: the engine averages gradients across
     ranks (and micro-batches), clips and steps the method's optimizer. A fresh engine per stage,
@@ -202,6 +211,20 @@ class EngineStep:
 
     def step(self) -> None:
         self.engine.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's optimizer state for a step checkpoint: the base optimizer's (its partition
+        under ZeRO) and the fp32 master copies a ZeRO or bf16 wrapper keeps beside the weights."""
+        wrapper = self.engine.optimizer
+        return {"base": getattr(wrapper, "optimizer", wrapper).state_dict(),
+                "masters": list(_masters(wrapper))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        wrapper = self.engine.optimizer
+        with torch.no_grad():
+            for master, saved in zip(_masters(wrapper), state["masters"], strict=True):
+                master.copy_(saved)
+        getattr(wrapper, "optimizer", wrapper).load_state_dict(state["base"])
 
     def close(self) -> None:
         self.engine.destroy()  # removes ZeRO's gradient hooks before consolidation passes

@@ -16,6 +16,7 @@ from typing import Any
 from harness.errors import HarnessError
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+RESULT_FREE = "train.checkpoint_every"  # a --set that changes no result, so no fingerprint
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Profile:
     def as_dict(self) -> dict[str, Any]:
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
                if k not in ("report_to", "mlflow_uri", "slurm", "checkpoint_every")}
+        out["overrides"] = [o for o in self.overrides if not o.startswith(f"{RESULT_FREE}=")]
         if not self.group_by_length:  # so that runs made before the setting existed keep their
             del out["group_by_length"]  # fingerprint
         return out

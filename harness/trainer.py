@@ -45,6 +45,12 @@ class LocalStep:
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         loss.backward()
 
+    def state_dict(self) -> dict:  # for a step checkpoint
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
     def step(self) -> None:
         if self.max_grad_norm:  # the norm before clipping, kept as a tensor (no sync)
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
@@ -234,16 +240,12 @@ def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -
                      seconds=time.perf_counter() - start)
 
 
-def _optimizer(stepper) -> torch.optim.Optimizer:
-    return stepper.optimizer if isinstance(stepper, LocalStep) else stepper.engine.optimizer
-
-
 def _restore(checkpoints: StepCheckpoints | None, method: Method, params, stepper) -> list:
     """The losses of the steps a step checkpoint holds (none without one), its state loaded."""
     latest = checkpoints.latest() if checkpoints is not None else None
     if latest is None:
         return []
-    _, fit_state, losses = checkpoints.restore(latest, params, _optimizer(stepper))
+    _, fit_state, losses = checkpoints.restore(latest, params, stepper.load_state_dict)
     method.load_fit_state(fit_state)
     return losses
 
@@ -256,7 +258,7 @@ def _checkpoint(checkpoints: StepCheckpoints | None, preemption: Preemption, wor
         return
     stop = world.any(preemption.received is not None)
     if stop or checkpoints.due(len(losses)):
-        checkpoints.save(len(losses), params, _optimizer(stepper), method.fit_state(), losses)
+        checkpoints.save(len(losses), params, stepper.state_dict(), method.fit_state(), losses)
     if stop:
         preemption.received = preemption.received or signal.SIGTERM
         preemption.deliver()

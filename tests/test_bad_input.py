@@ -80,6 +80,7 @@ SETTINGS = [
     ("zero epochs", "seqlora", "train.epochs=0", "epochs must be a positive integer"),
     ("LoRA rank zero", "seqlora", "lora.r=0", "lora.r must be a positive integer"),
     ("negative clipping norm", "seqlora", "train.max_grad_norm=-1", "max_grad_norm must be"),
+    ("negative checkpoint interval", "seqlora", "train.checkpoint_every=-1", "checkpoint_every must be"),
     ("olora orth_form='bogus'", "olora", "method.orth_form='bogus'",
      "--set method.orth_form='bogus': method olora: orth_form must be one of code_l1, paper_fro2; "
      "got 'bogus'"),

@@ -128,3 +128,12 @@ def test_a_signal_after_the_last_step_is_not_lost():
         assert seen == [signal.SIGUSR2]  # handed to the handler from before on leaving
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_the_checkpoint_interval_is_no_part_of_a_run_configuration():
+    """A run started without step checkpoints may be resumed with them (and the other way)."""
+    from harness.profiles import load_profile
+
+    assert load_profile("default", ["train.checkpoint_every=5"]).as_dict() == \
+        load_profile("default").as_dict()
+    assert load_profile("t5-large").checkpoint_every > 0  # on for the paper profiles
