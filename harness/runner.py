@@ -32,6 +32,7 @@ from harness.errors import HarnessError
 from harness.evaluator import evaluate_task
 from harness.models import resolve_model
 from harness.profiles import Profile, load_profile
+from harness.runlog import RunLog
 from harness.status import FAILED, STAGES, record_failure
 from harness.store import LOCK, RunDir, RunSpec, read_json, stage_name, write_json
 from harness.summary import Summary, finish_run, read_summary, stage_predictions
@@ -251,6 +252,7 @@ class Runner:
         if self.world.main:  # for `harness status`: the stages to come, and the error if any
             write_json(run_dir.path / STAGES, method.stages(ctx))
             held.push(partial(self._record_failure, run_dir))
+        runlog = held.enter_context(RunLog(run_dir.path, write=self.world.main))
         seed_everything(spec.seed)  # after the backbone is in place, whether built or cached
         evaluate = partial(evaluate_task, batcher=ctx.batcher, batch_size=self.profile.eval_batch_size,
                            max_new_tokens=self.profile.max_new_tokens, world=self.world,
@@ -269,7 +271,7 @@ class Runner:
         steps = trained_steps(done)  # the global step the tracker curves go on from
         tracking = held.enter_context(self._tracking(spec, run_dir, steps, config))
         steps = self._train_stages(spec, method, ctx, run_dir, done, evaluation, last, tracking,
-                                   steps)
+                                   steps, runlog)
         summary = finish_run(run_dir, spec, [t.name for t in tasks], config) if self.world.main else None
         if summary is not None and tracking.writers:
             tracking.finish(summary, config, steps)
@@ -368,7 +370,7 @@ class Runner:
 
     def _train_stages(self, spec: RunSpec, method, ctx: Context, run_dir: RunDir, done: list[Path],
                       evaluation: "StageEvaluation", last: dict, tracking: Tracking,
-                      steps: int) -> int:
+                      steps: int, runlog: RunLog) -> int:
         """The stages after the complete ones (`done`, the base stage first; `last` the latest's
         metrics; `steps` their optimizer steps) in the hook order: before_task, fit, after_task,
         task_deltas, evaluation, write (rank 0). Returns the run's optimizer steps."""
@@ -405,7 +407,8 @@ class Runner:
                      "train": {**asdict(result), "ranks": self.world.size,
                                "prepare_seconds": prepare_seconds,
                                "consolidate_seconds": consolidate_seconds},
-                     "eval_seconds": eval_seconds, "saved_tensors": sorted(saved.names)},
+                     "eval_seconds": eval_seconds, "saved_tensors": sorted(saved.names),
+                     **({"warnings": notes} if (notes := runlog.take()) else {})},
                     predictions, checkpoint=saved.tensors(ctx.model), method_state=method.state_dict(),
                     deltas=deltas)
                 faults.point("stage_done")

@@ -19,6 +19,9 @@ Fields (percentages are exact-match accuracies, 0-100; null where a cell or metr
 - `missing_stages`: rows with no complete stage folder (their cells are null);
 - `parameter_metrics`: harness.param_metrics over the stored per-task deltas, or null;
 - `train_seconds`, `eval_seconds`, `wall_seconds`, `threads` (torch's, in the writing process);
+- `warnings`: what the method or the engine warned of while training, one object per warning:
+  `stage` (1-based), `task` (the stage's), `message` (the stage folders' `metrics.json` keep their
+  own; the whole log of every process that worked on the run is `run.log` in its folder);
 - `fingerprint`: the hash of the run's configuration (config.json), which decides whether a later
   command may resume or skip the run.
 """
@@ -70,6 +73,7 @@ class Summary:
     wall_seconds: float = 0.0
     fingerprint: str = ""
     threads: int | None = None
+    warnings: list[dict[str, Any]] = field(default_factory=list)
     # The run folder it was read from (not part of the file).
     folder: Path | None = field(default=None, repr=False, compare=False, metadata={"stored": False})
 
@@ -234,7 +238,9 @@ def finish_run(run_dir: RunDir, spec: RunSpec, names: list[str], config: dict) -
         parameter_metrics=run_parameter_metrics(folders, len(R) - 1),
         train_seconds=round(train_seconds, 3), eval_seconds=round(eval_seconds, 3),
         wall_seconds=round(train_seconds + eval_seconds, 3),
-        fingerprint=config["fingerprint"], threads=torch.get_num_threads())
+        fingerprint=config["fingerprint"], threads=torch.get_num_threads(),
+        warnings=[{"stage": r["stage"], "task": r["task"], "message": message}
+                  for r in rows for message in r.get("warnings", [])])
     faults.point("summary")
     write_json(run_dir.summary_path, summary.to_json())
     return summary

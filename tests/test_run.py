@@ -368,3 +368,25 @@ def test_auto_jobs_is_one_process_per_core_on_a_cpu_sweep(monkeypatch):
     assert auto_jobs(72, SINGLE) == 4 and auto_jobs(3, SINGLE) == 3
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert auto_jobs(72, SINGLE) == 1
+
+
+def test_short_free_subspace_warnings_go_to_the_run_record_and_one_printed_line(synthetic_dir,
+                                                                                tmp_path):
+    """A rank above the free directions left after task 1 warns at stage 2: the warning is in the
+    stage's metrics.json, the summary and run.log, and the run prints one line about it (not one
+    per stage among the progress bars)."""
+    import json
+
+    from tests.test_kill_resume import harness_run, run_dir as kill_run_dir
+
+    done = harness_run(synthetic_dir, tmp_path, "inflora", extra=("--set", "lora.r=100"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = [line for line in done.stderr.splitlines() if "fewer free input directions" in line]
+    assert len(printed) == 1 and "1 warning(s)" in printed[0]
+    path = kill_run_dir(tmp_path, "inflora").path
+    summary = json.loads((path / "summary.json").read_text())
+    (warning,) = summary["warnings"]
+    assert warning["stage"] == 2 and warning["task"] == "SST-2"
+    assert json.loads((path / "stage_02-SST-2" / "metrics.json").read_text())["warnings"] == \
+        [warning["message"]]
+    assert warning["message"] in (path / "run.log").read_text()

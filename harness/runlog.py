@@ -1,0 +1,78 @@
+"""A run's log. While a run works, every log record of its process also goes to `<run>/run.log`,
+and the warnings of the methods and the engine (say, InfLoRA's "fewer free input directions than
+the rank", once per stage) are collected instead of printed among the progress bars: the runner
+stores each stage's in its `metrics.json`, the summary lists them all, and the run prints one line
+about them when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+RUN_LOG = "run.log"
+QUIET = ("methods", "harness")  # loggers whose warnings a run collects instead of printing
+
+
+def _ours(record: logging.LogRecord) -> bool:
+    return record.levelno == logging.WARNING and record.name.split(".")[0] in QUIET
+
+
+class _Collector(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+        self.count, self.first = 0, ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _ours(record):
+            self.messages.append(record.getMessage())
+            self.count += 1
+            self.first = self.first or record.getMessage()
+
+
+class RunLog:
+    """The context of one run: `take()` returns the warnings collected since the last call.
+    `write`: rank 0 writes the file and collects; other ranks only keep the warnings quiet."""
+
+    def __init__(self, run_path: Path, write: bool = True):
+        self.path = run_path / RUN_LOG
+        self.write = write
+        self.collector = _Collector()
+        self.file: logging.FileHandler | None = None
+        self.console: list[logging.Handler] = []
+
+    def __enter__(self) -> "RunLog":
+        root = logging.getLogger()
+        self.console = list(root.handlers)
+        for handler in self.console:
+            handler.addFilter(self._quiet)
+        if self.write:
+            self.file = logging.FileHandler(self.path, encoding="utf-8")
+            self.file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            root.addHandler(self.file)
+            root.addHandler(self.collector)
+        return self
+
+    @staticmethod
+    def _quiet(record: logging.LogRecord) -> bool:
+        return not _ours(record)
+
+    def take(self) -> list[str]:
+        messages, self.collector.messages = self.collector.messages, []
+        return messages
+
+    def __exit__(self, *exc) -> None:
+        root = logging.getLogger()
+        for handler in self.console:
+            handler.removeFilter(self._quiet)
+        for handler in (self.file, self.collector):
+            if handler is not None and handler in root.handlers:
+                root.removeHandler(handler)
+        if self.file is not None:
+            self.file.close()
+        if self.collector.count:  # the one line a run prints about them, after its progress bars
+            log.warning("%s: %d warning(s), the first: %s (all in summary.json and %s)",
+                        self.path.parent, self.collector.count, self.collector.first, RUN_LOG)
