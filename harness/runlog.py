@@ -33,6 +33,14 @@ class _Collector(logging.Handler):
             self.first = self.first or record.getMessage()
 
 
+class _QuietFile(logging.FileHandler):
+    """A full disk must not turn every later log line into a printed traceback: the run's own
+    error says what happened."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 class RunLog:
     """The context of one run: `take()` returns the warnings collected since the last call.
     `write`: rank 0 writes the file and collects; other ranks only keep the warnings quiet."""
@@ -50,7 +58,7 @@ class RunLog:
         for handler in self.console:
             handler.addFilter(self._quiet)
         if self.write:
-            self.file = logging.FileHandler(self.path, encoding="utf-8")
+            self.file = _QuietFile(self.path, encoding="utf-8")
             self.file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             root.addHandler(self.file)
             root.addHandler(self.collector)

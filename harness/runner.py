@@ -34,7 +34,7 @@ from harness.models import resolve_model
 from harness.profiles import Profile, load_profile
 from harness.runlog import RunLog
 from harness.status import FAILED, STAGES, record_failure
-from harness.store import LOCK, RunDir, RunSpec, read_json, stage_name, write_json
+from harness.store import LOCK, RunDir, RunSpec, out_of_space, read_json, stage_name, write_json
 from harness.summary import Summary, finish_run, read_summary, stage_predictions
 from harness.textio import Batcher
 from harness.tracking import Tracking, open_tracking
@@ -191,8 +191,16 @@ class Runner:
         """Train and evaluate one run, resuming it if it was interrupted. Only one process at a
         time works on a run folder (an advisory lock inside it); another gets RunBusy."""
         run_dir = self.run_dir(spec)
-        with ExitStack() as held:
-            return self._run(spec, run_dir, force, held)
+        try:
+            with ExitStack() as held:
+                return self._run(spec, run_dir, force, held)
+        except Exception as exc:
+            if out_of_space(exc):  # what was being written is a temporary file, already removed
+                raise HarnessError(
+                    f"{run_dir.path}: no space left on the device of the results folder; every "
+                    "stage and checkpoint written so far is whole: free space and run the same "
+                    "command again to resume") from None
+            raise
 
     @staticmethod
     def _record_failure(run_dir: RunDir, kind, error, trace) -> bool:

@@ -48,10 +48,14 @@ def record_sweep(results: Path, folders: list[Path], argv: list[str],
 
 
 def record_failure(folder: Path, error: BaseException) -> None:
-    """Keep the error a run stopped with (the next attempt at the run clears it)."""
+    """Keep the error a run stopped with (the next attempt at the run clears it). Best effort: on
+    a full disk the record cannot be written, and the error itself says why the run stopped."""
     lines = traceback.format_exception(error)
-    write_atomic(folder / FAILED, json.dumps({"error": f"{type(error).__name__}: {error}",
-                                              "traceback": "".join(lines)}, indent=1) + "\n")
+    try:
+        write_atomic(folder / FAILED, json.dumps({"error": f"{type(error).__name__}: {error}",
+                                                  "traceback": "".join(lines)}, indent=1) + "\n")
+    except OSError:
+        pass
 
 
 def run_status(results: Path, folder: Path) -> RunStatus:

@@ -11,6 +11,7 @@ Nothing here is ever unpickled: tensors go through safetensors, everything else 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -52,6 +53,15 @@ def stage_is_intact(folder: Path) -> bool:
                    for name, digest in recorded.items())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
+
+
+def out_of_space(error: BaseException) -> bool:
+    """Whether `error` is a write that found the disk (or the quota) full: an OSError, or
+    safetensors' own error, which carries the OS error's number only in its message."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return type(error).__name__ == "SafetensorError" and any(
+        f"(os error {n})" in str(error) for n in (errno.ENOSPC, errno.EDQUOT))
 
 
 def write_atomic(path: Path, text: str) -> None:
