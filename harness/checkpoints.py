@@ -165,11 +165,13 @@ class StepCheckpoints:
         return None
 
     def clear(self, keep: Path | None = None) -> None:
-        """Remove every step checkpoint (rank 0) but `keep`."""
+        """Remove every step checkpoint (rank 0) but `keep`, and the folder when none is left."""
         if self.world.main and self.folder.exists():
             for path in self.folder.iterdir():
                 if path != keep:
                     shutil.rmtree(path, ignore_errors=True)
+            if keep is None:
+                self.folder.rmdir()
 
     # -- writing ---------------------------------------------------------------------------------
     def due(self, step: int) -> bool:

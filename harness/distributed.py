@@ -82,6 +82,18 @@ class World:
 SINGLE = World()
 
 
+def dist_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def dist_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def launched() -> bool:
     """True inside a process started by the DeepSpeed (or torch) launcher."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -199,6 +211,29 @@ class EngineStep:
         import deepspeed
 
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self._clip_as_one_process(float(config.get("gradient_clipping", 0.0)))
+
+    def _clip_as_one_process(self, max_norm: float) -> None:
+        """Clip by the norm the single-process loop computes (harness.clipping), to the bit: on
+        ZeRO-0 in fp32 in place of the engine's clipping, on ZeRO-1/2 as the norm of the rank
+        partitions that the ZeRO optimizer scales by. (A bf16 ZeRO-0 run keeps DeepSpeed's.)"""
+        from harness.clipping import clip_, global_norm
+
+        if not max_norm:
+            return
+        engine, wrapper = self.engine, self.engine.optimizer
+        world = World(rank=dist_rank(), size=dist_size(), engine=True)
+        if hasattr(wrapper, "averaged_gradients") and hasattr(wrapper, "scaled_global_norm"):
+            def partition_norm(norm_type=2):
+                grads = [g for i in range(len(wrapper.bit16_groups))
+                         for g in (wrapper.averaged_gradients[i] or [])
+                         if not getattr(g, "_zero_padding", False)]
+                return global_norm(grads, world)
+
+            wrapper.scaled_global_norm = partition_norm
+        elif not (engine.bfloat16_enabled() or engine.zero_optimization()):
+            engine.clip_fp32_gradients = lambda: clip_(
+                [p.grad for p in engine.module.parameters() if p.grad is not None], max_norm)
 
     def forward(self, batch: dict) -> Any:
         return self.engine(**batch)

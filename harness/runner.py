@@ -265,7 +265,7 @@ class Runner:
         evaluate = partial(evaluate_task, batcher=ctx.batcher, batch_size=self.profile.eval_batch_size,
                            max_new_tokens=self.profile.max_new_tokens, world=self.world,
                            bf16=self.profile.bf16 and ctx.device.type == "cuda")
-        done = run_dir.completed_stages()
+        done = self.world.broadcast(run_dir.completed_stages())  # rank 0's view: it writes them
         if not done:  # stage 0: the backbone before any method touches it, the baseline FWT needs
             self._write_base_row(ctx, run_dir, evaluate)
         method.setup(ctx)

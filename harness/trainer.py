@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from harness import faults
 from harness.checkpoints import Preemption, StepCheckpoints
+from harness.clipping import clip_
 from harness.distributed import SINGLE, World
 from harness.textio import Batcher
 from methods.base import Context, Method, penalty_terms
@@ -27,7 +28,8 @@ class FitResult:
 
 
 class LocalStep:
-    """Plain PyTorch: the mean of the micro-batch losses, clipping, the optimizer's step."""
+    """Plain PyTorch: the mean of the micro-batch losses, clipping (harness.clipping: the norm
+    any split of the gradient gives), the optimizer's step."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  params: list[torch.nn.Parameter], max_grad_norm: float, autocast: bool = False):
@@ -52,8 +54,9 @@ class LocalStep:
         self.optimizer.load_state_dict(state)
 
     def step(self) -> None:
-        if self.max_grad_norm:  # the norm before clipping, kept as a tensor (no sync)
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if self.max_grad_norm:  # the norm before clipping, the same to the bit as DeepSpeed's
+            self.grad_norm = clip_([p.grad for p in self.params if p.grad is not None],
+                                   self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -242,7 +245,9 @@ def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -
 
 def _restore(checkpoints: StepCheckpoints | None, method: Method, params, stepper) -> list:
     """The losses of the steps a step checkpoint holds (none without one), its state loaded."""
-    latest = checkpoints.latest() if checkpoints is not None else None
+    if checkpoints is None:
+        return []
+    latest = checkpoints.world.broadcast(checkpoints.latest())  # rank 0's view: it writes them
     if latest is None:
         return []
     _, fit_state, losses = checkpoints.restore(latest, params, stepper.load_state_dict)

@@ -61,8 +61,9 @@ def first_run(synthetic_dir, tmp_path_factory):
 def test_results_layout(first_run):
     run_dir = first_run / "default" / "seqlora" / "tasks-agnews+SST-2" / "seed0"
     names = sorted(p.name for p in run_dir.iterdir() if p.name != ".lock")
-    assert names == ["accuracy_matrix.csv", "config.json", "format_matrix.csv", "stage_00-base",
-                     "stage_01-agnews", "stage_02-SST-2", "stages.json", "summary.json"]
+    assert names == ["accuracy_matrix.csv", "config.json", "format_matrix.csv", "run.log",
+                     "stage_00-base", "stage_01-agnews", "stage_02-SST-2", "stages.json",
+                     "summary.json"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["benchmark"]["kind"] == "synthetic"
     assert len(summary["accuracy_matrix"]) == 3 and len(summary["accuracy_matrix"][0]) == 2
@@ -95,7 +96,7 @@ def test_same_seed_same_matrix_and_resume_after_a_crash(first_run, synthetic_dir
         run(synthetic_dir, tmp_path, "--method", "seqlora", "--tasks", "agnews,SST-2")
     run_dir = tmp_path / "default" / "seqlora" / "tasks-agnews+SST-2" / "seed0"
     assert sorted(p.name for p in run_dir.iterdir() if p.name != ".lock") == [
-        "config.json", "failed.json", "stage_00-base", "stage_01-agnews", "stages.json"]
+        "config.json", "failed.json", "run.log", "stage_00-base", "stage_01-agnews", "stages.json"]
     assert "RuntimeError" in json.loads((run_dir / "failed.json").read_text())["error"]
     stage1 = (run_dir / "stage_01-agnews" / "predictions.jsonl").stat().st_mtime_ns
     monkeypatch.undo()

@@ -20,8 +20,9 @@ from tests.test_kill_resume import harness_run, run_dir
 METHODS = ["inclora", "ewc", "replay", "gorp", "seqft", "seqlora+rwp"]
 _draw = random.Random(22)
 KILLS = {m: sorted(_draw.sample([s for s in range(1, 12) if s != 6], 2)) for m in METHODS}
+# Not results: timings, and whether the base row was evaluated by this run or shared in a sweep.
 TIMINGS = {"seconds", "train_seconds", "eval_seconds", "wall_seconds", "prepare_seconds",
-           "consolidate_seconds"}
+           "consolidate_seconds", "reused"}
 
 
 def resumed_at(first: int, second: int, every: int = 2, per_stage: int = 6) -> int | None:
@@ -80,8 +81,7 @@ def test_a_run_stopped_inside_a_stage_resumes_at_its_step(synthetic_dir, tmp_pat
     step = resumed_at(first, second)
     assert (f"after step {step}\n" in resumed.stderr) if step else ("after step" not in resumed.stderr)
     assert_same(outcome(results, method), outcome(tmp_path / "whole", method))
-    assert not (run_dir(results, method).path / "checkpoints").exists() or \
-        not list((run_dir(results, method).path / "checkpoints").iterdir())
+    assert not (run_dir(results, method).path / "checkpoints").exists()  # gone with the stage
 
 
 def test_a_damaged_step_checkpoint_is_passed_over(synthetic_dir, tmp_path):
