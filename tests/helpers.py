@@ -12,6 +12,7 @@ from harness.textio import Batcher
 from harness.trainer import FitSettings, fit
 from methods import registry
 from methods.base import Context
+from tests.tolerance import assert_close, magnitude
 
 TINY = EmbeddedSpec(d_model=32, d_ff=64, num_heads=2, d_kv=16, num_layers=1, num_decoder_layers=1,
                     vocab_size=600)
@@ -52,3 +53,17 @@ def at_second_stage(data_dir: Path, method_name: str, **kwargs):
     ctx.stage = 1
     method.before_task(ctx)
     return ctx, method, batcher
+
+
+def assert_lora_output(layer, x, adapters):
+    """A bias-free LoRA layer computes W0 x + sum over `adapters` of s B A x, up to rounding: the
+    d_in- and r-term sums, the scalings and the sums over paths, of the magnitude of their terms,
+    |W0| |x| + sum s |B| |A| |x|."""
+    with torch.no_grad():
+        expected = layer.base_layer(x) + sum(
+            layer.scaling[a] * layer.lora_B[a](layer.lora_A[a](x)) for a in adapters)
+        terms = x.abs() @ layer.base_layer.weight.abs().T + sum(
+            layer.scaling[a] * (x.abs() @ layer.lora_A[a].weight.abs().T)
+            @ layer.lora_B[a].weight.abs().T for a in adapters)
+        ops = layer.in_features + max(layer.r[a] for a in adapters) + len(adapters) + 2
+        assert_close(layer(x), expected, ops=ops, scale=magnitude(terms))

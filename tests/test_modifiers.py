@@ -8,8 +8,16 @@ from methods import registry
 from methods.base import Context, Method
 from methods.rwp import RWP, noise_std
 from methods.sam import SAM
+from tests.tolerance import assert_close, magnitude
 
 H = torch.tensor([[3.0, 1.0], [1.0, 2.0]])
+# autograd's gradient of 0.5 theta^T H theta: two halves of 2-term rows, added and halved
+GRADIENT_OPS = 2 * 2 + 2
+
+
+def terms(*points):
+    """The magnitude of the terms of H x at `points`: |H| |x|."""
+    return max(magnitude(H.abs() @ x.abs()) for x in points)
 
 
 class Quadratic(torch.nn.Module):
@@ -50,14 +58,17 @@ def test_sam_gradient_is_taken_at_the_perturbed_point_and_weights_restored(adapt
         eps = rho * g / g.norm()
     method.step(ctx, closure)
     assert torch.equal(model.theta.detach(), theta)  # restored exactly (copied back)
-    torch.testing.assert_close(model.theta.grad, H @ (theta + eps))
+    # eps carries the first gradient's rounding and its own (a 2-term norm, its square root, up
+    # to four products and the division); then theta + eps, and the gradient there
+    assert_close(model.theta.grad, H @ (theta + eps), ops=2 * GRADIENT_OPS + 8 + 1,
+                 scale=terms(theta + eps))
 
 
 def test_sam_with_rho_zero_is_the_base_gradient():
     model, ctx, method, closure = setup(SAM, rho=0.0)
     theta = model.theta.detach().clone()
     method.step(ctx, closure)
-    torch.testing.assert_close(model.theta.grad, H @ theta)
+    assert_close(model.theta.grad, H @ theta, ops=GRADIENT_OPS, scale=terms(theta))
 
 
 @pytest.mark.parametrize("scope", ["lora", "full"])
@@ -70,7 +81,9 @@ def test_rwp_gradient_is_the_stated_mixture(scope, monkeypatch):
         fixed["theta"] if t is model.theta else fixed["frozen"] for t in tensors])
     method.step(ctx, closure)
     expected = 0.3 * (H @ (theta + fixed["theta"])) + 0.7 * (H @ theta)
-    torch.testing.assert_close(model.theta.grad, expected)
+    # the shifted point, two gradients, and the mixture's two products and sum
+    assert_close(model.theta.grad, expected, ops=1 + GRADIENT_OPS + 3,
+                 scale=terms(theta, theta + fixed["theta"]))
     assert torch.equal(model.theta.detach(), theta) and torch.equal(model.frozen.detach(), frozen)
     assert model.frozen.grad is None  # only the trainable parameters get gradients
 
@@ -80,13 +93,14 @@ def test_rwp_noise_scale_follows_the_weights_magnitude():
     of the true one with overwhelming probability (relative standard error ~ 1/sqrt(2n) = 0.16%)."""
     sigma = 0.05
     generator = torch.Generator().manual_seed(0)
-    for magnitude in (0.01, 1.0, 9.0):
-        theta = torch.full((200_000,), magnitude)
+    for size in (0.01, 1.0, 9.0):  # a statistical bound (above), not a rounding one
+        theta = torch.full((200_000,), size)
         noise = torch.randn(theta.shape, generator=generator) * noise_std(theta, sigma, "var_abs")
-        assert noise.std().item() == pytest.approx(sigma * magnitude ** 0.5, rel=0.01)
+        assert noise.std().item() == pytest.approx(sigma * size ** 0.5, rel=0.01)
     w = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
-    torch.testing.assert_close(noise_std(w, 0.1, "filter"), torch.tensor([[0.5, 0.5], [0.1, 0.1]]))
-    torch.testing.assert_close(noise_std(w, 0.1, "std_abs"), 0.1 * w)
+    # a row's 2-term norm, its square root, sigma times it (and the expected 0.1's rounding)
+    assert_close(noise_std(w, 0.1, "filter"), torch.tensor([[0.5, 0.5], [0.1, 0.1]]), ops=4)
+    assert torch.equal(noise_std(w, 0.1, "std_abs"), 0.1 * w)  # the same product (w >= 0): bitwise
 
 
 def test_rwp_with_sigma_zero_is_the_base_gradient():
@@ -94,7 +108,8 @@ def test_rwp_with_sigma_zero_is_the_base_gradient():
     method.generator = torch.Generator().manual_seed(0)
     theta = model.theta.detach().clone()
     method.step(ctx, closure)
-    torch.testing.assert_close(model.theta.grad, H @ theta)
+    # the two passes' gradients (noise 0: the same point) mixed by two products and a sum
+    assert_close(model.theta.grad, H @ theta, ops=GRADIENT_OPS + 3, scale=terms(theta))
 
 
 def test_composition_by_name():

@@ -121,3 +121,39 @@ def test_a_profile_holds_the_slurm_settings(tmp_path, monkeypatch):
     assert {**cluster.as_dict(), "name": "default"} == profiles.load_profile("default").as_dict()
     with pytest.raises(HarnessError, match=r"broken\.toml: \[slurm\]: time=tomorrow"):
         profiles.load_profile("broken")
+
+
+def test_a_signalled_task_checkpoints_inside_its_stage_and_the_sweep_completes(synthetic_dir,
+                                                                               tmp_path):
+    """SIGUSR2 (what Slurm sends before a time limit, with `--signal=USR2@...` as submitit asks)
+    reaches a task while it trains its first stage: the run writes a step checkpoint at the next
+    step boundary, submitit requeues the task, and the requeued task resumes at that step (not at
+    the stage's start) and ends with the result of a local run. `scancel --signal` stands in for
+    Slurm's own timer, whose signal may come up to a minute early (its event resolution)."""
+    sbatch()
+    # 120 examples, batch 16, 12 epochs: 96 steps per stage, a step checkpoint every 8 (the test
+    # signals once one exists: the task is training), and one when the signal comes
+    sweep = ["--all", "--methods", "seqlora", "--tasks", "agnews,SST-2", "--test-per-task", "8",
+             "--no-progress", "--data-dir", str(synthetic_dir), "--set", "train.epochs=12",
+             "--set", "train.checkpoint_every=8"]
+    local = tmp_path / "local"
+    assert main(["run", *sweep, "--results", str(local), "--jobs", "2"]) == 0  # one thread, as the task
+    results = tmp_path / "results"
+    assert main(["run", *sweep, "--results", str(results), "--executor", "slurm", "--slurm",
+                 "cpus_per_task=1,time=20"]) == 0
+    [record] = [json.loads(p.read_text()) for p in (results / "sweeps").glob("*.json")]
+    job, task = record["slurm"]["job_id"], results / record["slurm"]["tasks"][0]
+    deadline = time.monotonic() + 240
+    while not any((task / "checkpoints").glob("stage00-*")):  # training stage 1
+        assert time.monotonic() < deadline, "the array task never started"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR2", str(job)], check=True)  # one run: a plain job
+    while {s.state for s in sweep_status(results)} != {"complete"}:
+        assert time.monotonic() < deadline, [vars(s) for s in sweep_status(results)]
+        time.sleep(2)
+    assert matrices(results) == matrices(local)
+    shown = subprocess.run(["scontrol", "show", "job", str(job)], capture_output=True,
+                           text=True).stdout
+    assert "Restarts=1" in shown  # requeued once, by submitit
+    logs = "".join(p.read_text() for p in (results / "slurm").rglob("*_log.err"))
+    assert "Caught signal SIGUSR2" in logs and "resuming stage 1 after step" in logs

@@ -55,3 +55,22 @@ def assert_small(value: torch.Tensor, *, ops: int, scale: float,
     limit = bound(scale, ops, dtype)
     error = float(value.detach().double().abs().max()) if value.numel() else 0.0
     assert error <= limit, f"max |value| {error:.3g} > bound {limit:.3g}"
+
+
+def network_ops(config, tokens: int, backward: bool = False) -> int:
+    """The longest chain of roundings through a transformer (a T5 or LLaMA `config`) over `tokens`
+    positions: per layer eight hidden-size sums (norms, projections; a decoder's cross-attention
+    included), the head-size scores, two softmaxes and weighted sums over the positions, and the
+    feed-forward's intermediate-size sum; then the head's hidden-size sum and the softmax over the
+    vocabulary. `backward`: a gradient retraces the chain and sums a weight's terms over the
+    positions."""
+    def get(*names):
+        return next(getattr(config, n) for n in names if getattr(config, n, None))
+
+    hidden = get("d_model", "hidden_size")
+    layers = get("num_layers", "num_hidden_layers") + (getattr(config, "num_decoder_layers", 0) or 0)
+    head = getattr(config, "d_kv", None) or getattr(config, "head_dim", None) \
+        or hidden // config.num_attention_heads
+    per_layer = 8 * hidden + get("d_ff", "intermediate_size") + head + 4 * tokens
+    forward = layers * per_layer + hidden + config.vocab_size
+    return 2 * forward + tokens if backward else forward
