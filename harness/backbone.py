@@ -17,6 +17,7 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
                           PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast,
                           T5Config, T5ForConditionalGeneration)
+from transformers.utils import logging as hf_logging
 
 from harness.errors import HarnessError
 from harness.paths import cache_dir, cached_folder
@@ -37,17 +38,48 @@ def load_backbone(path: str | Path, dtype: torch.dtype = torch.float32) -> Backb
     path = Path(path)
     if not (path / "config.json").exists():
         raise HarnessError(f"{path}: not a model folder (no config.json); give a local checkpoint path")
-    config = AutoConfig.from_pretrained(path)
-    is_seq2seq = bool(getattr(config, "is_encoder_decoder", False))
-    auto = AutoModelForSeq2SeqLM if is_seq2seq else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would print a table before our one line
+    try:
+        config = AutoConfig.from_pretrained(path)
+        is_seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+        auto = AutoModelForSeq2SeqLM if is_seq2seq else AutoModelForCausalLM
+        model, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        # transformers' own reason (a malformed config.json, an architecture that is neither
+        # seq2seq nor causal, no weights file, weights of other shapes), on one line
+        reason = " ".join(str(exc).split())
+        if "ignore_mismatched_sizes" in reason:  # its details went to a log "above"
+            reason = "its weights have other shapes than its config.json gives"
+        raise HarnessError(f"--model {path}: cannot be loaded: {reason[:300]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    _check_loaded(path, config, info, tokenizer)
     if not is_seq2seq:
         # Decoder-only evaluation pads on the left so generation continues the prompt (§2.3).
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     return Backbone(model=model, tokenizer=tokenizer, is_seq2seq=is_seq2seq, path=str(path))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
+def _check_loaded(path: Path, config, info: dict, tokenizer) -> None:
+    """What transformers loads without complaint but would train something else: weights the
+    files lack (initialised at random), or a tokenizer built without its vocabulary."""
+    missing = [k for k in info.get("missing_keys", []) if k not in
+               getattr(config, "_tied_weights_keys", ()) and "lm_head" not in k]
+    if missing:
+        raise HarnessError(f"--model {path}: the weights files lack {len(missing)} tensor(s) of "
+                           f"the model ({', '.join(sorted(missing)[:3])}...): they would be random")
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise HarnessError(f"--model {path}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    if len(tokenizer) > config.vocab_size:
+        raise HarnessError(f"--model {path}: the tokenizer has {len(tokenizer)} tokens, the model's "
+                           f"embedding {config.vocab_size}: they do not belong together")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -436,6 +436,9 @@ def _submit(args, runner, specs) -> int:
     settings = {**runner.profile.slurm, **executor.parse_slurm(args.slurm or "")}
     if args.launcher == "deepspeed" and args.num_gpus:
         settings.setdefault("gpus_per_node", str(args.num_gpus))
+        if settings["gpus_per_node"].isdigit() and int(settings["gpus_per_node"]) < args.num_gpus:
+            raise HarnessError(f"--slurm gpus_per_node={settings['gpus_per_node']}: each task "
+                               f"starts --num-gpus {args.num_gpus} ranks; give at least as many GPUs")
     argv = without(args.argv, ("--executor", "--slurm", "--jobs", "--shard"), flags=("--wait",))
     jobs = executor.submit(args.executor, argv, len(specs), settings, args.results, "--slurm")
     job_id = str(jobs[0].job_id).split("_")[0]

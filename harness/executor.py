@@ -76,7 +76,22 @@ def executor_parameters(settings: dict[str, str], where: str) -> dict:
             extra[key] = value
     if extra:
         params["slurm_additional_parameters"] = extra
+    _check_meaning(params, where)
     return params
+
+
+def _check_meaning(params: dict, where: str) -> None:
+    """Values Slurm would accept but that cannot be what a sweep means."""
+    for key in ("cpus_per_task", "slurm_array_parallelism", "nodes"):
+        if params.get(key) == 0:
+            raise HarnessError(f"{where}: {key.removeprefix('slurm_')}=0 would run nothing; give 1 "
+                               "or more")
+    delay = params.get("slurm_signal_delay_s")
+    if delay is not None and delay >= params["timeout_min"] * 60:
+        raise HarnessError(
+            f"{where}: signal_delay_s={delay} is not below the time limit "
+            f"({params['timeout_min']} min): every task would be told to stop as it starts, and "
+            "requeued again and again")
 
 
 class SweepTask(Checkpointable):

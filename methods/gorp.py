@@ -176,12 +176,20 @@ class GORP(IncLoRA):
         for key in ("lambda1", "lambda2", "lambda3", "weight_decay"):
             self.number(key, 0.0, low=0, config=config)
 
-    def setup(self, ctx: Context) -> None:
+    def check(self, ctx: Context) -> None:
+        super().check(ctx)
+        self._full_rank_names(ctx)
+
+    def _full_rank_names(self, ctx: Context) -> list[str]:
         targets = self._targets(ctx)
         names = matching_modules(ctx.model, targets)
         if not names:
             raise HarnessError(f"gorp: full_rank_targets {targets!r} match no module of "
                                f"{ctx.backbone.path}")
+        return names
+
+    def setup(self, ctx: Context) -> None:
+        names = self._full_rank_names(ctx)
         self.full_rank = {n: ctx.model.get_submodule(n).weight for n in names}
         if not self.persist_full_rank or self._lambda3():
             self.initial = {n: w.detach().clone() for n, w in self.full_rank.items()}

@@ -14,7 +14,7 @@ import torch
 
 from methods.base import Context, Method
 from methods.deltas import branch_factors
-from methods.lora import add_branch, train_only
+from methods.lora import add_branch, lora_config, train_only
 
 
 def branch_name(stage: int) -> str:
@@ -29,6 +29,9 @@ class IncLoRA(Method):
     def __init__(self, config: dict[str, Any] | None = None):
         super().__init__(config)
         self.branches: list[str] = []
+
+    def check(self, ctx: Context) -> None:
+        lora_config(ctx, self.config)  # targets that match no module of this backbone
 
     def _grow(self, ctx: Context, stage: int) -> None:
         name = branch_name(stage)

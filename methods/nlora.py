@@ -61,6 +61,7 @@ class NLoRA(IncLoRA):
         self.new_branches: list[tuple[torch.Tensor, torch.Tensor, float]] = []
 
     def check(self, ctx: Context) -> None:
+        super().check(ctx)
         if self.l1_form != "code_rxr":
             return
         targets = lora_config(ctx, self.config).target_modules

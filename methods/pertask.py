@@ -14,7 +14,7 @@ import torch
 from methods.base import Context, Method
 from methods.deltas import branch_factors
 from methods.inclora import branch_name
-from methods.lora import add_branch, train_only
+from methods.lora import add_branch, lora_config, train_only
 
 
 class PerTaskFT(Method):
@@ -35,6 +35,9 @@ class PerTaskFT(Method):
         add_branch(ctx, branch_name(stage), self.config)
         self.trained.append(ctx.tasks[stage].name)
         self._activate(ctx, branch_name(stage))
+
+    def check(self, ctx: Context) -> None:
+        lora_config(ctx, self.config)  # targets that match no module of this backbone
 
     def before_task(self, ctx: Context) -> None:
         self._grow(ctx, ctx.stage)

@@ -124,6 +124,10 @@ def create(name: str, profile: str, overrides: list[str] | tuple[str, ...] = ())
     from methods.modifier import Modifier
 
     base_name, *modifiers = name.split("+")
+    repeated = sorted({m for m in modifiers if modifiers.count(m) > 1})
+    if repeated:  # a second SAM ascent or RWP draw on top of the first is no method of any paper
+        raise HarnessError(f"{name!r}: modifier {repeated[0]!r} is given twice; each modifier "
+                           "wraps the method once")
     cls = method_class(base_name)
     if issubclass(cls, Modifier):
         raise HarnessError(f"{base_name!r} is a modifier; combine it with a base method, "

@@ -10,7 +10,7 @@ import torch
 
 from methods.base import Context, Method
 from methods.deltas import StageChange
-from methods.lora import add_branch
+from methods.lora import add_branch, lora_config
 
 BASES = ("lora", "full")
 
@@ -23,6 +23,10 @@ class Sequential(Method):
         super().__init__(config)
         self.parametrisation = self.base or self.choice("base", BASES, "lora")
         self.change: StageChange | None = None
+
+    def check(self, ctx: Context) -> None:
+        if self.parametrisation == "lora":  # targets that match no module of this backbone
+            lora_config(ctx, self.config)
 
     def setup(self, ctx: Context) -> None:
         if self.parametrisation == "lora":

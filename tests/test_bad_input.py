@@ -57,7 +57,24 @@ def trees(synthetic_dir, tmp_path_factory):
         (root / name).write_text(json.dumps({"setup": {"profile": "default"},
                                              "methods": {"seqlora": {"settings": settings}}}))
     (root / "tuned_broken.json").write_text('{"setup": ')
+    model_folders(root)
     return {"root": root, "results": results, "data": data, "synthetic": synthetic_dir}
+
+
+def model_folders(root: Path) -> None:
+    """Model folders broken in the ways a checkpoint copied by hand can be, from a real one."""
+    from harness.backbone import embedded_backbone_dir
+    from tests.helpers import TINY
+
+    model = embedded_backbone_dir(["a few words to train a tokenizer on"] * 4, TINY)
+    for name in ("bad_config", "no_weights", "no_tokenizer", "other_shapes"):
+        shutil.copytree(model, root / name)
+    (root / "bad_config" / "config.json").write_text('{"model_type": "t5", ')
+    (root / "no_weights" / "model.safetensors").unlink()
+    (root / "no_tokenizer" / "tokenizer.json").unlink()
+    (root / "no_tokenizer" / "tokenizer_config.json").unlink()
+    config = json.loads((model / "config.json").read_text())
+    (root / "other_shapes" / "config.json").write_text(json.dumps({**config, "d_model": 64}))
 
 
 def run_args(t, *extra, data=None):
@@ -106,6 +123,11 @@ MODELS = [
     ("model file that is not GGUF", "a_file", "a file must be a .gguf checkpoint"),
     ("model folder with no model", "not_a_model", "no config.json and no .gguf file"),
     ("corrupt GGUF file", "broken.gguf", "cannot read it as a GGUF checkpoint"),
+    ("model folder with a malformed config.json", "bad_config", "is not a valid JSON file"),
+    ("model folder without weights", "no_weights", "cannot be loaded: Error no file named"),
+    ("model folder without a tokenizer", "no_tokenizer", "no tokenizer files"),
+    ("model folder whose weights do not fit its config", "other_shapes",
+     "its weights have other shapes than its config.json gives"),
 ]
 
 # (case id, argv builder, text the one-line message must contain)
@@ -192,6 +214,22 @@ CASES = [
      "time=tomorrow is not a Slurm time limit"),
     ("--executor with --shard", lambda t: run_args(t, "--all", *SEQ, "--executor", "local",
                                                    "--shard", "0/2"), "takes no --shard"),
+    ("no CPU for a Slurm task", lambda t: run_args(t, "--all", *SEQ, "--executor", "local",
+                                                  "--slurm", "cpus_per_task=0"), "cpus_per_task=0"),
+    ("a stop signal before the task starts",
+     lambda t: run_args(t, "--all", *SEQ, "--executor", "local", "--slurm",
+                        "time=2,signal_delay_s=120"), "signal_delay_s=120 is not below"),
+    ("fewer GPUs per node than ranks per task",
+     lambda t: run_args(t, "--all", "--methods", "seqlora", *SEQ, "--executor", "local",
+                        "--launcher", "deepspeed", "--num-gpus", "4", "--slurm", "gpus_per_node=2"),
+     "give at least as many"),
+    ("LoRA targets that match no module", lambda t: seqlora(t, "--set", 'lora.targets=["nosuch"]'),
+     "LoRA targets ['nosuch'] match no module"),
+    ("GORP full-rank targets that match no module",
+     lambda t: run_args(t, "--method", "gorp", *SEQ, "--set", 'method.full_rank_targets=["nosuch"]'),
+     "full_rank_targets ['nosuch'] match no module"),
+    ("a modifier twice", lambda t: run_args(t, "--method", "olora+sam+sam", *SEQ),
+     "modifier 'sam' is given twice"),
     ("report of a missing folder", lambda t: ["report", "--results", str(t["root"] / "nowhere"),
                                               "--out", str(t["results"] / "page")], "no such directory"),
     ("report of a corrupt summary (no page written)", lambda t: ["report", "--results", str(t["results"])],
