@@ -2,7 +2,8 @@
 itself the n-th time it passes `<point>` (1-based), so a test can kill a run at an exact place
 (mid-stage, mid-write, during evaluation) instead of racing a timer; `<point>:<n>:<SIGNAL>` sends
 that signal instead (TERM, USR2: what Slurm sends before it stops a job). Unset, a point costs one
-dictionary lookup.
+dictionary lookup. `HARNESS_KILL_ONCE=<file>` makes it a single kill among all processes (see
+`_first_time`).
 
 Points: train_step (after an optimizer step), eval_batch (after a generated batch),
 stage_write (a stage's files written, its folder not yet renamed into place), stage_done (a stage
@@ -27,5 +28,20 @@ def point(name: str) -> None:
         return
     nth, _, signum = rest.partition(":")
     _counts[name] = _counts.get(name, 0) + 1
-    if _counts[name] == int(nth or 1):
+    if _counts[name] == int(nth or 1) and _first_time():
         os.kill(os.getpid(), signal.Signals[f"SIG{signum or 'KILL'}"])
+
+
+def _first_time() -> bool:
+    """With `HARNESS_KILL_ONCE=<file>`, only the first process of all to reach the point is
+    killed (it creates the file, holding its Slurm array task id): a requeued job runs on."""
+    marker = os.environ.get("HARNESS_KILL_ONCE")
+    if not marker:
+        return True
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, os.environ.get("SLURM_ARRAY_TASK_ID", "").encode())
+    os.close(fd)
+    return True

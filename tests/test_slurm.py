@@ -81,31 +81,40 @@ def test_a_slurm_sweep_gives_the_local_results(reference, synthetic_dir, tmp_pat
     assert {(s.state, s.detail) for s in sweep_status(results)} == {("complete", "slurm completed")}
 
 
-def test_a_requeued_task_resumes_and_the_sweep_completes(reference, synthetic_dir, tmp_path):
-    """Requeue a task while its run is training: Slurm starts it again, the run resumes from its
-    last complete stage, and the sweep ends with the local results."""
+def test_a_requeued_task_resumes_and_the_sweep_completes(reference, synthetic_dir, tmp_path,
+                                                         monkeypatch):
+    """A task killed while its run trains stage 2 (the first of the array's tasks to reach that
+    step, SIGKILL, once) is requeued: Slurm starts it again, the run resumes from its last complete
+    stage, and the sweep ends with the local results."""
     sbatch()
-    results = tmp_path / "results"
+    results, marker = tmp_path / "results", tmp_path / "killed"
+    monkeypatch.setenv("HARNESS_KILL_AT", "train_step:9")  # stage 2, step 3: the jobs inherit it
+    monkeypatch.setenv("HARNESS_KILL_ONCE", str(marker))
     assert main(["run", *SWEEP, "--seeds", "0-1", "--data-dir", str(synthetic_dir), "--results",
                  str(results), "--executor", "slurm", "--slurm", "cpus_per_task=1,time=20"]) == 0
     [record] = [json.loads(p.read_text()) for p in (results / "sweeps").glob("*.json")]
     job = record["slurm"]["job_id"]
-    task = results / record["slurm"]["tasks"][0]
     deadline = time.monotonic() + 240
-    while not (task / "stage_00-base").is_dir():  # the run has started: requeue it mid-run
-        assert time.monotonic() < deadline, "the first array task never started"
+    while not marker.exists() or not marker.read_text():
+        assert time.monotonic() < deadline, "no array task reached the kill point"
+        time.sleep(0.2)
+    index = int(marker.read_text())
+    task = results / record["slurm"]["tasks"][index]
+    assert not (task / "summary.json").exists()  # killed mid-run
+    stage1 = (task / "stage_01-agnews" / "predictions.jsonl").stat().st_mtime_ns
+    while subprocess.run(["squeue", "-h", "-j", f"{job}_{index}"], capture_output=True,
+                         text=True).stdout.strip():  # until Slurm has ended the killed task
+        assert time.monotonic() < deadline, "the killed task never ended"
         time.sleep(0.5)
-    base = (task / "stage_00-base" / "metrics.json").stat().st_mtime_ns
-    subprocess.run(["scontrol", "requeue", f"{job}_0"], check=True)
-    assert not (task / "summary.json").exists()  # stopped mid-run
+    subprocess.run(["scontrol", "requeue", f"{job}_{index}"], check=True)
     while {s.state for s in sweep_status(results)} != {"complete"}:
         assert time.monotonic() < deadline, [vars(s) for s in sweep_status(results)]
         time.sleep(2)
     assert matrices(results) == reference
-    restarts = subprocess.run(["scontrol", "show", "job", f"{job}_0"], capture_output=True,
+    restarts = subprocess.run(["scontrol", "show", "job", f"{job}_{index}"], capture_output=True,
                               text=True).stdout
     assert "Restarts=1" in restarts  # Slurm ran the task a second time...
-    assert (task / "stage_00-base" / "metrics.json").stat().st_mtime_ns == base  # ...which resumed
+    assert (task / "stage_01-agnews" / "predictions.jsonl").stat().st_mtime_ns == stage1  # resumed
 
 
 def test_a_profile_holds_the_slurm_settings(tmp_path, monkeypatch):
