@@ -78,8 +78,8 @@ def _check_loaded(path: Path, config, info: dict, tokenizer) -> None:
     if not any((path / name).exists() for name in TOKENIZER_FILES):
         raise HarnessError(f"--model {path}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     if len(tokenizer) > config.vocab_size:
-        raise HarnessError(f"--model {path}: the tokenizer has {len(tokenizer)} tokens, the model's "
-                           f"embedding {config.vocab_size}: they do not belong together")
+        raise HarnessError(f"--model {path}: the tokenizer has {len(tokenizer)} tokens, the "
+                           f"model's embedding {config.vocab_size}: they do not belong together")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,9 +26,8 @@ import os
 import random
 import shutil
 import signal
-import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -132,7 +131,7 @@ class Preemption:
         os.kill(os.getpid(), signum)
 
 
-# -- the checkpoints of one run ----------------------------------------------------------------------
+# -- the checkpoints of one run --------------------------------------------------------------
 @dataclass
 class StepCheckpoints:
     """The step checkpoints of one run folder, for the stage being trained.
@@ -146,7 +145,6 @@ class StepCheckpoints:
     every: int = 0
     named_tensors: Callable[[], dict[str, torch.Tensor]] = dict
     world: World = SINGLE
-    written: list[Path] = field(default_factory=list)
 
     @property
     def folder(self) -> Path:

@@ -60,7 +60,8 @@ def global_norm(grads: list[torch.Tensor], world: World = SINGLE) -> torch.Tenso
     largest = torch.stack(torch._foreach_norm(grads, float("inf"))).max().double() ** 2 \
         if grads else torch.zeros((), dtype=torch.float64, device=device)
     count = torch.tensor(sum(g.numel() for g in grads), dtype=torch.float64, device=device)
-    largest, count = float(_all_reduce(largest, world, "MAX")), int(_all_reduce(count, world, "SUM"))
+    largest = float(_all_reduce(largest, world, "MAX"))
+    count = int(_all_reduce(count, world, "SUM"))
     if largest == 0.0 or not math.isfinite(largest):
         return torch.tensor(math.sqrt(largest), dtype=torch.float32, device=device)
     # Each square, times 2^coarse, is below 2^(BITS - spare): `count` of them sum below 2^BITS.

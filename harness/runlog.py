@@ -59,7 +59,8 @@ class RunLog:
             handler.addFilter(self._quiet)
         if self.write:
             self.file = _QuietFile(self.path, encoding="utf-8")
-            self.file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            self.file.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             root.addHandler(self.file)
             root.addHandler(self.collector)
         return self

@@ -41,8 +41,6 @@ def test_each_task_uses_its_own_adapter_and_unseen_tasks_the_base(synthetic_dir)
 def test_frozen_adapters_are_carried_over_not_generated_again(synthetic_dir, tmp_path, monkeypatch):
     """After each stage only the task just trained is generated again; every carried-over cell and
     its predictions equal what generating them again gives."""
-    import json
-
     import harness.runner
     from harness.cli import main
     from methods.pertask import PerTaskFT
