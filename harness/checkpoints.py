@@ -50,7 +50,7 @@ def encode(obj: Any, tensors: dict[str, torch.Tensor], key: str = "") -> Any:
     """`obj` (dicts, lists, tuples, tensors, JSON scalars) as JSON, its tensors moved to `tensors`
     under path-like keys. Containers are tagged so that tuples and non-string keys come back."""
     if isinstance(obj, torch.Tensor):
-        tensors[key] = obj.detach().cpu().clone().contiguous()
+        tensors[key] = obj.detach().to("cpu", copy=True).contiguous()  # one copy, off the device
         return {"tensor": key}
     if isinstance(obj, dict):
         return {"dict": [[encode(k, tensors, f"{key}/k{i}"), encode(v, tensors, f"{key}/{i}")]
@@ -162,6 +162,13 @@ class StepCheckpoints:
                 return path
         return None
 
+    def resume_point(self) -> Path | None:
+        """The latest whole checkpoint of this stage, every other one removed (rank 0): earlier
+        stages' that a kill left before their clean-up, damaged or older ones."""
+        latest = self.latest()
+        self.clear(keep=latest)
+        return latest
+
     def clear(self, keep: Path | None = None) -> None:
         """Remove every step checkpoint (rank 0) but `keep`, and the folder when none is left."""
         if self.world.main and self.folder.exists():
@@ -226,9 +233,10 @@ class StepCheckpoints:
     # -- reading ---------------------------------------------------------------------------------
     def restore(self, path: Path, params: list[torch.nn.Parameter],
                 load_optimizer: Callable[[dict[str, Any]], None]
-                ) -> tuple[int, dict[str, Any], list[torch.Tensor]]:
+                ) -> tuple[dict[str, Any], list[torch.Tensor]]:
         """Load `path` into the tensors, the optimizer (`load_optimizer` takes this rank's state)
-        and the RNGs; returns the steps done, the method's fit state and the losses so far."""
+        and the RNGs; returns the method's fit state and the losses so far (their count is the
+        steps done)."""
         state = json.loads((path / STATE).read_text())
         tensors = load_file(str(path / TENSORS))
         if self.world.main:
@@ -246,7 +254,7 @@ class StepCheckpoints:
                               load_file(str(path / f"optimizer.rank{rank}.safetensors"))))
         set_rng_state(decode(state["rng"], tensors))
         losses = list(decode(state["losses"], tensors).unbind())
-        return state["step"], decode(state["method"], tensors), losses
+        return decode(state["method"], tensors), losses
 
 
 def is_intact(path: Path, ranks: int) -> bool:

@@ -21,16 +21,17 @@ and the scale is applied with DeepSpeed's arithmetic (the same operations in the
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
-
-from harness.distributed import SINGLE, World
 
 BITS = 52  # every partial sum of the fixed-point parts is an integer below 2^53: exact
 
 
-def _all_reduce(value: torch.Tensor, world: World, op: str) -> torch.Tensor:
-    if world.size > 1:
+def _all_reduce(value: torch.Tensor, world: Any, op: str) -> torch.Tensor:
+    """Across the ranks of `world` (harness.distributed.World, which uses this module, so it is
+    not imported here); None: this process alone."""
+    if world is not None and world.size > 1:
         import torch.distributed as dist
 
         dist.all_reduce(value, op=getattr(dist.ReduceOp, op))
@@ -52,9 +53,10 @@ def _chunks(grads: list[torch.Tensor], size: int = 1 << 24):
         yield torch.cat(pieces)
 
 
-def global_norm(grads: list[torch.Tensor], world: World = SINGLE) -> torch.Tensor:
-    """The Euclidean norm of all entries of `grads` on all ranks (each entry held by one rank),
-    as a float32 tensor, bitwise the same however the entries are split into tensors and ranks."""
+def global_norm(grads: list[torch.Tensor], world: Any = None) -> torch.Tensor:
+    """The Euclidean norm of all entries of `grads` on all ranks of `world` (each entry held by
+    one rank; None: this process) as a float32 tensor, bitwise the same however the entries are
+    split into tensors and ranks."""
     grads = [g for g in grads if g.numel()]
     device = grads[0].device if grads else torch.device("cpu")
     largest = torch.stack([g.detach().abs().max() for g in grads]).max().double() ** 2 \
@@ -84,7 +86,8 @@ def clip_scale(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     return 1.0 / torch.clamp((norm + 1e-6) / max_norm, min=1.0)
 
 
-def clip_(grads: list[torch.Tensor], max_norm: float, world: World = SINGLE) -> torch.Tensor:
+def clip_(grads: list[torch.Tensor], max_norm: float, world: Any = None
+          ) -> torch.Tensor:
     """Clip `grads` in place to global norm `max_norm`; returns the norm before clipping."""
     norm = global_norm(grads, world)
     if grads:

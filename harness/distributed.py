@@ -82,18 +82,6 @@ class World:
 SINGLE = World()
 
 
-def dist_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def dist_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def launched() -> bool:
     """True inside a process started by the DeepSpeed (or torch) launcher."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -207,13 +195,13 @@ class EngineStep:
     because each stage has its own trainable parameters and a fresh optimizer."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 config: dict[str, Any]):
+                 config: dict[str, Any], world: World):
         import deepspeed
 
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        self._clip_as_one_process(float(config.get("gradient_clipping", 0.0)))
+        self._clip_as_one_process(float(config.get("gradient_clipping", 0.0)), world)
 
-    def _clip_as_one_process(self, max_norm: float) -> None:
+    def _clip_as_one_process(self, max_norm: float, world: World) -> None:
         """Clip by the norm the single-process loop computes (harness.clipping), to the bit: on
         ZeRO-0 in fp32 in place of the engine's clipping, on ZeRO-1/2 as the norm of the rank
         partitions that the ZeRO optimizer scales by. (A bf16 ZeRO-0 run keeps DeepSpeed's.)"""
@@ -222,7 +210,6 @@ class EngineStep:
         if not max_norm:
             return
         engine, wrapper = self.engine, self.engine.optimizer
-        world = World(rank=dist_rank(), size=dist_size(), engine=True)
         if hasattr(wrapper, "averaged_gradients") and hasattr(wrapper, "scaled_global_norm"):
             def partition_norm(norm_type=2):
                 grads = [g for i in range(len(wrapper.bit16_groups))

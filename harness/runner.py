@@ -398,7 +398,6 @@ class Runner:
                 if tracking.writers else None
             checkpoints = StepCheckpoints(run_dir.path, stage, self.profile.checkpoint_every,
                                           partial(saved.tensors, ctx.model), self.world)
-            checkpoints.clear(keep=checkpoints.latest())  # earlier stages' (killed before clean-up)
             result = fit(ctx, method, ctx.batcher,
                          self.fit_settings(spec, stage, labels[stage], ctx, on_step, checkpoints))
             steps += result.steps

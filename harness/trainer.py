@@ -129,7 +129,7 @@ def _stepper(ctx: Context, method: Method, settings: FitSettings, params):
     if settings.engine_config is not None:
         from harness.distributed import EngineStep
 
-        return EngineStep(ctx.model, optimizer, settings.engine_config)
+        return EngineStep(ctx.model, optimizer, settings.engine_config, settings.world)
     return LocalStep(ctx.model, optimizer, params, settings.max_grad_norm, settings.autocast)
 
 
@@ -247,10 +247,10 @@ def _restore(checkpoints: StepCheckpoints | None, method: Method, params, steppe
     """The losses of the steps a step checkpoint holds (none without one), its state loaded."""
     if checkpoints is None:
         return []
-    latest = checkpoints.world.broadcast(checkpoints.latest())  # rank 0's view: it writes them
+    latest = checkpoints.world.broadcast(checkpoints.resume_point())  # rank 0's: it writes them
     if latest is None:
         return []
-    _, fit_state, losses = checkpoints.restore(latest, params, stepper.load_state_dict)
+    fit_state, losses = checkpoints.restore(latest, params, stepper.load_state_dict)
     method.load_fit_state(fit_state)
     return losses
 

@@ -73,18 +73,11 @@ class Modifier(Method):
     def load_state_dict(self, state, ctx, completed_stages):
         self.base.load_state_dict(state, ctx, completed_stages)
 
-    def fit_state(self):  # the base method's, and the modifier's own beside it
-        return {"base": self.base.fit_state(), "own": self.own_fit_state()}
+    def fit_state(self):
+        return self.base.fit_state()
 
     def load_fit_state(self, state):
-        self.base.load_fit_state(state["base"])
-        self.load_own_fit_state(state["own"])
-
-    def own_fit_state(self) -> dict[str, Any]:
-        return {}
-
-    def load_own_fit_state(self, state: dict[str, Any]) -> None:
-        pass
+        self.base.load_fit_state(state)
 
     def gradient_pass(self, ctx: Context, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         """One forward/backward through the base method's own step, from zeroed gradients."""

@@ -46,10 +46,11 @@ class RWP(Modifier):
         super().before_task(ctx)
         self.generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.stage)
 
-    def own_fit_state(self):  # the noise drawn so far moved the generator on
-        return {"generator": self.generator.get_state()}
+    def fit_state(self):  # the noise drawn so far moved the generator on
+        return {"base": super().fit_state(), "generator": self.generator.get_state()}
 
-    def load_own_fit_state(self, state):
+    def load_fit_state(self, state):
+        super().load_fit_state(state["base"])
         self.generator.set_state(state["generator"])
 
     def perturbed_tensors(self, ctx) -> list[torch.Tensor]:
