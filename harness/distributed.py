@@ -14,6 +14,7 @@ batches. Rank 0 gathers the predictions and is the only one that writes results.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
@@ -93,6 +94,7 @@ def init_world() -> World:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
+    _without_shared_memory_all_reduce()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -103,6 +105,17 @@ def init_world() -> World:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_size)))
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank,
                  engine=True)
+
+
+def _without_shared_memory_all_reduce() -> None:
+    """Keep DeepSpeed's CPU backend from building its shared-memory all-reduce. That op serves
+    tensor-parallel inference only (training's collectives go through gloo either way), yet the
+    backend compiles it on first use (C++, minutes on a busy machine, while every rank waits on
+    the build lock) and maps 66 MB per rank in /dev/shm that it never unlinks: each launch would
+    leave them behind, in memory, until the machine restarts."""
+    # (the package's attribute `torch` is the torch library, not this module: import by name)
+    backend = importlib.import_module("deepspeed.comm.torch")
+    backend.build_shm_op = lambda: None
 
 
 def device_for(world: World) -> torch.device:
