@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -115,13 +116,25 @@ def rank_micro_batches(step: list[int], batch_size: int, grad_accum: int, rank: 
     ranks * grad_accum / (micro-batches in the step): the step's gradient is then the mean over the
     micro-batches that exist, the last, smaller step of an epoch included; a rank left without one
     runs a zero-weighted pass on the step's first, so that every rank joins the same collectives.
+    A method's extra pass on other examples (A-GEM's memory batch) may hold more micro-batches
+    than the ranks' grad_accum each: every rank then takes the same larger number.
     """
     chunks = [step[k:k + batch_size] for k in range(0, len(step), batch_size)]
     if not engine:
         return [(chunk, None) for chunk in chunks]
     weight = ranks * grad_accum / len(chunks)
-    mine = chunks[rank * grad_accum:(rank + 1) * grad_accum]
-    return [(chunk, weight) for chunk in mine] + [(chunks[0], 0.0)] * (grad_accum - len(mine))
+    per_rank = max(grad_accum, -(-len(chunks) // ranks))
+    mine = chunks[rank * per_rank:(rank + 1) * per_rank]
+    return [(chunk, weight) for chunk in mine] + [(chunks[0], 0.0)] * (per_rank - len(mine))
+
+
+def _micro_batches(batcher: Batcher, pairs: list[tuple[str, str]], s: "FitSettings"
+                   ) -> list[tuple[dict, float | None]]:
+    """This rank's micro-batches of one step's (source, target) pairs, with their loss weights."""
+    return [(batcher.train_batch([pairs[i][0] for i in chunk], [pairs[i][1] for i in chunk]), w)
+            for chunk, w in rank_micro_batches(list(range(len(pairs))), s.batch_size, s.grad_accum,
+                                               s.world.rank, s.world.size,
+                                               s.engine_config is not None)]
 
 
 def _stepper(ctx: Context, method: Method, settings: FitSettings, params):
@@ -134,32 +147,39 @@ def _stepper(ctx: Context, method: Method, settings: FitSettings, params):
 
 
 def _closure(ctx: Context, method: Method, stepper, micro: list[tuple[dict, float | None]],
-             parts: dict[str, torch.Tensor] | None = None):
+             parts: dict[str, torch.Tensor] | None = None,
+             batches_of: Callable[[list[tuple[str, str]]], list] | None = None):
     """Forward and backward over one step's micro-batches (task loss + the method's penalty
     terms); returns their mean loss, kept on the device (reading it would make the host wait).
-    With `parts`, also leaves there the mean task loss and the mean of each penalty term."""
+    With `parts`, also leaves there the mean task loss and the mean of each penalty term.
+    `closure(examples)` runs the same over other (source, target) pairs instead, cut into
+    micro-batches as a step's are (`batches_of`), for a method's extra pass (parts untouched)."""
 
-    def closure() -> torch.Tensor:
+    def closure(examples: list[tuple[str, str]] | None = None) -> torch.Tensor:
+        own = examples is None
+        batches = micro if own else batches_of(list(examples))
+        track = parts if own else None
         total, real = torch.zeros((), device=ctx.device), 0
-        if parts is not None:
-            parts.clear()
-        for k, (batch, w) in enumerate(micro):
+        if track is not None:
+            track.clear()
+        for k, (batch, w) in enumerate(batches):
             outputs = stepper.forward(batch)
             terms = penalty_terms(method.penalty(ctx, batch, outputs))
             loss = outputs.loss
             for term in terms.values():
                 loss = loss + term
-            stepper.backward(loss / len(micro) if w is None else loss * w, last=k == len(micro) - 1)
+            stepper.backward(loss / len(batches) if w is None else loss * w,
+                             last=k == len(batches) - 1)
             if w != 0.0:
                 total += loss.detach().float()
                 real += 1
-                if parts is not None:
+                if track is not None:
                     for name, value in {"task_loss": outputs.loss,
                                         **{f"penalty/{n}": t for n, t in terms.items()}}.items():
-                        parts[name] = parts.get(name, 0.0) + value.detach().float()
-        if parts is not None:
-            for name in parts:
-                parts[name] = parts[name] / max(1, real)
+                        track[name] = track.get(name, 0.0) + value.detach().float()
+        if track is not None:
+            for name in track:
+                track[name] = track[name] / max(1, real)
         return total / max(1, real)
 
     return closure
@@ -215,13 +235,11 @@ def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -
                     position += 1
                     if position <= done:  # trained before the step checkpoint
                         continue
-                    micro = [(batcher.train_batch([sources[i] for i in chunk],
-                                                  [targets[i] for i in chunk]), w)
-                             for chunk, w in rank_micro_batches(ids, s.batch_size, s.grad_accum,
-                                                                world.rank, world.size,
-                                                                s.engine_config is not None)]
+                    micro = _micro_batches(batcher, [(sources[i], targets[i]) for i in ids], s)
                     parts = {} if s.on_step is not None else None
-                    losses.append(method.step(ctx, _closure(ctx, method, stepper, micro, parts)).detach())
+                    closure = _closure(ctx, method, stepper, micro, parts,
+                                       partial(_micro_batches, batcher, s=s))
+                    losses.append(method.step(ctx, closure).detach())
                     stepper.step()
                     if s.on_step is not None:
                         now = time.perf_counter()

@@ -77,7 +77,7 @@ class Method:
     # class that declares them only, so a subclass registered under another name does not take
     # its parent's; a method without them follows the ranked ones, under its own name.
     paper_name: str = ""
-    table_rank: int | None = None
+    table_rank: float | None = None
     # The highest DeepSpeed ZeRO stage this method works under. ZeRO-1 partitions the optimizer
     # state across ranks, ZeRO-2 also the gradients (`.grad` is then empty after backward); a method
     # that reads whole gradients between passes or runs its own per-matrix optimizer sets 0, and the

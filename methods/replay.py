@@ -9,13 +9,12 @@ fine-tuning (`base = "full"`).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import datasets
 
-from harness.data import stratified_sample
 from methods.base import Context
+from methods.memory import EpisodicMemory
 from methods.sequential import Sequential
 
 
@@ -26,38 +25,23 @@ class Replay(Sequential):
 
     def __init__(self, config: dict[str, Any] | None = None):
         super().__init__(config)
-        self.per_task = (self.number("memory_per_task", integer=True, low=0)
-                         if "memory_per_task" in self.config else None)
-        self.fraction = self.number("memory_fraction", 0.02, low=0, high=1)
-        self.memory: dict[str, list[dict]] = {}  # task name -> stored records
-
-    def quota(self, n_train: int, n_labels: int) -> int:
-        if self.per_task is not None:
-            return self.per_task
-        return max(n_labels, math.ceil(self.fraction * n_train))
+        per_task = (self.number("memory_per_task", integer=True, low=0)
+                    if "memory_per_task" in self.config else None)
+        self.memory = EpisodicMemory(per_task, self.number("memory_fraction", 0.02, low=0, high=1))
 
     def training_data(self, ctx: Context) -> datasets.Dataset:
         current = ctx.task_data.train
-        stored = [r for task, records in self.memory.items() if task != ctx.task.name
-                  for r in records]
+        stored = self.memory.earlier(ctx)
         if not stored:
             return current
         return datasets.concatenate_datasets(
             [current, datasets.Dataset.from_list(stored, features=current.features)])
 
     def after_task(self, ctx: Context) -> None:
-        train = ctx.task_data.train
-        records = [{"source": s, "target": t, "index": i, "label": t}
-                   for s, t, i in zip(train["source"], train["target"], train["index"])]
-        chosen = stratified_sample(records, self.quota(len(records), len(ctx.task.labels)),
-                                   seed=ctx.seed * 1000 + ctx.stage)
-        missing = {r["label"] for r in records} - {r["label"] for r in chosen}
-        chosen += [next(r for r in records if r["label"] == lab) for lab in sorted(missing)]
-        self.memory[ctx.task.name] = [{k: r[k] for k in ("source", "target", "index")}
-                                      for r in chosen]
+        self.memory.store(ctx)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"memory": self.memory}
+        return self.memory.state_dict()
 
     def load_state_dict(self, state: dict[str, Any], ctx: Context, completed_stages: int) -> None:
-        self.memory = {task: list(records) for task, records in state["memory"].items()}
+        self.memory.load_state_dict(state)

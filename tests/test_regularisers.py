@@ -20,15 +20,15 @@ def test_replay_memory_holds_earlier_tasks_only_with_its_quota(synthetic_dir):
         current = ctx.task_data.train
         extra = len(data) - len(current)
         assert extra == 6 * stage  # the quota of each earlier task, nothing of the current one
-        assert set(method.memory) == {t.name for t in ctx.tasks[:stage]}
-        for task, records in method.memory.items():
+        assert set(method.memory.tasks) == {t.name for t in ctx.tasks[:stage]}
+        for task, records in method.memory.tasks.items():
             own = set(ctx.data[task].train["source"])
             assert all(r["source"] in own for r in records)
             assert {r["target"] for r in records} == set(ctx.data[task].task.labels)  # every label
         method.after_task(ctx)
-    memory = {k: list(v) for k, v in method.memory.items()}
+    memory = {k: list(v) for k, v in method.memory.tasks.items()}
     method.after_task(ctx)  # seeded: the same stage stores the same examples
-    assert method.memory == memory
+    assert method.memory.tasks == memory
 
 
 def by_hand_fisher(ctx, batcher, params, n):

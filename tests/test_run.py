@@ -115,9 +115,10 @@ def test_complete_runs_are_skipped(first_run, synthetic_dir):
 
 
 @pytest.mark.parametrize("method", ["inclora", "olora", "ewc", "replay", "lwf", "pertask", "inflora",
-                                    "gorp"])
+                                    "gorp", "agem", "ogd"])
 def test_stateful_methods_resume_exactly(synthetic_dir, tmp_path, monkeypatch, method):
-    """Branches, Fisher and anchors, the replay memory, the teacher: all rebuilt on resume."""
+    """Branches, Fisher and anchors, the replay memory, the teacher, the stored gradient
+    directions: all rebuilt on resume."""
     args = ("--method", method, "--tasks", "agnews,SST-2,CB")
     assert run(synthetic_dir, tmp_path / "whole", *args) == 0
     expected = matrix(tmp_path / "whole", method, "tasks-agnews+SST-2+CB")

@@ -2,6 +2,7 @@
 by length as HF's group_by_length, with every example exactly once; and how a step's micro-batches
 are shared among ranks (rank_micro_batches)."""
 
+import pytest
 import torch
 
 from harness.trainer import epoch_steps, rank_micro_batches
@@ -53,3 +54,15 @@ def test_a_ragged_last_step_leaves_a_rank_a_zero_weighted_pass():
     losses = {tuple(step[:8]): 3.0, tuple(step[8:]): 5.0}
     applied = sum(losses[tuple(c)] * w / 2 for part in (rank0, rank1) for c, w in part) / 2
     assert applied == (3.0 + 5.0) / 2
+
+
+def test_an_extra_pass_larger_than_a_step_gives_every_rank_the_same_number_of_passes():
+    examples = list(range(40))  # 5 micro-batches of 8 with accumulation 1 on 2 ranks: 3 each
+    rank0 = rank_micro_batches(examples, 8, 1, 0, 2, engine=True)
+    rank1 = rank_micro_batches(examples, 8, 1, 1, 2, engine=True)
+    assert [c for c, _ in rank0] == [examples[0:8], examples[8:16], examples[16:24]]
+    assert [c for c, _ in rank1] == [examples[24:32], examples[32:40], examples[0:8]]
+    assert [w for _, w in rank1] == [0.4, 0.4, 0.0]
+    losses = {k: float(k) for k in range(0, 40, 8)}
+    applied = sum(losses[c[0]] * w / 1 for part in (rank0, rank1) for c, w in part) / 2
+    assert applied == pytest.approx(sum(losses.values()) / 5)  # the mean over the 5 that exist

@@ -1,0 +1,48 @@
+"""An episodic memory of earlier tasks' training examples, for the methods that keep one (Replay
+mixes it into the training data, A-GEM takes its reference gradient on it).
+
+After stage t, m examples of task t are stored: a label-stratified, seeded sample of its training
+set, m = `fraction` of it (at least one per label) or an absolute `per_task`; every label is kept
+at least once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from harness.data import stratified_sample
+from methods.base import Context
+
+
+class EpisodicMemory:
+    def __init__(self, per_task: int | None, fraction: float):
+        self.per_task, self.fraction = per_task, fraction
+        self.tasks: dict[str, list[dict]] = {}  # task name -> stored records (source, target, index)
+
+    def quota(self, n_train: int, n_labels: int) -> int:
+        if self.per_task is not None:
+            return self.per_task
+        return max(n_labels, math.ceil(self.fraction * n_train))
+
+    def store(self, ctx: Context) -> None:
+        """Keep the current task's share (seeded by the run's seed and the stage)."""
+        train = ctx.task_data.train
+        records = [{"source": s, "target": t, "index": i, "label": t}
+                   for s, t, i in zip(train["source"], train["target"], train["index"])]
+        chosen = stratified_sample(records, self.quota(len(records), len(ctx.task.labels)),
+                                   seed=ctx.seed * 1000 + ctx.stage)
+        missing = {r["label"] for r in records} - {r["label"] for r in chosen}
+        chosen += [next(r for r in records if r["label"] == lab) for lab in sorted(missing)]
+        self.tasks[ctx.task.name] = [{k: r[k] for k in ("source", "target", "index")}
+                                     for r in chosen]
+
+    def earlier(self, ctx: Context) -> list[dict]:
+        """Every stored record of the tasks before the current one, in storage order."""
+        return [r for task, records in self.tasks.items() if task != ctx.task.name for r in records]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"memory": self.tasks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tasks = {task: list(records) for task, records in state["memory"].items()}
