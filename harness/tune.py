@@ -38,6 +38,14 @@ def search_space(name: str, profile: str,
     return space
 
 
+def suggest(trial, key: str, low: float, high: float) -> float | int:
+    """A log-uniform draw in [low, high]; an integer one when both bounds are integers (a memory
+    size, a count)."""
+    if isinstance(low, int) and isinstance(high, int):
+        return trial.suggest_int(key, low, high, log=True)
+    return trial.suggest_float(key, low, high, log=True)
+
+
 def base_method(name: str) -> str:
     return name.split("+")[0]
 
@@ -69,7 +77,7 @@ def tune_method(runner, name: str, sequences: list[tuple[int | None, tuple[str, 
     options = runner.options
 
     def objective(trial) -> float:
-        settings = {k: trial.suggest_float(k, low, high, log=True) for k, (low, high) in space.items()}
+        settings = {k: suggest(trial, k, low, high) for k, (low, high) in space.items()}
         runner.options = dataclasses.replace(
             options, results=out / "trials" / name / f"trial{trial.number:03d}",
             tuned={name: settings})

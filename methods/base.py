@@ -84,7 +84,8 @@ class Method:
     # harness refuses a higher stage with a clear message instead of training something else.
     max_zero_stage: int = 2
     # What `harness tune` searches besides the learning rate: the method's main coefficient,
-    # setting -> (low, high), searched log-uniformly with the same trials as every other method.
+    # setting -> (low, high), searched log-uniformly with the same trials as every other method
+    # (over the integers when both bounds are integers).
     search_space: dict[str, tuple[float, float]] = {}
 
     def __init__(self, config: dict[str, Any] | None = None):
@@ -171,8 +172,11 @@ class Method:
     def step(self, ctx: Context, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Leave in `.grad` the gradient the optimizer should apply; return the loss.
 
-        `closure` zeroes nothing: it runs forward and backward over the micro-batches of one
-        optimizer step and returns their mean loss. Two-pass methods call it more than once.
+        `closure()` zeroes nothing: it runs forward and backward over the micro-batches of one
+        optimizer step (task loss plus `penalty`) and returns their mean loss, adding to `.grad`.
+        `closure(examples)` does the same over other (source, target) pairs, cut into micro-batches
+        and shared among the ranks as a step's are (its gradient is their mean on every rank). Two-
+        pass methods call it more than once: at other weights (SAM) or on other data (A-GEM).
         """
         return closure()
 

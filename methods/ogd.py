@@ -74,7 +74,7 @@ class OGD(Sequential):
     paper_name = "OGD"
     table_rank = 5.2
     max_zero_stage = 0  # projects the whole gradient
-    search_space = {"memory_size": (20.0, 500.0)}
+    search_space = {"memory_size": (20, 500)}
 
     def __init__(self, config: dict[str, Any] | None = None):
         super().__init__(config)

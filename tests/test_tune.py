@@ -112,3 +112,19 @@ def test_the_best_of_exactly_the_budgeted_trials_is_chosen(tmp_path):
     best = max(runner.seen, key=runner.score)
     assert result["settings"] == best and result["heldout_AA"] == pytest.approx(runner.score(best), abs=1e-4)
     assert runner.options.tuned is None  # the runner's own options are restored
+
+
+def test_a_method_coefficient_is_searched_with_its_type():
+    """An integer setting (OGD's memory size) is drawn over the integers, a float one over the
+    reals, each within its bounds; the learning rate's range is the same for every method."""
+    import optuna
+
+    from harness.tune import search_space, suggest
+
+    space = search_space("ogd", "default", (1e-4, 1e-2))
+    assert space == {"lr": (1e-4, 1e-2), "memory_size": (20, 500)}
+    trial = optuna.create_study().ask()
+    values = {k: suggest(trial, k, low, high) for k, (low, high) in space.items()}
+    assert isinstance(values["memory_size"], int) and 20 <= values["memory_size"] <= 500
+    assert isinstance(values["lr"], float) and 1e-4 <= values["lr"] <= 1e-2
+    assert search_space("agem", "default", (1e-4, 1e-2))["memory_fraction"] == (0.005, 0.2)
