@@ -128,7 +128,7 @@ def rank_micro_batches(step: list[int], batch_size: int, grad_accum: int, rank: 
     return [(chunk, weight) for chunk in mine] + [(chunks[0], 0.0)] * (per_rank - len(mine))
 
 
-def _micro_batches(batcher: Batcher, pairs: list[tuple[str, str]], s: "FitSettings"
+def _micro_batches(batcher: Batcher, pairs: list[tuple[str, str]], s: FitSettings
                    ) -> list[tuple[dict, float | None]]:
     """This rank's micro-batches of one step's (source, target) pairs, with their loss weights."""
     return [(batcher.train_batch([pairs[i][0] for i in chunk], [pairs[i][1] for i in chunk]), w)
