@@ -40,7 +40,8 @@ class PromptPrefix:
 
     @classmethod
     def of(cls, model: torch.nn.Module, batcher: Batcher, sources: list[str]) -> "PromptPrefix | None":
-        if batcher.is_seq2seq or not sources:
+        # A model that puts soft prompts before the text (methods.prompts) sees another prefix.
+        if batcher.is_seq2seq or not sources or getattr(model, "prepends_to_input", False):
             return None
         rows = batcher.prompt_rows(sources)
         n = min(len(os.path.commonprefix(rows)), min(map(len, rows)) - 1)  # leave each row a token

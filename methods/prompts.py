@@ -1,0 +1,76 @@
+"""Soft prompts in front of the input embeddings, for the prompt-based methods (Progressive Prompts,
+L2P, LFPT5): the method's `setup` wraps the backbone in `PromptedModel`, whose `prompt` callable
+gives the vectors to prepend for a batch (the same for every row, or chosen per row), or None.
+
+peft's prompt tuning holds one prompt per adapter and prepends it whole; these methods concatenate
+a growing sequence of per-task prompts, or pick prompts per example from a pool, so the prepending
+is done here, once, for training and generation, on seq2seq and causal models alike:
+- the prompt goes before every input token (before a causal batch's left padding too), unmasked;
+- a causal batch's labels get -100 over the prompt, and its position ids count the prompt first;
+- a causal `generate` returns the input ids before the new tokens, as a plain model's does.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+PromptFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+class PromptedModel(torch.nn.Module):
+    """`model` with `prompt(input_ids, attention_mask)` ([B, P, d] or None) in front of its inputs.
+    Modules the method registers on it (its prompts) are part of the model: trained, saved and
+    restored with it."""
+
+    # Generation cannot reuse a key/value cache of the prompt text's tokens: the soft prompt
+    # comes before them (harness.evaluator reads this).
+    prepends_to_input = True
+
+    def __init__(self, model: torch.nn.Module, prompt: PromptFn):
+        super().__init__()
+        self.model = model
+        self.prompt = prompt
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
+
+    def _prepended(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict | None:
+        prompt = self.prompt(input_ids, attention_mask)
+        if prompt is None:
+            return None
+        embeds = self.model.get_input_embeddings()(input_ids)
+        n = prompt.shape[1]
+        return {"inputs_embeds": torch.cat([prompt.to(embeds.dtype), embeds], 1),
+                "attention_mask": torch.cat([attention_mask.new_ones(len(input_ids), n),
+                                             attention_mask], 1), "n": n}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+        inputs = self._prepended(input_ids, attention_mask)
+        if inputs is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        n = inputs.pop("n")
+        if not self.config.is_encoder_decoder:
+            labels = kwargs.get("labels")
+            if labels is not None and labels.shape[1] == input_ids.shape[1]:  # the whole row
+                kwargs["labels"] = torch.cat([labels.new_full((len(labels), n), -100), labels], 1)
+            if kwargs.get("position_ids") is not None:
+                positions = torch.arange(n, device=input_ids.device).expand(len(input_ids), n)
+                kwargs["position_ids"] = torch.cat([positions, kwargs["position_ids"] + n], 1)
+        return self.model(**inputs, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+        inputs = self._prepended(input_ids, attention_mask)
+        if inputs is None:
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        inputs.pop("n")
+        out = self.model.generate(**inputs, **kwargs)
+        if self.config.is_encoder_decoder:
+            return out
+        return torch.cat([input_ids, out], 1)  # generate from embeddings returns the new tokens only
