@@ -77,8 +77,8 @@ class ProgressivePrompts(Method):
         ctx.model = PromptedModel(ctx.model, self.progressive_prompt)
         ctx.model.prompts = self.prompts
 
-    def progressive_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                           ) -> torch.Tensor | None:
+    def progressive_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           labels: torch.Tensor | None = None) -> torch.Tensor | None:
         """[f_k(P_k); ...; f_1(P_1)] for every row of the batch; None before the first task."""
         if not len(self.prompts):
             return None

@@ -16,7 +16,17 @@ from typing import Callable
 
 import torch
 
-PromptFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+PromptFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], "torch.Tensor | None"]
+
+
+def source_mask(attention_mask: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """The input positions that hold source tokens: the unpadded ones, less a causal training
+    batch's answer (its labels, which cover the whole row or, right-aligned, its last columns)."""
+    if labels is None:
+        return attention_mask.bool()
+    answer = torch.zeros_like(attention_mask, dtype=torch.bool)
+    answer[:, attention_mask.shape[1] - labels.shape[1]:] = labels != -100
+    return attention_mask.bool() & ~answer
 
 
 class PromptedModel(torch.nn.Module):
@@ -40,8 +50,9 @@ class PromptedModel(torch.nn.Module):
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.get_input_embeddings()
 
-    def _prepended(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict | None:
-        prompt = self.prompt(input_ids, attention_mask)
+    def _prepended(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    labels: torch.Tensor | None = None) -> dict | None:
+        prompt = self.prompt(input_ids, attention_mask, labels)
         if prompt is None:
             return None
         embeds = self.model.get_input_embeddings()(input_ids)
@@ -51,7 +62,7 @@ class PromptedModel(torch.nn.Module):
                                              attention_mask], 1), "n": n}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
-        inputs = self._prepended(input_ids, attention_mask)
+        inputs = self._prepended(input_ids, attention_mask, kwargs.get("labels"))
         if inputs is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         n = inputs.pop("n")

@@ -77,7 +77,7 @@ def test_prompted_generation_and_causal_batches_match_the_reference_layout(synth
             layer.self_attn.k_proj.weight.mul_(30)
     torch.manual_seed(0)
     prompt = torch.randn(1, 4, model.config.hidden_size)
-    wrapped = PromptedModel(model, lambda ids, mask: prompt.expand(len(ids), -1, -1))
+    wrapped = PromptedModel(model, lambda ids, mask, labels: prompt.expand(len(ids), -1, -1))
     batcher = Batcher(backbone, 512, 50)
     sources = [r["sentence"] for r in records[:3]]
     batch = batcher.train_batch(sources, ["Good", "Bad", "Good"])
