@@ -73,7 +73,7 @@ class L2P(Method):
         generator = torch.Generator().manual_seed(ctx.seed)
         self.pool = PromptPool(self.pool_size, self.length, width, generator).to(ctx.device)
         ctx.model = PromptedModel(ctx.model, self.prompt_for)
-        ctx.model.pool = self.pool
+        ctx.model.prompts = self.pool  # the wrapper keeps a method's prompt modules under `prompts`
 
     @torch.no_grad()
     def query(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

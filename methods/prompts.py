@@ -30,9 +30,9 @@ def source_mask(attention_mask: torch.Tensor, labels: torch.Tensor | None) -> to
 
 
 class PromptedModel(torch.nn.Module):
-    """`model` with `prompt(input_ids, attention_mask)` ([B, P, d] or None) in front of its inputs.
-    Modules the method registers on it (its prompts) are part of the model: trained, saved and
-    restored with it."""
+    """`model` with `prompt(input_ids, attention_mask, labels)` ([B, P, d] or None) in front of its
+    inputs. The method registers its prompt modules on it as `prompts`: they are then part of the
+    model, trained, saved and restored with it, and named `prompts.*` in its checkpoints."""
 
     # Generation cannot reuse a key/value cache of the prompt text's tokens: the soft prompt
     # comes before them (harness.evaluator reads this).

@@ -1,9 +1,10 @@
-"""Progressive Prompts and the soft-prompt wrapper, checked against the reference's formula.
+"""Progressive Prompts, L2P and the soft-prompt wrapper, checked against the references' formulas.
 
 A plausible mistake each check catches (each was tried once and failed the test): the prompts
 concatenated oldest first, the reparameterisation without its residual, the earlier prompts left
-trainable, the attention mask not extended over the prompt, a causal batch's labels or position ids
-not shifted by the prompt.
+trainable, a prompt initialised off the vocabulary, the prompt after the input, a causal batch's
+position ids not shifted by the prompt; L2P ranking keys by dot product or ascending, its prompts
+not in similarity order, the pull term over batch x N, the query reading the answer.
 """
 
 import json
@@ -103,3 +104,54 @@ def test_prompted_generation_and_causal_batches_match_the_reference_layout(synth
                                                       gen["attention_mask"]], 1),
                             max_new_tokens=3, do_sample=False, pad_token_id=batcher.tok.pad_token_id)
     assert torch.equal(ids[:, gen["input_ids"].shape[1]:], direct)
+
+
+# -- L2P ------------------------------------------------------------------------------------------
+def test_l2p_selects_the_nearest_keys_by_cosine_and_pulls_them_as_the_reference():
+    from methods.l2p import PromptPool
+
+    pool = PromptPool(4, 2, 3, torch.Generator().manual_seed(0))
+    with torch.no_grad():  # keys of different lengths: the dot product would rank them otherwise
+        pool.keys.copy_(torch.tensor([[10.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 5.0]]))
+    query = torch.tensor([[0.0, 2.0, 0.1], [1.0, 0.9, 0.0]])
+    prompts, pulled = pool.select(query, top_n=2)
+    cos = torch.nn.functional.cosine_similarity(query.unsqueeze(1), pool.keys.unsqueeze(0), dim=-1)
+    order = cos.argsort(dim=1, descending=True)[:, :2]
+    assert order.tolist() == [[1, 2], [2, 0]]
+    expected = torch.stack([torch.cat([pool.prompts[i] for i in row]) for row in order.tolist()])
+    assert torch.equal(prompts, expected)  # [B, N * L, d], the most similar first
+    # The pull term: the selected keys' cosine with their query, summed, over the batch size.
+    total = cos.gather(1, order).sum() / 2
+    assert_close(pulled, total, ops=8, scale=2.0)
+    pulled.backward()
+    assert pool.keys.grad[3].abs().sum() == 0  # chosen by no query: not pulled
+
+
+def test_l2p_query_reads_the_frozen_backbone_on_the_source_alone(synthetic_dir, tmp_path):
+    from harness.backbone import load_backbone
+    from harness.textio import Batcher
+    from methods.l2p import L2P
+    from methods.base import Context
+    from tests.test_causal import tiny_llama
+
+    records = json.loads((synthetic_dir / "SC" / "IMDB" / "train.json").read_text())
+    backbone = load_backbone(tiny_llama(tmp_path / "llama", [r["sentence"] for r in records]
+                                        + ["Good", "Bad"]))
+    method = L2P({"lr": 1e-3, "pool_size": 4, "prompt_length": 2, "top_n": 2})
+    ctx = Context(model=backbone.model, backbone=backbone, tasks=(), data={}, profile=None, seed=0)
+    method.setup(ctx)
+    batcher = Batcher(backbone, 512, 50)
+    sources = [r["sentence"] for r in records[:3]]
+    train = batcher.train_batch(sources, ["Good", "Bad", "Good"])
+    generate = batcher.eval_batch(sources)
+    with_answer = method.query(train["input_ids"], train["attention_mask"], train["labels"])
+    alone = method.query(generate["input_ids"], generate["attention_mask"], None)
+    # Causal attention: the source's states do not see the answer after it; the two batches pad
+    # to other widths, so only rounding differs.
+    assert_close(with_answer, alone, ops=network_ops(backbone.model.config, train["input_ids"].shape[1]),
+                 scale=magnitude(alone))
+    # Training the prompts moves neither the backbone nor the query.
+    out = ctx.model(**train)
+    (out.loss + method.penalty(ctx, train, out)["key_pull"]).backward()
+    assert all(p.grad is None for p in backbone.model.parameters())
+    assert method.pool.prompts.grad is not None and method.pool.keys.grad is not None
