@@ -44,7 +44,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, ops: int,
     actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     limit = bound(magnitude(actual, expected) if scale is None else scale, ops, expected.dtype)
-    error = float((actual.double() - expected.double()).abs().max()) if actual.numel() else 0.0
+    error = float((actual.detach().double() - expected.detach().double()).abs().max()) \
+        if actual.numel() else 0.0
     assert error <= limit, f"max |difference| {error:.3g} > bound {limit:.3g}"
 
 
