@@ -41,11 +41,13 @@ class PromptPool(torch.nn.Module):
     def select(self, query: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompts of the `top_n` keys nearest each query ([B, top_n * L, d], most similar
         first) and the pull term's similarity sum over the batch, divided by its size."""
-        q, k = l2_normalize(query), l2_normalize(self.keys)
-        chosen = (q @ k.T).topk(top_n, dim=1).indices  # [B, N], by descending similarity
-        prompts = self.prompts[chosen].flatten(1, 2)
-        pulled = (k[chosen] * q.unsqueeze(1)).sum() / len(query)
-        return prompts, pulled
+        # In float32 whatever the training precision (a bf16 engine casts the keys): the ranking
+        # and the pull term read cosines that bf16's 3 digits would blur.
+        with torch.autocast(query.device.type, enabled=False):
+            q, k = l2_normalize(query.float()), l2_normalize(self.keys.float())
+            chosen = (q @ k.T).topk(top_n, dim=1).indices  # [B, N], by descending similarity
+            pulled = (k[chosen] * q.unsqueeze(1)).sum() / len(query)
+        return self.prompts[chosen].flatten(1, 2), pulled
 
 
 class L2P(Method):

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from methods.base import Context
+from methods.base import Context, SettingError
 from methods.sequential import Sequential
 
 VARIANTS = ("gtl", "avg")
@@ -49,17 +49,24 @@ def output_function(logits: torch.Tensor, labels: torch.Tensor, variant: str,
     return (values * mask).sum()
 
 
-def orthonormal_basis(columns: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """An orthonormal basis of the span of `columns` [n, k], built in column order (Householder QR:
-    the Gram-Schmidt basis up to signs, which no projection sees), and which columns it keeps: one
-    that its predecessors already span to within `rtol` of the largest is dropped rather than
-    normalised from rounding noise."""
-    if columns.shape[1] == 0:
-        return columns, torch.ones(0, dtype=torch.bool)
-    q, r = torch.linalg.qr(columns)
-    diagonal = r.diagonal().abs()
-    kept = diagonal > rtol * diagonal.max()
-    return q[:, kept], kept
+def orthonormal_basis(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An orthonormal basis of the span of `columns` [n, k], built in column order (the reference's
+    Gram-Schmidt, each column orthogonalised twice in float64 so that no rounding is left in it),
+    and which columns it keeps: one whose remainder after its predecessors is within the float32
+    rounding of its own length (sqrt(n) eps) is dropped rather than normalised from noise."""
+    n = columns.shape[0]
+    floor = max(1.0, n ** 0.5) * torch.finfo(torch.float32).eps
+    basis = torch.empty(n, 0, dtype=torch.float64, device=columns.device)
+    kept = []
+    for column in columns.T.double():
+        rest = column
+        for _ in range(2):  # twice is enough (Giraud et al. 2005)
+            rest = rest - basis @ (basis.T @ rest)
+        keep = bool(rest.norm() > floor * column.norm())
+        if keep:
+            basis = torch.cat([basis, (rest / rest.norm()).unsqueeze(1)], 1)
+        kept.append(keep)
+    return basis.to(columns.dtype), torch.tensor(kept, dtype=torch.bool)
 
 
 def project_out(grad: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -83,6 +90,12 @@ class OGD(Sequential):
         self.directions: dict[str, torch.Tensor] = {}  # task -> its stored orthonormal columns
         self.basis = torch.empty(0, 0)
         self.params: list[torch.nn.Parameter] = []
+
+    def check(self, ctx: Context) -> None:
+        super().check(ctx)
+        if self.memory_size < len(ctx.tasks):  # every task keeps at least one direction
+            raise SettingError("memory_size", f"must be at least the number of tasks "
+                                              f"({len(ctx.tasks)}); got {self.memory_size}")
 
     def make_optimizer(self, ctx: Context, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=float(self.config["lr"]), momentum=0.0, weight_decay=0.0)
@@ -114,7 +127,8 @@ class OGD(Sequential):
             columns.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
                                       for g, p in zip(grads, self.params)]).float().cpu())
         ctx.model.train(was_training)
-        return torch.stack(columns, 1) if columns else torch.empty(0, 0)
+        size = sum(p.numel() for p in self.params)
+        return torch.stack(columns, 1) if columns else torch.empty(size, 0)
 
     def after_task(self, ctx: Context) -> None:
         per_task = self.memory_size // (ctx.stage + 1)

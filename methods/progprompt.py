@@ -71,9 +71,19 @@ class ProgressivePrompts(Method):
         self.mlp = self.choice("mlp", MLPS, "MLP2")
         self.bottleneck = self.number("bottleneck", 800, integer=True, low=2)
         self.prompts = torch.nn.ModuleList()  # task k's at index k, once created
+        self.initial: list[torch.Tensor] = []  # each stage's initial prompt vectors (setup)
 
     def setup(self, ctx: Context) -> None:
         ctx.model.requires_grad_(False)
+        # Every stage's initial vectors, drawn now from the full-precision embedding table: a
+        # bf16 engine casts the table in place at the first stage, and a resumed run must start
+        # each later prompt from the same values as an uninterrupted one.
+        embeddings = ctx.model.get_input_embeddings().weight.detach()
+        self.initial = []
+        for stage in range(len(self.stages(ctx))):
+            generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + stage)
+            tokens = torch.randint(embeddings.shape[0], (self.length,), generator=generator)
+            self.initial.append(embeddings[tokens.to(embeddings.device)].float().clone())
         ctx.model = PromptedModel(ctx.model, self.progressive_prompt)
         ctx.model.prompts = self.prompts
 
@@ -86,14 +96,10 @@ class ProgressivePrompts(Method):
         return joint.unsqueeze(0).expand(len(input_ids), -1, -1)
 
     def new_prompt(self, ctx: Context) -> TaskPrompt:
-        """Random vocabulary tokens' embeddings (seeded by the run and the stage) as P_k."""
-        embeddings = ctx.model.get_input_embeddings().weight
-        generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.stage)
-        tokens = torch.randint(embeddings.shape[0], (self.length,), generator=generator)
+        """P_k from random vocabulary tokens' embeddings (seeded by the run and the stage)."""
         with torch.random.fork_rng():  # the MLP's initialisation, seeded the same way
             torch.manual_seed(ctx.seed * 1_000_003 + ctx.stage)
-            prompt = TaskPrompt(embeddings[tokens.to(embeddings.device)].detach().float(),
-                                self.mlp, self.bottleneck)
+            prompt = TaskPrompt(self.initial[ctx.stage], self.mlp, self.bottleneck)
         return prompt.to(ctx.device)
 
     def before_task(self, ctx: Context) -> None:

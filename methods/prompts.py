@@ -68,7 +68,9 @@ class PromptedModel(torch.nn.Module):
         n = inputs.pop("n")
         if not self.config.is_encoder_decoder:
             labels = kwargs.get("labels")
-            if labels is not None and labels.shape[1] == input_ids.shape[1]:  # the whole row
+            # Labels cover the whole row, unless the head is computed at the last columns only
+            # (`logits_to_keep`, harness.textio), whose labels the prompt in front does not move.
+            if labels is not None and "logits_to_keep" not in kwargs:
                 kwargs["labels"] = torch.cat([labels.new_full((len(labels), n), -100), labels], 1)
             if kwargs.get("position_ids") is not None:
                 positions = torch.arange(n, device=input_ids.device).expand(len(input_ids), n)

@@ -14,7 +14,7 @@ import torch
 from harness.trainer import FitSettings, LocalStep, _closure, _micro_batches
 from methods.agem import agem_project
 from methods.ogd import orthonormal_basis, output_function, project_out
-from tests.helpers import at_second_stage, train_stage
+from tests.helpers import at_second_stage, make_context, train_stage
 from tests.tolerance import assert_close, assert_small, bound, magnitude
 
 
@@ -122,15 +122,19 @@ def test_ogd_output_function_reads_the_gold_logits_at_target_positions():
 
 def test_ogd_basis_keeps_order_drops_dependent_columns_and_projects_them_out():
     generator = torch.Generator().manual_seed(0)
-    columns = torch.randn(50, 4, generator=generator)
-    columns = torch.cat([columns, columns[:, :1] + columns[:, 1:2]], 1)  # the 5th depends on 1-2
+    a, b, c, d = torch.randn(4, 50, 1, generator=generator)
+    # The 3rd column depends on the first two (a duplicated or summed gradient), the 5th is zero.
+    columns = torch.cat([a, b, a + b, c, torch.zeros_like(a), d], 1)
     basis, kept = orthonormal_basis(columns)
-    assert kept.tolist() == [True, True, True, True, False]
-    # Orthonormal, and built in order: its first k columns span the first k given.
+    assert kept.tolist() == [True, True, False, True, False, True]
+    # Orthonormal, and built in order: its first k columns span the first k kept, and every
+    # column, the ones after a dropped one included, lies in the span.
     assert_close(basis.T @ basis, torch.eye(4), ops=2 * 50, scale=1.0)
+    independent = columns[:, kept]
     for k in range(1, 5):
-        residual = columns[:, :k] - basis[:, :k] @ (basis[:, :k].T @ columns[:, :k])
+        residual = independent[:, :k] - basis[:, :k] @ (basis[:, :k].T @ independent[:, :k])
         assert_small(residual, ops=4 * 50, scale=magnitude(columns))
+    assert_small(columns - basis @ (basis.T @ columns), ops=4 * 50, scale=magnitude(columns))
     g = torch.randn(50, generator=generator)
     projected = project_out(g, basis)
     assert_small(columns.T @ projected, ops=4 * 50, scale=magnitude(columns) * magnitude(g) * 50)
@@ -169,3 +173,16 @@ def test_ogd_stores_split_memory_and_steps_orthogonally_with_sgd(synthetic_dir):
     kept = method.directions["agnews"]
     assert_close((kept * first[:, :3]).sum(0).abs(), torch.ones(3), ops=2 * n, scale=1.0)
     assert_close(method.basis.T @ method.basis, torch.eye(6), ops=2 * n, scale=1.0)
+
+
+def test_ogd_refuses_a_memory_smaller_than_the_sequence(synthetic_dir):
+    """Each task keeps memory_size // tasks-seen directions: fewer than one per task is refused
+    before the run starts, with the setting named."""
+    import pytest
+
+    from methods.base import SettingError
+
+    ctx, method, _ = make_context(synthetic_dir, "ogd", tasks=("agnews", "yahoo", "SST-2"),
+                                  settings={"memory_size": 2})
+    with pytest.raises(SettingError, match="memory_size must be at least the number of tasks"):
+        method.check(ctx)

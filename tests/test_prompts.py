@@ -91,7 +91,8 @@ def test_prompted_generation_and_causal_batches_match_the_reference_layout(synth
     expected = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                      labels=batch["labels"], logits_to_keep=batch["logits_to_keep"])
     tokens = embeds.shape[1]
-    assert_close(out.loss, expected.loss, ops=network_ops(model.config, tokens), scale=float(expected.loss))
+    assert_close(out.loss, expected.loss, ops=network_ops(model.config, tokens),
+                 scale=float(expected.loss.detach()))
     assert_close(out.logits, expected.logits, ops=network_ops(model.config, tokens),
                  scale=magnitude(expected.logits))
     # Generation: the input ids, then what the model generates after [prompt; input].
