@@ -131,8 +131,8 @@ def test_l2p_selects_the_nearest_keys_by_cosine_and_pulls_them_as_the_reference(
 def test_l2p_query_reads_the_frozen_backbone_on_the_source_alone(synthetic_dir, tmp_path):
     from harness.backbone import load_backbone
     from harness.textio import Batcher
-    from methods.l2p import L2P
     from methods.base import Context
+    from methods.l2p import L2P
     from tests.test_causal import tiny_llama
 
     records = json.loads((synthetic_dir / "SC" / "IMDB" / "train.json").read_text())
