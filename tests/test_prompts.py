@@ -13,7 +13,7 @@ import torch
 
 from methods.prompts import PromptedModel
 from tests.helpers import at_second_stage, make_context
-from tests.tolerance import assert_close, magnitude, network_ops
+from tests.tolerance import assert_close, bound, magnitude, network_ops
 
 
 def reference_input(ctx, method, batch):
@@ -156,3 +156,22 @@ def test_l2p_query_reads_the_frozen_backbone_on_the_source_alone(synthetic_dir, 
     (out.loss + method.penalty(ctx, train, out)["key_pull"]).backward()
     assert all(p.grad is None for p in backbone.model.parameters())
     assert method.pool.prompts.grad is not None and method.pool.keys.grad is not None
+
+
+def test_prompted_t5_generates_what_its_forward_scores(synthetic_dir):
+    """Generation and training see the same prompted input: a prompted T5's first generation
+    step scores the vocabulary as its forward does at the decoder start, not as the plain model."""
+    ctx, method, batcher = make_context(synthetic_dir, "progprompt", settings={"prompt_length": 4})
+    method.setup(ctx)
+    method.before_task(ctx)
+    ctx.model.eval()
+    batch = batcher.eval_batch(list(ctx.task_data.test["source"][:8]))
+    generated = ctx.model.generate(**batch, max_new_tokens=1, do_sample=False, num_beams=1,
+                                   output_logits=True, return_dict_in_generate=True)
+    start = torch.full((len(batch["input_ids"]), 1), ctx.model.config.decoder_start_token_id)
+    with torch.no_grad():
+        logits = ctx.model(**batch, decoder_input_ids=start).logits[:, -1]
+        plain = ctx.model.model(**batch, decoder_input_ids=start).logits[:, -1]
+    ops = network_ops(ctx.model.config, batch["input_ids"].shape[1] + 4)
+    assert_close(generated.logits[0], logits, ops=ops, scale=magnitude(logits))
+    assert float((logits - plain).abs().max()) > 10 * bound(magnitude(logits), ops)  # far beyond rounding
