@@ -119,21 +119,24 @@ class Runner:
         """The backbone folder: --model, the profile's model, or the embedded default (a GGUF
         file, a named model or a hub id resolves to a cached folder, see harness.models)."""
         if self._model_path is None:
-            model = self.options.model or self.profile.model
-            if not model:
-                raise HarnessError(f"profile {self.profile.name!r} needs --model PATH (a local checkpoint)")
-            if model == "embedded":
-                # The tokenizer is trained on every task's (sub-sampled) training text.
-                corpus = []
-                for task in self.benchmark.tasks.values():
-                    data = self.task_data(task)
-                    corpus += list(data.train["source"]) + list(data.train["target"])
-                spec = EmbeddedSpec.from_dict(self.profile.embedded)
-                model = str(embedded_backbone_dir(corpus, spec))
-            else:
-                model = str(resolve_model(model))
-            self._model_path = model
+            # Rank 0 builds or converts a cached folder and the other ranks take its path:
+            # transformers' save_pretrained writes nothing on a rank other than 0, so a folder
+            # another rank built would have no weights and no config.json.
+            self._model_path = self.world.broadcast(self._resolve_model() if self.world.main else None)
         return self._model_path
+
+    def _resolve_model(self) -> str:
+        model = self.options.model or self.profile.model
+        if not model:
+            raise HarnessError(f"profile {self.profile.name!r} needs --model PATH (a local checkpoint)")
+        if model != "embedded":
+            return str(resolve_model(model))
+        # The tokenizer is trained on every task's (sub-sampled) training text.
+        corpus = []
+        for task in self.benchmark.tasks.values():
+            data = self.task_data(task)
+            corpus += list(data.train["source"]) + list(data.train["target"])
+        return str(embedded_backbone_dir(corpus, EmbeddedSpec.from_dict(self.profile.embedded)))
 
     def create_method(self, name: str):
         """The method plugin, refused early if the DeepSpeed config partitions what it needs."""
