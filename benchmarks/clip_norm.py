@@ -1,4 +1,4 @@
-"""The exact clipping norm (harness.clipping) against torch's `clip_grad_norm_`, the baseline it
+"""The exact clipping norm (harness.grad_norm) against torch's `clip_grad_norm_`, the baseline it
 replaced, measured in the same process on gradients of two shapes:
 
 - LoRA r=8 on q and v of T5-large (72 attention modules: 144 pairs of 8x1024 and 1024x8);
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from harness.clipping import clip_
+from harness.grad_norm import clip_
 
 
 def shapes(name: str) -> list[torch.Tensor]:

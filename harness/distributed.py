@@ -215,10 +215,10 @@ class EngineStep:
         self._clip_as_one_process(float(config.get("gradient_clipping", 0.0)), world)
 
     def _clip_as_one_process(self, max_norm: float, world: World) -> None:
-        """Clip by the norm the single-process loop computes (harness.clipping), to the bit: on
+        """Clip by the norm the single-process loop computes (harness.grad_norm), to the bit: on
         ZeRO-0 in fp32 in place of the engine's clipping, on ZeRO-1/2 as the norm of the rank
         partitions that the ZeRO optimizer scales by. (A bf16 ZeRO-0 run keeps DeepSpeed's.)"""
-        from harness.clipping import clip_, global_norm
+        from harness.grad_norm import clip_, global_norm
 
         if not max_norm:
             return

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from harness import faults
 from harness.checkpoints import Preemption, StepCheckpoints
-from harness.clipping import clip_
+from harness.grad_norm import clip_
 from harness.distributed import SINGLE, World
 from harness.textio import Batcher
 from methods.base import Context, Method, penalty_terms
@@ -29,7 +29,7 @@ class FitResult:
 
 
 class LocalStep:
-    """Plain PyTorch: the mean of the micro-batch losses, clipping (harness.clipping: the norm
+    """Plain PyTorch: the mean of the micro-batch losses, clipping (harness.grad_norm: the norm
     any split of the gradient gives), the optimizer's step."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

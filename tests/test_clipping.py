@@ -1,11 +1,11 @@
-"""The clipping norm (harness.clipping) is the same to the bit for any split of the gradient into
+"""The clipping norm (harness.grad_norm) is the same to the bit for any split of the gradient into
 tensors, and is the correctly rounded Euclidean norm; the scale is DeepSpeed's formula."""
 
 import math
 
 import torch
 
-from harness.clipping import clip_, clip_scale, global_norm
+from harness.grad_norm import clip_, clip_scale, global_norm
 from tests.tolerance import assert_close
 
 

@@ -9,7 +9,7 @@ the gradient over the same two micro-batches of every step (rank r takes micro-b
 same content, padding and shapes), the last, smaller step of an epoch included (40 examples:
 32 + 8, so rank 1 runs a zero-weighted pass there). In fp32 the two are the same arithmetic: the
 halving is exact, a two-rank all-reduce is one addition, and the clipping norm is computed the same
-way from any split of the gradient (harness.clipping). The step checkpoints of two ranks resume
+way from any split of the gradient (harness.grad_norm). The step checkpoints of two ranks resume
 bitwise too.
 """
 
