@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from methods.base import Context
-from methods.memory import EpisodicMemory
+from methods.memory import EpisodicMemory, MemoryHooks
 from methods.sequential import Sequential
 
 
@@ -40,7 +40,7 @@ def agem_project(grad: list[torch.Tensor], ref: list[torch.Tensor]) -> list[torc
     return [g - (scale * r.double()).to(g.dtype) for g, r in zip(grad, ref)]
 
 
-class AGEM(Sequential):
+class AGEM(MemoryHooks, Sequential):
     name = "agem"
     paper_name = "A-GEM"
     table_rank = 5.1
@@ -84,15 +84,6 @@ class AGEM(Sequential):
         for p, g in zip(params, agem_project(grad, ref)):
             p.grad = g
         return loss
-
-    def after_task(self, ctx: Context) -> None:
-        self.memory.store(ctx)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.memory.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any], ctx: Context, completed_stages: int) -> None:
-        self.memory.load_state_dict(state)
 
     def fit_state(self) -> dict[str, Any]:  # the memory batches drawn so far moved it on
         return {"generator": self.generator.get_state()}

@@ -1,5 +1,6 @@
 """An episodic memory of earlier tasks' training examples, for the methods that keep one (Replay
-mixes it into the training data, A-GEM takes its reference gradient on it).
+mixes it into the training data, A-GEM takes its reference gradient on it), and the hooks such a
+method shares: fill it after each task, carry it through a resume.
 
 After stage t, m examples of task t are stored: a label-stratified, seeded sample of its training
 set, m = `fraction` of it (at least one per label) or an absolute `per_task`; every label is kept
@@ -46,3 +47,19 @@ class EpisodicMemory:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tasks = {task: list(records) for task, records in state["memory"].items()}
+
+
+class MemoryHooks:
+    """`after_task`, `state_dict` and `load_state_dict` of a method whose state is its `memory`
+    (listed before the method's base class, so that these come first)."""
+
+    memory: EpisodicMemory
+
+    def after_task(self, ctx: Context) -> None:
+        self.memory.store(ctx)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.memory.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any], ctx: Context, completed_stages: int) -> None:
+        self.memory.load_state_dict(state)

@@ -14,11 +14,11 @@ from typing import Any
 import datasets
 
 from methods.base import Context
-from methods.memory import EpisodicMemory
+from methods.memory import EpisodicMemory, MemoryHooks
 from methods.sequential import Sequential
 
 
-class Replay(Sequential):
+class Replay(MemoryHooks, Sequential):
     name = "replay"
     paper_name = "Replay"
     table_rank = 3
@@ -36,12 +36,3 @@ class Replay(Sequential):
             return current
         return datasets.concatenate_datasets(
             [current, datasets.Dataset.from_list(stored, features=current.features)])
-
-    def after_task(self, ctx: Context) -> None:
-        self.memory.store(ctx)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.memory.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any], ctx: Context, completed_stages: int) -> None:
-        self.memory.load_state_dict(state)
