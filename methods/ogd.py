@@ -23,6 +23,7 @@ and saved with every stage. With LoRA (the default base; r 8 on T5-large's 144 q
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Any, Callable
 
@@ -137,18 +138,25 @@ class OGD(Sequential):
                                                                   min(per_task, len(train)))
         new = self.example_directions(ctx, [(train[i]["source"], train[i]["target"]) for i in drawn])
         blocks = {t: d[:, :per_task] for t, d in self.directions.items()}
-        blocks[ctx.task.name] = new
+        blocks[ctx.task.name] = new.to(self.basis.device)
         owners = [t for t, d in blocks.items() for _ in range(d.shape[1])]
         basis, kept = orthonormal_basis(torch.cat(list(blocks.values()), 1))
         owners = [t for t, k in zip(owners, kept.tolist()) if k]
-        self.directions = {t: basis[:, [i for i, o in enumerate(owners) if o == t]] for t in blocks}
-        self.basis = basis.to(ctx.device)
+        self.hold(basis, {t: owners.count(t) for t in blocks}, ctx.device)
+
+    def hold(self, basis: torch.Tensor, counts: dict[str, int], device: torch.device) -> None:
+        """Keep `basis` on `device`, and each task's directions as a view of its columns (the
+        tasks' columns are consecutive, in task order): one copy of the stored directions."""
+        self.basis = basis.to(device)
+        ends = list(itertools.accumulate(counts.values()))
+        self.directions = {t: self.basis[:, end - n:end] for (t, n), end in zip(counts.items(), ends)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"tasks": list(self.directions),
                 **{f"directions.{i}": d for i, d in enumerate(self.directions.values())}}
 
     def load_state_dict(self, state: dict[str, Any], ctx: Context, completed_stages: int) -> None:
-        self.directions = {t: state[f"directions.{i}"] for i, t in enumerate(state["tasks"])}
-        blocks = list(self.directions.values())
-        self.basis = (torch.cat(blocks, 1) if blocks else torch.empty(0, 0)).to(ctx.device)
+        blocks = [state[f"directions.{i}"] for i in range(len(state["tasks"]))]
+        if blocks:
+            self.hold(torch.cat(blocks, 1), dict(zip(state["tasks"], (b.shape[1] for b in blocks))),
+                      ctx.device)
