@@ -31,6 +31,11 @@ from methods.prompts import PromptedModel
 MLPS = ("MLP2", "MLP1", "none")
 
 
+def stage_seed(ctx: Context, stage: int) -> int:
+    """The seed of a stage's prompt: its initial tokens and its MLP's initialisation."""
+    return ctx.seed * 1_000_003 + stage
+
+
 class ResidualMLP(torch.nn.Module):
     """The reference's prompt reparameterisation: x + MLP(x)."""
 
@@ -81,7 +86,7 @@ class ProgressivePrompts(Method):
         embeddings = ctx.model.get_input_embeddings().weight.detach()
         self.initial = []
         for stage in range(len(self.stages(ctx))):
-            generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + stage)
+            generator = torch.Generator().manual_seed(stage_seed(ctx, stage))
             tokens = torch.randint(embeddings.shape[0], (self.length,), generator=generator)
             self.initial.append(embeddings[tokens.to(embeddings.device)].float().clone())
         ctx.model = PromptedModel(ctx.model, self.progressive_prompt)
@@ -95,15 +100,15 @@ class ProgressivePrompts(Method):
         joint = torch.cat([prompt() for prompt in reversed(self.prompts)], 0)
         return joint.unsqueeze(0).expand(len(input_ids), -1, -1)
 
-    def new_prompt(self, ctx: Context) -> TaskPrompt:
+    def new_prompt(self, ctx: Context, stage: int) -> TaskPrompt:
         """P_k from random vocabulary tokens' embeddings (seeded by the run and the stage)."""
         with torch.random.fork_rng():  # the MLP's initialisation, seeded the same way
-            torch.manual_seed(ctx.seed * 1_000_003 + ctx.stage)
-            prompt = TaskPrompt(self.initial[ctx.stage], self.mlp, self.bottleneck)
+            torch.manual_seed(stage_seed(ctx, stage))
+            prompt = TaskPrompt(self.initial[stage], self.mlp, self.bottleneck)
         return prompt.to(ctx.device)
 
     def before_task(self, ctx: Context) -> None:
-        self.prompts.append(self.new_prompt(ctx))
+        self.prompts.append(self.new_prompt(ctx, ctx.stage))
 
     def after_task(self, ctx: Context) -> None:
         self.prompts[-1].requires_grad_(False)
@@ -113,8 +118,5 @@ class ProgressivePrompts(Method):
 
     def load_state_dict(self, state: dict[str, Any], ctx: Context, completed_stages: int) -> None:
         """The frozen prompts of the completed stages, shaped for the checkpoint's values."""
-        current = ctx.stage
         for stage in range(completed_stages):
-            ctx.stage = stage
-            self.prompts.append(self.new_prompt(ctx).requires_grad_(False))
-        ctx.stage = current
+            self.prompts.append(self.new_prompt(ctx, stage).requires_grad_(False))
