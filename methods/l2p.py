@@ -62,7 +62,8 @@ class L2P(Method):
         self.length = self.number("prompt_length", 5, integer=True, low=1)
         self.top_n = self.number("top_n", 5, integer=True, low=1)
         if self.top_n > self.pool_size:
-            raise SettingError("top_n", f"must be at most pool_size ({self.pool_size}); got {self.top_n}")
+            raise SettingError("top_n", f"must be at most pool_size ({self.pool_size}); "
+                                        f"got {self.top_n}")
         self.pull_coeff = self.number("pull_coeff", 0.1, low=0)
         self.pool: PromptPool | None = None
         self.backbone: torch.nn.Module | None = None
