@@ -128,13 +128,17 @@ def rank_micro_batches(step: list[int], batch_size: int, grad_accum: int, rank: 
     return [(chunk, weight) for chunk in mine] + [(chunks[0], 0.0)] * (per_rank - len(mine))
 
 
-def _micro_batches(batcher: Batcher, pairs: list[tuple[str, str]], s: FitSettings
-                   ) -> list[tuple[dict, float | None]]:
-    """This rank's micro-batches of one step's (source, target) pairs, with their loss weights."""
-    return [(batcher.train_batch([pairs[i][0] for i in chunk], [pairs[i][1] for i in chunk]), w)
-            for chunk, w in rank_micro_batches(list(range(len(pairs))), s.batch_size, s.grad_accum,
-                                               s.world.rank, s.world.size,
-                                               s.engine_config is not None)]
+def _micro_batches(batcher: Batcher, rows: list[dict], s: FitSettings
+                   ) -> list[tuple[dict, float | None, list[dict]]]:
+    """This rank's micro-batches of one step's training rows (each with `source` and `target`):
+    the model batch, its loss weight, and the rows it holds."""
+    micro = []
+    for chunk, w in rank_micro_batches(list(range(len(rows))), s.batch_size, s.grad_accum,
+                                       s.world.rank, s.world.size, s.engine_config is not None):
+        mine = [rows[i] for i in chunk]
+        micro.append((batcher.train_batch([r["source"] for r in mine],
+                                          [r["target"] for r in mine]), w, mine))
+    return micro
 
 
 def _stepper(ctx: Context, method: Method, settings: FitSettings, params):
@@ -146,23 +150,25 @@ def _stepper(ctx: Context, method: Method, settings: FitSettings, params):
     return LocalStep(ctx.model, optimizer, params, settings.max_grad_norm, settings.autocast)
 
 
-def _closure(ctx: Context, method: Method, stepper, micro: list[tuple[dict, float | None]],
+def _closure(ctx: Context, method: Method, stepper, micro: list[tuple[dict, float | None, list]],
              parts: dict[str, torch.Tensor] | None = None,
-             batches_of: Callable[[list[tuple[str, str]]], list] | None = None):
+             batches_of: Callable[[list[dict]], list] | None = None):
     """Forward and backward over one step's micro-batches (task loss + the method's penalty
     terms); returns their mean loss, kept on the device (reading it would make the host wait).
     With `parts`, also leaves there the mean task loss and the mean of each penalty term.
     `closure(examples)` runs the same over other (source, target) pairs instead, cut into
-    micro-batches as a step's are (`batches_of`), for a method's extra pass (parts untouched)."""
+    micro-batches as a step's are (`batches_of`), for a method's extra pass (parts untouched).
+    Before each forward, `ctx.batch_rows` is set to the rows of the micro-batch."""
 
     def closure(examples: list[tuple[str, str]] | None = None) -> torch.Tensor:
         own = examples is None
-        batches = micro if own else batches_of(list(examples))
+        batches = micro if own else batches_of([{"source": s, "target": t} for s, t in examples])
         track = parts if own else None
         total, real = torch.zeros((), device=ctx.device), 0
         if track is not None:
             track.clear()
-        for k, (batch, w) in enumerate(batches):
+        for k, (batch, w, rows) in enumerate(batches):
+            ctx.batch_rows = rows
             outputs = stepper.forward(batch)
             terms = penalty_terms(method.penalty(ctx, batch, outputs))
             loss = outputs.loss
@@ -211,16 +217,15 @@ def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -
     """
     s, world = settings, settings.world
     ctx.model.train()
-    dataset = method.training_data(ctx)
-    sources, targets = list(dataset["source"]), list(dataset["target"])
+    rows = method.training_data(ctx).to_list()
     params = method.trainable_parameters(ctx)
     if not params:
         raise RuntimeError(f"method {method.name!r} left no trainable parameters at stage {ctx.stage}")
     stepper = _stepper(ctx, method, s, params)
     generator = torch.Generator().manual_seed(s.seed)
     per_step = s.batch_size * s.grad_accum * world.size
-    lengths = batcher.source_lengths(sources) if s.group_by_length else None
-    total_steps = -(-len(sources) // per_step) * s.epochs  # the last step of an epoch may be smaller
+    lengths = batcher.source_lengths([r["source"] for r in rows]) if s.group_by_length else None
+    total_steps = -(-len(rows) // per_step) * s.epochs  # the last step of an epoch may be smaller
     losses = _restore(s.checkpoints, method, params, stepper)
     done = len(losses)
     start = tick = time.perf_counter()
@@ -230,12 +235,12 @@ def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -
         with Preemption(enabled=s.checkpoints is not None) as preemption:
             position = 0
             for _ in range(s.epochs):
-                perm = torch.randperm(len(sources), generator=generator).tolist()
+                perm = torch.randperm(len(rows), generator=generator).tolist()
                 for ids in epoch_steps(perm, per_step, lengths, generator):
                     position += 1
                     if position <= done:  # trained before the step checkpoint
                         continue
-                    micro = _micro_batches(batcher, [(sources[i], targets[i]) for i in ids], s)
+                    micro = _micro_batches(batcher, [rows[i] for i in ids], s)
                     parts = {} if s.on_step is not None else None
                     closure = _closure(ctx, method, stepper, micro, parts,
                                        partial(_micro_batches, batcher, s=s))
@@ -255,7 +260,7 @@ def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -
         stepper.close()
         bar.close()
     values = torch.stack(losses).float().cpu().tolist() if losses else []
-    return FitResult(steps=len(values), examples=len(sources) * s.epochs,
+    return FitResult(steps=len(values), examples=len(rows) * s.epochs,
                      mean_loss=sum(values) / max(1, len(values)),
                      last_loss=values[-1] if values else float("nan"),
                      seconds=time.perf_counter() - start)

@@ -42,6 +42,9 @@ class Context:
     batcher: "Batcher | None" = None     # text -> model batches, the runner's
     stage: int = 0                       # 0-based index of the current task in `tasks`
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # The rows of the micro-batch being trained (each a dict of `training_data`'s columns: source,
+    # target and any a method adds, such as where a row comes from), set before each forward.
+    batch_rows: list[dict] = field(default_factory=list)
 
     @property
     def task(self) -> "Task":
@@ -166,7 +169,8 @@ class Method:
     def penalty(self, ctx: Context, batch: dict, outputs: Any
                 ) -> torch.Tensor | dict[str, torch.Tensor] | None:
         """Extra loss added to the task loss of every micro-batch: one tensor, named terms (each
-        logged on its own by the trackers), or None for none."""
+        logged on its own by the trackers), or None for none. `ctx.batch_rows` holds the
+        micro-batch's rows, for a term that reads a column of its own (which rows are replayed)."""
         return None
 
     def step(self, ctx: Context, closure: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -8,6 +8,8 @@ is done here, once, for training and generation, on seq2seq and causal models al
 - the prompt goes before every input token (before a causal batch's left padding too), unmasked;
 - a causal batch's labels get -100 over the prompt, and its position ids count the prompt first;
 - a causal `generate` returns the input ids before the new tokens, as a plain model's does.
+A seq2seq model may take its prompt after the input instead (`after=True`, LFPT5's placement):
+behind every row's tokens and padding, unmasked.
 """
 
 from __future__ import annotations
@@ -38,10 +40,13 @@ class PromptedModel(torch.nn.Module):
     # comes before them (harness.evaluator reads this).
     prepends_to_input = True
 
-    def __init__(self, model: torch.nn.Module, prompt: PromptFn):
+    def __init__(self, model: torch.nn.Module, prompt: PromptFn, after: bool = False):
         super().__init__()
+        if after and not model.config.is_encoder_decoder:
+            raise ValueError("a prompt after the input needs a seq2seq model")
         self.model = model
         self.prompt = prompt
+        self.after = after
 
     @property
     def config(self):
@@ -57,9 +62,11 @@ class PromptedModel(torch.nn.Module):
             return None
         embeds = self.model.get_input_embeddings()(input_ids)
         n = prompt.shape[1]
-        return {"inputs_embeds": torch.cat([prompt.to(embeds.dtype), embeds], 1),
-                "attention_mask": torch.cat([attention_mask.new_ones(len(input_ids), n),
-                                             attention_mask], 1), "n": n}
+        parts = [prompt.to(embeds.dtype), embeds]
+        masks = [attention_mask.new_ones(len(input_ids), n), attention_mask]
+        if self.after:
+            parts, masks = parts[::-1], masks[::-1]
+        return {"inputs_embeds": torch.cat(parts, 1), "attention_mask": torch.cat(masks, 1), "n": n}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
         inputs = self._prepended(input_ids, attention_mask, kwargs.get("labels"))

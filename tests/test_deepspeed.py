@@ -1,8 +1,9 @@
 """Two CPU ranks through DeepSpeed compute bitwise what one process computes with the same global
 batch, for one method of each family: LoRA growth (olora), a regulariser (ewc), replay, full
 fine-tuning (seqft) and plain LoRA under ZeRO-2, gradient projection (gorp) and the gradient-memory
-methods (agem, with its extra pass on a memory batch, and ogd) under ZeRO-0, soft prompts
-(progprompt, and l2p's per-example selection) under ZeRO-2.
+methods (agem, with its extra pass on a memory batch, and ogd) and LFPT5 (its pseudo-examples
+generated on every rank, rank 0's kept) under ZeRO-0, soft prompts (progprompt, and l2p's
+per-example selection) under ZeRO-2.
 
 One process with batch 16 x accumulation 2 and two ranks with batch 16 x accumulation 1 both average
 the gradient over the same two micro-batches of every step (rank r takes micro-batch r, with the
@@ -32,7 +33,7 @@ TASKS = "agnews,SST-2"
 TEST_PER_TASK = 32
 TWO_RANKS = ("--launcher", "deepspeed", "--num-gpus", "2")
 ZERO = {"olora": 2, "ewc": 2, "replay": 2, "seqft": 2, "seqlora": 2, "gorp": 0, "agem": 0, "ogd": 0,
-        "progprompt": 2, "l2p": 2}
+        "lfpt5": 0, "progprompt": 2, "l2p": 2}
 
 
 def harness(data_dir, results, *args, kill_at=None):

@@ -56,8 +56,8 @@ def test_agem_step_takes_the_reference_gradient_on_earlier_tasks_memory(syntheti
     drawn = method.memory_batch_of(stored)
     assert len(drawn) == 4 and set(drawn) <= {(r["source"], r["target"]) for r in stored}
     train = ctx.task_data.train
-    pairs = list(zip(train["source"][:8], train["target"][:8]))
-    closure = _closure(ctx, method, stepper, _micro_batches(batcher, pairs, settings), None,
+    rows = train.select(range(8)).to_list()
+    closure = _closure(ctx, method, stepper, _micro_batches(batcher, rows, settings), None,
                        partial(_micro_batches, batcher, s=settings))
 
     def grads_of(examples=None):
@@ -153,7 +153,7 @@ def test_ogd_stores_split_memory_and_steps_orthogonally_with_sgd(synthetic_dir):
     stepper = LocalStep(ctx.model, optimizer, params, 0.0)
     settings = FitSettings(batch_size=8, progress=False)
     train = ctx.task_data.train
-    micro = _micro_batches(batcher, list(zip(train["source"][:8], train["target"][:8])), settings)
+    micro = _micro_batches(batcher, train.select(range(8)).to_list(), settings)
     closure = _closure(ctx, method, stepper, micro, None, partial(_micro_batches, batcher, s=settings))
     closure()
     g = flat([p.grad for p in params]).clone()

@@ -115,7 +115,7 @@ def test_complete_runs_are_skipped(first_run, synthetic_dir):
 
 
 @pytest.mark.parametrize("method", ["inclora", "olora", "ewc", "replay", "lwf", "pertask", "inflora",
-                                    "gorp", "agem", "ogd", "progprompt", "l2p"])
+                                    "gorp", "agem", "ogd", "progprompt", "l2p", "lfpt5"])
 def test_stateful_methods_resume_exactly(synthetic_dir, tmp_path, monkeypatch, method):
     """Branches, Fisher and anchors, the replay memory, the teacher, the stored gradient
     directions: all rebuilt on resume."""
