@@ -69,11 +69,11 @@ def test_the_loss_is_the_references_mix_of_task_lm_and_distillation(synthetic_di
     # chain of roundings) on the same inputs; KD then sums over the vocabulary and the positions.
     ops = network_ops(model.config, max(enc.input_ids.shape[1], batch["input_ids"].shape[1])
                       + len(prompt))
-    assert_close(out.loss, task.loss, ops=ops, scale=float(task.loss))
-    assert_close(terms["task_share"], -lam * task.loss, ops=ops, scale=lam * float(task.loss))
-    assert_close(terms["lm"], (1 - lam) * mu * lm, ops=ops, scale=float(lm))
+    assert_close(out.loss, task.loss, ops=ops, scale=float(task.loss.detach()))
+    assert_close(terms["task_share"], -lam * task.loss, ops=ops, scale=lam * float(task.loss.detach()))
+    assert_close(terms["lm"], (1 - lam) * mu * lm, ops=ops, scale=float(lm.detach()))
     ops_kd = ops + teacher.shape[2] + teacher.shape[1] * len(pseudo)
-    assert_close(terms["kd"], lam * kd, ops=ops_kd, scale=lam * float(kd))
+    assert_close(terms["kd"], lam * kd, ops=ops_kd, scale=lam * float(kd.detach()))
     assert set(terms) == {"task_share", "lm", "kd"}
     total.backward()
     assert method.prompt.vectors.grad.abs().sum() > 0
