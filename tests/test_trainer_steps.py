@@ -66,3 +66,43 @@ def test_an_extra_pass_larger_than_a_step_gives_every_rank_the_same_number_of_pa
     losses = {k: float(k) for k in range(0, 40, 8)}
     applied = sum(losses[c[0]] * w / 1 for part in (rank0, rank1) for c, w in part) / 2
     assert applied == pytest.approx(sum(losses.values()) / 5)  # the mean over the 5 that exist
+
+
+def test_hooks_see_the_rows_of_each_micro_batch_with_the_columns_training_data_adds(synthetic_dir):
+    """`ctx.batch_rows` holds, at every forward, the rows the batch was made of (with a column of
+    the method's own), in the step and in a `closure(examples)` pass alike."""
+    import datasets
+
+    from harness.trainer import FitSettings, fit
+    from tests.helpers import make_context
+
+    ctx, method, batcher = make_context(synthetic_dir, "seqlora", n_train=24)
+    method.setup(ctx)
+    method.before_task(ctx)
+    seen = []
+
+    def training_data(ctx_):
+        train = ctx_.task_data.train
+        return datasets.Dataset.from_dict({"source": train["source"], "target": train["target"],
+                                           "mark": list(range(len(train)))})
+
+    def penalty(ctx_, batch, outputs):
+        sources = batcher.tok.batch_decode(batch["input_ids"], skip_special_tokens=True)
+        seen.append((ctx_.batch_rows, sources))
+
+    def step(ctx_, closure):
+        loss = closure()
+        closure([("an extra pass", "World")])
+        return loss
+
+    method.training_data, method.penalty, method.step = training_data, penalty, step
+    fit(ctx, method, batcher, FitSettings(batch_size=8, progress=False))
+    train = ctx.task_data.train
+    own = [rows for rows, _ in seen if rows[0]["source"] != "an extra pass"]
+    assert sorted(r["mark"] for rows in own for r in rows) == list(range(len(train)))
+    for rows, sources in seen:
+        assert [batcher.tok.decode(batcher.tok(r["source"]).input_ids, skip_special_tokens=True)
+                for r in rows] == sources
+        assert all(train["source"][r["mark"]] == r["source"] for r in rows if "mark" in r)
+    assert [rows for rows, _ in seen if "mark" not in rows[0]] == \
+        [[{"source": "an extra pass", "target": "World"}]] * 3  # one per step
