@@ -9,6 +9,12 @@ import torch
 from harness.backbone import Backbone
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count a left-padded row's real tokens only (padding at 0), so that each row
+    is computed as it would be unpadded."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 class Batcher:
     """Tokenises and pads (dynamic padding: to the longest sequence of the batch).
 
@@ -102,7 +108,7 @@ class Batcher:
         labels, _ = self._pad(label_rows, -100, left=True)
         labels = torch.cat([torch.full((len(rows), keep - labels.shape[1]), -100), labels], dim=1)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
-                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), "logits_to_keep": keep}
+                "position_ids": position_ids(mask), "logits_to_keep": keep}
 
     def predicts_label(self, labels: torch.Tensor) -> torch.Tensor:
         """Which logit positions of a training batch predict a label token: a seq2seq decoder's

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from harness.textio import position_ids
 from methods.base import Context, Method, SettingError
 from methods.prompts import PromptedModel, source_mask
 
@@ -91,9 +92,9 @@ class L2P(Method):
                 hidden = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
             else:
                 mask = source_mask(attention_mask, labels)
-                positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
                 hidden = getattr(model, model.base_model_prefix)(
-                    input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
+                    input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids(attention_mask))
         finally:
             model.train(was_training)
         states = hidden.last_hidden_state.float() * mask.unsqueeze(-1)
