@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from methods.base import Context
+from methods.base import Context, stage_seed
 from methods.memory import EpisodicMemory, MemoryHooks
 from methods.sequential import Sequential
 
@@ -58,7 +58,7 @@ class AGEM(MemoryHooks, Sequential):
 
     def before_task(self, ctx: Context) -> None:
         super().before_task(ctx)
-        self.generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.stage)
+        self.generator = torch.Generator().manual_seed(stage_seed(ctx, ctx.stage))
 
     def trainable_parameters(self, ctx: Context) -> list[torch.nn.Parameter]:
         self.params = super().trainable_parameters(ctx)

@@ -55,6 +55,12 @@ class Context:
         return self.data[self.task.name]
 
 
+def stage_seed(ctx: Context, stage: int) -> int:
+    """The seed of what a method draws at a stage (a new prompt, a memory batch, a perturbation,
+    pseudo-examples): the run's seed and the stage, so that a resumed stage draws the same."""
+    return ctx.seed * 1_000_003 + stage
+
+
 class SettingError(HarnessError):
     """A bad value of one method setting; `key` names it, so that the caller can say where it was
     given (the method's config file or a `--set`)."""

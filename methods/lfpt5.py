@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from transformers.optimization import Adafactor
 
 from harness.textio import Batcher
-from methods.base import Context, Method
+from methods.base import Context, Method, stage_seed
 from methods.prompts import PromptedModel
 
 ANSWER = "__ans__"
@@ -219,8 +219,8 @@ class LFPT5(Method):
         rows: list[dict] = []
         try:
             with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
-                torch.manual_seed(ctx.seed * 1_000_003 + ctx.stage)
-                rng = random.Random(ctx.seed * 1_000_003 + ctx.stage)
+                torch.manual_seed(stage_seed(ctx, ctx.stage))
+                rng = random.Random(stage_seed(ctx, ctx.stage))
                 for task in ctx.tasks[:ctx.stage]:
                     texts = self.sample(ctx, marker(task.name), self.samples_per_label * len(task.labels))
                     found: dict[str, list[str]] = {}
@@ -243,7 +243,7 @@ class LFPT5(Method):
         for start in range(0, n, ctx.profile.eval_batch_size):
             batch = ctx.batcher.eval_batch([source] * min(ctx.profile.eval_batch_size, n - start))
             with self.precision(ctx), warnings.catch_warnings():
-                # A causal model's penalty reads the new tokens only (not the marker), as intended.
+                # The repetition penalty then reads the new tokens only (not the marker), as intended.
                 warnings.filterwarnings("ignore", "Passing `repetition_penalty`")
                 out = ctx.model.generate(**batch, **SAMPLING, max_new_tokens=self.max_new_tokens,
                                          pad_token_id=tok.pad_token_id)

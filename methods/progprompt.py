@@ -25,15 +25,10 @@ from typing import Any
 
 import torch
 
-from methods.base import Context, Method
+from methods.base import Context, Method, stage_seed
 from methods.prompts import PromptedModel
 
 MLPS = ("MLP2", "MLP1", "none")
-
-
-def stage_seed(ctx: Context, stage: int) -> int:
-    """The seed of a stage's prompt: its initial tokens and its MLP's initialisation."""
-    return ctx.seed * 1_000_003 + stage
 
 
 class ResidualMLP(torch.nn.Module):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from methods.base import stage_seed
 from methods.modifier import Modifier
 
 SCALES = ("var_abs", "std_abs", "filter")
@@ -44,7 +45,7 @@ class RWP(Modifier):
 
     def before_task(self, ctx):
         super().before_task(ctx)
-        self.generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.stage)
+        self.generator = torch.Generator().manual_seed(stage_seed(ctx, ctx.stage))
 
     def fit_state(self):  # the noise drawn so far moved the generator on
         return {"base": super().fit_state(), "generator": self.generator.get_state()}
