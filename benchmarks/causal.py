@@ -38,8 +38,8 @@ from harness.profiles import load_profile  # noqa: E402
 from harness.runner import seed_everything  # noqa: E402
 from harness.textio import Batcher  # noqa: E402
 from harness.trainer import FitSettings, epoch_steps, fit  # noqa: E402
-from methods import registry  # noqa: E402
-from methods.base import Context  # noqa: E402
+from harness_methods import registry  # noqa: E402
+from harness_methods.base import Context  # noqa: E402
 
 SEED = 0
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s

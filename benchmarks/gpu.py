@@ -45,8 +45,8 @@ from harness.runner import Options, Runner, seed_everything  # noqa: E402
 from harness.store import RunSpec  # noqa: E402
 from harness.textio import Batcher  # noqa: E402
 from harness.trainer import FitSettings, fit  # noqa: E402
-from methods import registry  # noqa: E402
-from methods.base import Context  # noqa: E402
+from harness_methods import registry  # noqa: E402
+from harness_methods.base import Context  # noqa: E402
 
 SEED = 0
 T5_LARGE = EmbeddedSpec(d_model=1024, d_ff=4096, num_heads=16, d_kv=64, num_layers=24,

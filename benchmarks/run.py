@@ -49,8 +49,8 @@ from harness.store import RunSpec  # noqa: E402
 from harness.profiles import load_profile  # noqa: E402
 from harness.textio import Batcher  # noqa: E402
 from harness.trainer import FitSettings, fit  # noqa: E402
-from methods import registry  # noqa: E402
-from methods.base import Context  # noqa: E402
+from harness_methods import registry  # noqa: E402
+from harness_methods.base import Context  # noqa: E402
 
 SEED = 0
 
@@ -217,7 +217,7 @@ class Bench:
         return out
 
     def row4(self):
-        import methods.gorp as gorp
+        import harness_methods.gorp as gorp
 
         refresh = {"seconds": 0.0}
         real = gorp.galore_projector

@@ -236,7 +236,7 @@ def cmd_list(args) -> None:
 
     from harness.benchmark import load_benchmark
     from harness.profiles import available, load_profile
-    from methods import registry
+    from harness_methods import registry
 
     bench = load_benchmark()
     if args.what == "tasks":
@@ -316,8 +316,8 @@ def _trackers(args) -> dict:
 
 def _sweep_contents(args, bench) -> tuple[list[str], list[tuple[int | None, tuple[str, ...]]], list[int]]:
     """(methods, (order, tasks) sequences, seeds) that the arguments ask for."""
-    from methods import registry
-    from methods.modifier import Modifier
+    from harness_methods import registry
+    from harness_methods.modifier import Modifier
 
     seed = 0 if args.seed is None else args.seed
     if not args.all:

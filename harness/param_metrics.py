@@ -1,6 +1,6 @@
 """Parameter metrics of the per-task weight updates dW_t, vectorised in torch.
 
-Input: one dict per task, as `methods.deltas` stores them (`<module>::A` and `<module>::B` with
+Input: one dict per task, as `harness_methods.deltas` stores them (`<module>::A` and `<module>::B` with
 dW = B A, or a dense `<module>::W`). Every metric is computed per adapted layer (a module present
 in every task) and aggregated over layers by the mean; the sum is reported too (`*_sum`).
 

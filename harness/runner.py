@@ -39,8 +39,8 @@ from harness.summary import Summary, finish_run, read_summary, stage_predictions
 from harness.textio import Batcher
 from harness.tracking import Tracking, open_tracking
 from harness.trainer import FitSettings, fit
-from methods import registry
-from methods.base import Context
+from harness_methods import registry
+from harness_methods.base import Context
 
 log = logging.getLogger(__name__)
 

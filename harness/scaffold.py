@@ -33,6 +33,6 @@ def new_method(name: str, root: Path = PROJECT_ROOT) -> list[Path]:
         raise HarnessError(f"{pyproject}: a method named {name!r} is already registered")
     for path, template in targets.items():
         path.write_text((TEMPLATES / template).read_text().format(**fields))
-    entry = f'{name} = "methods.{name}:{title}"'
+    entry = f'{name} = "harness_methods.{name}:{title}"'
     pyproject.write_text(text.replace(ENTRY_HEADER, f"{ENTRY_HEADER}\n{entry}", 1))
     return list(targets) + [pyproject]

@@ -5,6 +5,7 @@ whose per-run lines are relayed under one progress bar."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -72,6 +73,14 @@ def result_line(spec: RunSpec, summary: "Summary") -> str:
             f"BWT {bwt}  ({summary.wall_seconds:.1f}s)")
 
 
+RUN_LINE = re.compile(r"^(skipped: |\S+ +\S+ +seed\d+  AA )")
+
+
+def ends_a_run(line: str) -> bool:
+    """Whether a line a job printed is the one that ends a run (`result_line`, or a skip)."""
+    return RUN_LINE.match(line) is not None
+
+
 def run_here(runner, specs: list[RunSpec], *, force: bool, progress: bool, world) -> int:
     """The runs one after another in this process (on every rank under DeepSpeed; rank 0 prints)."""
     from tqdm.auto import tqdm
@@ -119,7 +128,8 @@ def run_in_jobs(argv: list[str], jobs: int, shard: tuple[int, int] | None, total
                 continue
             with lock:
                 tqdm.write(line.rstrip("\n"))
-                bar.update(1)  # every other line a job prints is one run done or skipped
+                if ends_a_run(line):  # not a warning or any other line a job prints
+                    bar.update(1)
 
     readers = [threading.Thread(target=relay, args=(p,), daemon=True) for p in procs]
     for reader in readers:

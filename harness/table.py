@@ -22,7 +22,7 @@ from harness.benchmark import load_benchmark
 from harness.errors import HarnessError
 from harness.paths import PROJECT_ROOT
 from harness.summary import TUNED, final_outcomes, read_summaries
-from methods.registry import table_entry
+from harness_methods.registry import table_entry
 
 BASELINES_DIR = PROJECT_ROOT / "baselines"
 # Methods appear in the order their plugins declare (`table_rank`); others follow alphabetically.

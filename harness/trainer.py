@@ -16,7 +16,7 @@ from harness.checkpoints import Preemption, StepCheckpoints
 from harness.grad_norm import clip_
 from harness.distributed import SINGLE, World
 from harness.textio import Batcher
-from methods.base import Context, Method, penalty_terms
+from harness_methods.base import Context, Method, penalty_terms
 
 
 @dataclass

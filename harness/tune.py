@@ -27,7 +27,7 @@ def search_space(name: str, profile: str,
                  lr_range: tuple[float, float]) -> dict[str, tuple[float, float]]:
     """The learning rate (the same range for every method) and the method's own coefficient; of
     the base method for a combination such as olora+sam (`--set method.*` reaches the base)."""
-    from methods import registry
+    from harness_methods import registry
 
     method = registry.create(base_method(name), profile)
     space = {"lr": lr_range} if "lr" in method.config else {}
@@ -161,7 +161,7 @@ def _is_tuned(data: Any) -> bool:
 def tuned_settings(path: Path, profile: str, methods: list[str]) -> dict[str, dict[str, float]]:
     """`run --tuned FILE`: each method's chosen settings, refused unless the file was tuned for
     this profile, holds every method of the sweep and names only settings the method has."""
-    from methods import registry
+    from harness_methods import registry
 
     data = read_tuned_file(path, f"--tuned {path}")
     if data["setup"].get("profile") != profile:

@@ -1,5 +1,5 @@
 """Method plugins: one file per method, registered under the entry-point group `harness.methods`."""
 
-from methods.base import Context, Method
+from harness_methods.base import Context, Method
 
 __all__ = ["Context", "Method"]

@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 import torch
 
-from methods.base import Context, stage_seed
-from methods.memory import EpisodicMemory, MemoryHooks
-from methods.sequential import Sequential
+from harness_methods.base import Context, stage_seed
+from harness_methods.memory import EpisodicMemory, MemoryHooks
+from harness_methods.sequential import Sequential
 
 
 def flat_dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:

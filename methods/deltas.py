@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from methods.base import Context
-from methods.lora import lora_config, lora_layers, matching_modules
+from harness_methods.base import Context
+from harness_methods.lora import lora_config, lora_layers, matching_modules
 
 
 def branch_factors(model, branch: str) -> dict[str, torch.Tensor]:

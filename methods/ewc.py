@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from methods.base import Context
-from methods.sequential import Sequential
+from harness_methods.base import Context
+from harness_methods.sequential import Sequential
 
 
 def example_log_likelihood_grads(ctx: Context, batcher, source: str, target: str,

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from methods.base import Context, Method
-from methods.deltas import branch_factors
-from methods.lora import add_branch, lora_config, train_only
+from harness_methods.base import Context, Method
+from harness_methods.deltas import branch_factors
+from harness_methods.lora import add_branch, lora_config, train_only
 
 
 def branch_name(stage: int) -> str:

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from methods.base import Context
-from methods.inclora import IncLoRA, branch_name
-from methods.lora import lora_layers
+from harness_methods.base import Context
+from harness_methods.inclora import IncLoRA, branch_name
+from harness_methods.lora import lora_layers
 
 log = logging.getLogger(__name__)
 DESIGNS = ("paper_svd", "projected_covariance", "random_projected")

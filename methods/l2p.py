@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from harness.textio import position_ids
-from methods.base import Context, Method, SettingError
-from methods.prompts import PromptedModel, source_mask
+from harness_methods.base import Context, Method, SettingError
+from harness_methods.prompts import PromptedModel, source_mask
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

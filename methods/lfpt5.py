@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from transformers.optimization import Adafactor
 
 from harness.textio import Batcher
-from methods.base import Context, Method, stage_seed
-from methods.prompts import PromptedModel
+from harness_methods.base import Context, Method, stage_seed
+from harness_methods.prompts import PromptedModel
 
 ANSWER = "__ans__"
 FREQUENT = 5000                  # utils.py getpromptembedding: top 5,000 tokens

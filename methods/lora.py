@@ -7,7 +7,7 @@ import re
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from harness.errors import HarnessError
-from methods.base import Context
+from harness_methods.base import Context
 
 
 def lora_config(ctx: Context, config: dict) -> LoraConfig:

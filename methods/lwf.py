@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from methods.base import Context
-from methods.sequential import Sequential
+from harness_methods.base import Context
+from harness_methods.sequential import Sequential
 
 
 def distillation_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

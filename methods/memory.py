@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from harness.data import stratified_sample
-from methods.base import Context
+from harness_methods.base import Context
 
 
 class EpisodicMemory:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from methods.base import Context, Method
+from harness_methods.base import Context, Method
 
 
 class Modifier(Method):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import datasets
 
-from methods.base import Context
-from methods.sequential import Sequential
+from harness_methods.base import Context
+from harness_methods.sequential import Sequential
 
 
 class MTL(Sequential):

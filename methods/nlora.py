@@ -14,10 +14,10 @@ from typing import Any
 import torch
 
 from harness.errors import HarnessError
-from methods.base import Context
-from methods.inclora import IncLoRA, branch_name
-from methods.lora import lora_config, lora_layers, matching_modules
-from methods.olora import stage_lambdas
+from harness_methods.base import Context
+from harness_methods.inclora import IncLoRA, branch_name
+from harness_methods.lora import lora_config, lora_layers, matching_modules
+from harness_methods.olora import stage_lambdas
 
 L1_FORMS = ("code_rxr", "paper_full")
 

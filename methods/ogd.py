@@ -29,8 +29,8 @@ from typing import Any, Callable
 
 import torch
 
-from methods.base import Context, SettingError
-from methods.sequential import Sequential
+from harness_methods.base import Context, SettingError
+from harness_methods.sequential import Sequential
 
 VARIANTS = ("gtl", "avg")
 

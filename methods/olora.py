@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from methods.base import Context
-from methods.inclora import IncLoRA, branch_name
-from methods.lora import lora_layers
+from harness_methods.base import Context
+from harness_methods.inclora import IncLoRA, branch_name
+from harness_methods.lora import lora_layers
 
 ORTH_FORMS = ("code_l1", "paper_fro2")
 L2_FORMS = ("code_norm", "squared")

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from methods.base import Context, Method
-from methods.deltas import branch_factors
-from methods.inclora import branch_name
-from methods.lora import add_branch, lora_config, train_only
+from harness_methods.base import Context, Method
+from harness_methods.deltas import branch_factors
+from harness_methods.inclora import branch_name
+from harness_methods.lora import add_branch, lora_config, train_only
 
 
 class PerTaskFT(Method):

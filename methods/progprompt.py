@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from methods.base import Context, Method, stage_seed
-from methods.prompts import PromptedModel
+from harness_methods.base import Context, Method, stage_seed
+from harness_methods.prompts import PromptedModel
 
 MLPS = ("MLP2", "MLP1", "none")
 

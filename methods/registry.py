@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
-from methods.base import Method, SettingError
+from harness_methods.base import Method, SettingError
 
 GROUP = "harness.methods"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -121,7 +121,7 @@ def build(name: str, profile: str, cls: type[Method], make, overrides: list[str]
 def create(name: str, profile: str, overrides: list[str] | tuple[str, ...] = ()) -> Method:
     """A method by name; `base+modifier[+modifier...]` wraps the base in each modifier in turn.
     `overrides` are `method.KEY=VALUE` settings for the base method."""
-    from methods.modifier import Modifier
+    from harness_methods.modifier import Modifier
 
     base_name, *modifiers = name.split("+")
     repeated = sorted({m for m in modifiers if modifiers.count(m) > 1})

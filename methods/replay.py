@@ -13,9 +13,9 @@ from typing import Any
 
 import datasets
 
-from methods.base import Context
-from methods.memory import EpisodicMemory, MemoryHooks
-from methods.sequential import Sequential
+from harness_methods.base import Context
+from harness_methods.memory import EpisodicMemory, MemoryHooks
+from harness_methods.sequential import Sequential
 
 
 class Replay(MemoryHooks, Sequential):

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from methods.base import stage_seed
-from methods.modifier import Modifier
+from harness_methods.base import stage_seed
+from harness_methods.modifier import Modifier
 
 SCALES = ("var_abs", "std_abs", "filter")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from methods.modifier import Modifier
+from harness_methods.modifier import Modifier
 
 
 class SAM(Modifier):

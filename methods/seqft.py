@@ -6,7 +6,7 @@ embedding, which the reference training script always freezes.
 
 from __future__ import annotations
 
-from methods.sequential import Sequential
+from harness_methods.sequential import Sequential
 
 
 class SeqFT(Sequential):

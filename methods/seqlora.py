@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from methods.sequential import Sequential
+from harness_methods.sequential import Sequential
 
 
 class SeqLoRA(Sequential):

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from methods.base import Context, Method
-from methods.deltas import StageChange
-from methods.lora import add_branch, lora_config
+from harness_methods.base import Context, Method
+from harness_methods.deltas import StageChange
+from harness_methods.lora import add_branch, lora_config
 
 BASES = ("lora", "full")
 

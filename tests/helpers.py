@@ -10,8 +10,8 @@ from harness.data import load_instructions, load_task
 from harness.profiles import load_profile
 from harness.textio import Batcher
 from harness.trainer import FitSettings, fit
-from methods import registry
-from methods.base import Context
+from harness_methods import registry
+from harness_methods.base import Context
 from tests.tolerance import assert_close, magnitude
 
 TINY = EmbeddedSpec(d_model=32, d_ff=64, num_heads=2, d_kv=16, num_layers=1, num_decoder_layers=1,

@@ -261,7 +261,7 @@ def test_the_table_has_at_least_40_cases():
 
 
 def test_a_bad_setting_in_a_method_config_file_names_the_file(trees, capsys, monkeypatch, tmp_path):
-    from methods.rwp import RWP
+    from harness_methods.rwp import RWP
 
     config = tmp_path / "rwp.toml"
     config.write_text('[common]\nsigma = 0.01\nnoise_scale = "gauss"\n')

@@ -8,8 +8,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from harness.backbone import embedded_backbone_dir
 from harness.cli import main
-from methods import registry
-from methods.modifier import Modifier
+from harness_methods import registry
+from harness_methods.modifier import Modifier
 from tests.helpers import TINY
 
 
@@ -79,7 +79,7 @@ def test_lwf_distils_the_logits_that_predict_the_labels(synthetic_dir, llama_dir
     predicts nothing)."""
     from harness.backbone import load_backbone
     from harness.textio import Batcher
-    from methods.base import Context
+    from harness_methods.base import Context
 
     for head_at_labels in (True, False):
         batcher = Batcher(load_backbone(llama_dir), 512, 50, head_at_labels=head_at_labels)

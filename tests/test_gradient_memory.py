@@ -12,8 +12,8 @@ from functools import partial
 import torch
 
 from harness.trainer import FitSettings, LocalStep, _closure, _micro_batches
-from methods.agem import agem_project
-from methods.ogd import orthonormal_basis, output_function, project_out
+from harness_methods.agem import agem_project
+from harness_methods.ogd import orthonormal_basis, output_function, project_out
 from tests.helpers import at_second_stage, make_context, train_stage
 from tests.tolerance import assert_close, assert_small, bound, magnitude
 
@@ -180,7 +180,7 @@ def test_ogd_refuses_a_memory_smaller_than_the_sequence(synthetic_dir):
     before the run starts, with the setting named."""
     import pytest
 
-    from methods.base import SettingError
+    from harness_methods.base import SettingError
 
     ctx, method, _ = make_context(synthetic_dir, "ogd", tasks=("agnews", "yahoo", "SST-2"),
                                   settings={"memory_size": 2})

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from harness.errors import HarnessError
-from methods.nlora import sparsity_term
-from methods.olora import norm_term, orthogonality_term
-from methods.base import penalty_terms
-from methods.lora import lora_layers
+from harness_methods.nlora import sparsity_term
+from harness_methods.olora import norm_term, orthogonality_term
+from harness_methods.base import penalty_terms
+from harness_methods.lora import lora_layers
 from tests.helpers import at_second_stage, make_context, train_stage
 from tests.tolerance import assert_close, magnitude
 
@@ -83,7 +83,7 @@ def test_olora_penalty_is_the_sum_over_layers(synthetic_dir):
 
 
 def test_per_task_lambdas_apply_only_to_listed_orders(synthetic_dir):
-    from methods.olora import stage_lambdas
+    from harness_methods.olora import stage_lambdas
 
     ctx, _, _ = make_context(synthetic_dir, "olora", tasks=("dbpedia",))
     config = {"lambda1": 0.5, "per_task_orders": [6], "per_task": {"dbpedia": {"lambda1": 5.0}}}
@@ -123,7 +123,7 @@ def test_olora_training_reduces_the_overlap(synthetic_dir):
 def test_batched_sparsity_equals_the_sum_of_per_branch_terms(form):
     """The stacked computation N-LoRA uses per micro-batch: same value and same gradients as the
     per-branch sum, with branches of two shapes and two scalings mixed."""
-    from methods.nlora import batched_sparsity
+    from harness_methods.nlora import batched_sparsity
 
     g = torch.Generator().manual_seed(0)
     shapes = [((4, 6), (6, 4), 2.0), ((4, 6), (6, 4), 2.0), ((2, 3), (3, 2), 0.5), ((4, 6), (6, 4), 1.0)]
@@ -147,7 +147,7 @@ def test_batched_sparsity_equals_the_sum_of_per_branch_terms(form):
 def test_olora_batched_penalty_equals_the_per_layer_formula(orth_form, l2_form):
     """Same value and gradients as lambda1 * sum_l orthogonality_term + lambda2 * norm_term, with
     layers of two shapes, and with no old branch (the first stage: the L2 term only)."""
-    from methods.olora import batched_penalty
+    from harness_methods.olora import batched_penalty
 
     g = torch.Generator().manual_seed(0)
 

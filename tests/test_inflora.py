@@ -5,10 +5,10 @@ import math
 
 import torch
 
-from methods import inflora
-from methods.inflora import (design_down_projection, first_memory, free_basis, input_statistics,
+from harness_methods import inflora
+from harness_methods.inflora import (design_down_projection, first_memory, free_basis, input_statistics,
                              project_rows, update_memory)
-from methods.lora import lora_layers
+from harness_methods.lora import lora_layers
 from tests.helpers import at_second_stage
 from tests.tolerance import assert_close, assert_small, bound, magnitude
 

@@ -12,7 +12,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from methods.lfpt5 import ANSWER, choose_pseudo, marker, parse_sample
+from harness_methods.lfpt5 import ANSWER, choose_pseudo, marker, parse_sample
 from tests.helpers import at_second_stage, make_context
 from tests.tolerance import assert_close, magnitude, network_ops
 

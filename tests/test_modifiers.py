@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from harness.errors import HarnessError
-from methods import registry
-from methods.base import Context, Method
-from methods.rwp import RWP, noise_std
-from methods.sam import SAM
+from harness_methods import registry
+from harness_methods.base import Context, Method
+from harness_methods.rwp import RWP, noise_std
+from harness_methods.sam import SAM
 from tests.tolerance import assert_close, magnitude
 
 H = torch.tensor([[3.0, 1.0], [1.0, 2.0]])

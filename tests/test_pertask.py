@@ -43,7 +43,7 @@ def test_frozen_adapters_are_carried_over_not_generated_again(synthetic_dir, tmp
     its predictions equal what generating them again gives."""
     import harness.runner
     from harness.cli import main
-    from methods.pertask import PerTaskFT
+    from harness_methods.pertask import PerTaskFT
 
     real_evaluate, calls = harness.runner.evaluate_task, []
 

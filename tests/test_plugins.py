@@ -12,7 +12,7 @@ from harness.cli import main
 from harness.errors import HarnessError
 from harness.paths import PROJECT_ROOT
 from harness.scaffold import new_method
-from methods import registry
+from harness_methods import registry
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_scaffold_writes_plugin_config_test_and_entry_point(scratch_project):
                                          "pyproject.toml"}
     plugin = (scratch_project / "methods" / "l2anchor.py").read_text()
     assert len(plugin.splitlines()) < 60 and "class L2Anchor(Method)" in plugin
-    assert 'l2anchor = "methods.l2anchor:L2Anchor"' in (scratch_project / "pyproject.toml").read_text()
+    assert 'l2anchor = "harness_methods.l2anchor:L2Anchor"' in (scratch_project / "pyproject.toml").read_text()
     with pytest.raises(HarnessError, match="already exists"):
         new_method("l2anchor", root=scratch_project)
     with pytest.raises(HarnessError, match="not a valid name"):

@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from methods.prompts import PromptedModel
+from harness_methods.prompts import PromptedModel
 from tests.helpers import at_second_stage, make_context
 from tests.tolerance import assert_close, bound, magnitude, network_ops
 
@@ -109,7 +109,7 @@ def test_prompted_generation_and_causal_batches_match_the_reference_layout(synth
 
 # -- L2P ------------------------------------------------------------------------------------------
 def test_l2p_selects_the_nearest_keys_by_cosine_and_pulls_them_as_the_reference():
-    from methods.l2p import PromptPool
+    from harness_methods.l2p import PromptPool
 
     pool = PromptPool(4, 2, 3, torch.Generator().manual_seed(0))
     with torch.no_grad():  # keys of different lengths: the dot product would rank them otherwise
@@ -131,8 +131,8 @@ def test_l2p_selects_the_nearest_keys_by_cosine_and_pulls_them_as_the_reference(
 def test_l2p_query_reads_the_frozen_backbone_on_the_source_alone(synthetic_dir, tmp_path):
     from harness.backbone import load_backbone
     from harness.textio import Batcher
-    from methods.base import Context
-    from methods.l2p import L2P
+    from harness_methods.base import Context
+    from harness_methods.l2p import L2P
     from tests.test_causal import tiny_llama
 
     records = json.loads((synthetic_dir / "SC" / "IMDB" / "train.json").read_text())

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods.lwf import distillation_term
+from harness_methods.lwf import distillation_term
 from tests.helpers import at_second_stage, make_context, train_stage
 from tests.tolerance import assert_close, magnitude, network_ops
 
@@ -67,7 +67,7 @@ def assert_fisher(fisher, ctx, batcher, params, n):
 def test_ewc_fisher_is_mean_squared_per_example_gradient(synthetic_dir, base):
     """LoRA: per-example gradients from one batched backward (two batches of 16 and 4 here);
     full fine-tuning: one backward per example. Both equal the by-hand definition."""
-    from methods.ewc import linear_owners
+    from harness_methods.ewc import linear_owners
 
     ctx, method, batcher = make_context(synthetic_dir, "ewc", n_train=24, settings=dict(
         fisher_samples=20, normalize_fisher=False, base=base))
@@ -85,7 +85,7 @@ def test_ewc_batched_fisher_of_a_causal_model(synthetic_dir, tmp_path):
 
     from harness.backbone import load_backbone
     from harness.textio import Batcher
-    from methods.base import Context
+    from harness_methods.base import Context
     from tests.test_causal import tiny_llama
 
     ctx, method, _ = make_context(synthetic_dir, "ewc", n_train=24,

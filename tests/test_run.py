@@ -309,7 +309,7 @@ def test_base_row_is_the_untouched_backbone_evaluated_once_per_sweep(synthetic_d
     weight), and the runs of one sweep share it: the second run re-uses the first's predictions."""
     from harness.evaluator import evaluate_task
     import harness.runner
-    from methods.seqft import SeqFT
+    from harness_methods.seqft import SeqFT
 
     real_setup, real_evaluate, calls = SeqFT.setup, harness.runner.evaluate_task, []
 

@@ -124,8 +124,8 @@ def test_generation_stops_at_eos_and_the_shared_prefix_changes_no_prediction(smo
 
 
 def test_lora_lands_on_the_real_projection_names(smol):
-    from methods import registry
-    from methods.base import Context
+    from harness_methods import registry
+    from harness_methods.base import Context
     from harness.profiles import load_profile
 
     profile = load_profile("smollm2")

@@ -4,7 +4,7 @@
 from types import SimpleNamespace
 
 from harness.runner import StageEvaluation
-from methods.base import Method
+from harness_methods.base import Method
 
 TASKS = tuple(SimpleNamespace(name=n) for n in ("a", "b", "c", "d"))
 

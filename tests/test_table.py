@@ -103,8 +103,8 @@ def test_unknown_reference_is_refused(tree, capsys):
 def test_table_entries_come_from_each_plugin_class_itself(monkeypatch):
     """Row order and published name are what the method's own class declares; a subclass under
     another name does not inherit them, and names no plugin declares follow the ranked ones."""
-    from methods import registry
-    from methods.olora import OLoRA
+    from harness_methods import registry
+    from harness_methods.olora import OLoRA
 
     class MyOLoRA(OLoRA):
         name = "myolora"
