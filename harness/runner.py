@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import platform
 import random
 import shutil
@@ -406,10 +407,12 @@ class Runner:
             steps += result.steps
             consolidate_seconds = timed(method.after_task, ctx)
             deltas = method.task_deltas(ctx)
+            numbers = method_numbers(method, ctx)
             accuracy, predictions, eval_seconds = evaluation(stage + 1)
-            tracking.scalars("stage", stage_values(accuracy, labels[:stage + 1], {
+            tracking.scalars("stage", {**stage_values(accuracy, labels[:stage + 1], {
                 "prepare_seconds": prepare_seconds, "train_seconds": result.seconds,
-                "consolidate_seconds": consolidate_seconds, "eval_seconds": eval_seconds}), steps)
+                "consolidate_seconds": consolidate_seconds, "eval_seconds": eval_seconds}),
+                **{f"method/{k}": v for k, v in numbers.items()}}, steps)
             if self.world.main:
                 stage_dir = run_dir.write_stage(
                     stage_name(stage + 1, labels[stage]),
@@ -418,6 +421,7 @@ class Runner:
                                "prepare_seconds": prepare_seconds,
                                "consolidate_seconds": consolidate_seconds},
                      "eval_seconds": eval_seconds, "saved_tensors": sorted(saved.names),
+                     **({"method": numbers} if numbers else {}),
                      **({"warnings": notes} if (notes := runlog.take()) else {})},
                     predictions, checkpoint=saved.tensors(ctx.model), method_state=method.state_dict(),
                     deltas=deltas)
@@ -439,6 +443,17 @@ class Runner:
             desc=label, world=self.world, engine_config=self.engine_config,
             autocast=self.profile.bf16 and ctx.device.type == "cuda", on_step=on_step,
             checkpoints=checkpoints)
+
+
+def method_numbers(method, ctx: Context) -> dict[str, float]:
+    """The method's `stage_metrics`, checked: finite numbers by name."""
+    numbers = dict(method.stage_metrics(ctx))
+    for key, value in numbers.items():
+        if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise HarnessError(f"method {method.name}: stage_metrics must map names to finite "
+                               f"numbers; got {key!r}: {value!r}")
+    return numbers
 
 
 def stage_values(accuracy: dict[str, float], seen: list[str], seconds: dict[str, float]) -> dict:

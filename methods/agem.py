@@ -55,10 +55,12 @@ class AGEM(MemoryHooks, Sequential):
         self.memory_batch = self.number("memory_batch", integer=True, low=1)
         self.generator = torch.Generator()
         self.params: list[torch.nn.Parameter] = []
+        self.projected = 0  # steps of this stage whose gradient was projected
 
     def before_task(self, ctx: Context) -> None:
         super().before_task(ctx)
         self.generator = torch.Generator().manual_seed(stage_seed(ctx, ctx.stage))
+        self.projected = 0
 
     def trainable_parameters(self, ctx: Context) -> list[torch.nn.Parameter]:
         self.params = super().trainable_parameters(ctx)
@@ -81,12 +83,18 @@ class AGEM(MemoryHooks, Sequential):
             p.grad = None
         closure(self.memory_batch_of(stored))
         ref = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        for p, g in zip(params, agem_project(grad, ref)):
+        projected = agem_project(grad, ref)
+        self.projected += projected is not grad
+        for p, g in zip(params, projected):
             p.grad = g
         return loss
 
+    def stage_metrics(self, ctx: Context) -> dict[str, float]:
+        return {"projected_steps": self.projected}
+
     def fit_state(self) -> dict[str, Any]:  # the memory batches drawn so far moved it on
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "projected": self.projected}
 
     def load_fit_state(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+        self.projected = state["projected"]

@@ -76,7 +76,7 @@ class Method:
     Hook order per run: `check` and `setup` once; then per stage (`stages` names them)
     `before_task`, `training_data`, `trainable_parameters`, `make_optimizer`, training steps
     (`step` wraps a closure that runs forward and backward, adding `penalty`), `after_task`,
-    `task_deltas`; evaluation follows each stage (`select_for_eval`, `evaluates_as_before`).
+    `task_deltas`, `stage_metrics`; evaluation follows each stage (`select_for_eval`, `evaluates_as_before`).
     `state_dict`/`load_state_dict` carry what a resumed run needs beyond the model's tensors.
     """
 
@@ -100,8 +100,15 @@ class Method:
     def __init__(self, config: dict[str, Any] | None = None):
         """`config`: the method's hyperparameters for the profile (its config file, then `--set`).
         A subclass reads and checks each setting it uses here, so a bad value stops the run before
-        anything is written, and declares here every attribute its hooks set."""
+        anything is written, and declares here every attribute its hooks set.
+
+        The settings this class's own `make_optimizer` reads are checked here: `lr` is required
+        (a positive number) and `weight_decay`, if given, a number >= 0. A method with an optimizer
+        of its own checks the settings that one reads."""
         self.config = dict(config or {})
+        if type(self).make_optimizer is Method.make_optimizer:
+            self.number("lr", above=0)
+            self.number("weight_decay", 0.0, low=0)
 
     # -- reading settings (in __init__) -------------------------------------------------------
     # Each reads `self.config`, or `config` where a method keeps variants of it (per order).
@@ -207,6 +214,13 @@ class Method:
 
     def task_deltas(self, ctx: Context) -> dict[str, torch.Tensor]:
         """Per-task weight updates dW_t of the stage just trained, for the parameter metrics."""
+        return {}
+
+    def stage_metrics(self, ctx: Context) -> dict[str, float]:
+        """Named numbers of the stage just trained that the method reports (how many steps it
+        projected, how many examples it kept): they land under "method" in the stage's
+        `metrics.json` and in the trackers as `stage/method/<name>`. Called after `after_task`.
+        A count kept from step to step belongs in `fit_state` too, so a resumed stage reports it."""
         return {}
 
     # -- resume ----------------------------------------------------------------------------------

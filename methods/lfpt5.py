@@ -254,6 +254,10 @@ class LFPT5(Method):
         return texts
 
     # -- resume ------------------------------------------------------------------------------------
+    def stage_metrics(self, ctx: Context) -> dict[str, float]:
+        """The pseudo-rows of each earlier task this stage trained on."""
+        return {f"pseudo_rows/{task}": n for task, n in self.kept.get(ctx.task.name, {}).items()}
+
     def state_dict(self) -> dict[str, Any]:
         return {"pseudo_rows_kept": self.kept}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import sys
 import tomllib
 from functools import lru_cache
 from importlib.metadata import entry_points
@@ -18,7 +19,6 @@ from harness.errors import HarnessError
 from harness_methods.base import Method, SettingError
 
 GROUP = "harness.methods"
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 @lru_cache(maxsize=None)
@@ -58,16 +58,30 @@ def table_entry(name: str) -> tuple[tuple[float, str], str]:
 
 
 def config_path(name: str, cls: type[Method]) -> Path:
-    return Path(getattr(cls, "config_file", None) or CONFIG_DIR / f"{name}.toml")
+    """Where a method's settings are: its class's `config_file`, relative to the folder of the
+    module that defines the class, or else `configs/<name>.toml` in that folder. Either way the
+    file ships with the method's package (as package data), wherever it is installed."""
+    module = sys.modules.get(cls.__module__)
+    folder = Path(module.__file__).resolve().parent if getattr(module, "__file__", None) else Path.cwd()
+    given = getattr(cls, "config_file", None)
+    return folder / given if given else folder / "configs" / f"{name}.toml"
+
+
+def _missing_config(name: str, cls: type[Method], path: Path) -> str:
+    given = getattr(cls, "config_file", None)
+    where = (f"the class's config_file = {given!r}, relative to its module" if given else
+             f"no config_file on the class, so configs/{name}.toml beside its module")
+    return (f"{path}: config file of method {name!r} not found ({where}); ship it as package data "
+            "of the method's package")
 
 
 def method_config(name: str, profile: str, cls: type[Method] | None = None) -> dict[str, Any]:
     """Hyperparameters of a method for a profile: the `[common]` table of its config file
-    (`methods/configs/<name>.toml`, or the class's `config_file`), overlaid with `[<profile>]`."""
+    (`config_path`), overlaid with `[<profile>]`."""
     cls = cls or method_class(name)
     path = config_path(name, cls)
-    if not path.exists():
-        raise HarnessError(f"{path}: config file of method {name!r} not found")
+    if not path.is_file():
+        raise HarnessError(_missing_config(name, cls, path))
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:

@@ -35,7 +35,7 @@ class Quadratic(torch.nn.Module):
 def setup(modifier_cls, **settings):
     model = Quadratic()
     ctx = Context(model=model, backbone=None, tasks=(), data={}, profile=None, seed=0)
-    method = modifier_cls(Method({}), settings)
+    method = modifier_cls(Method({"lr": 0.1}), settings)
     method.trainable_parameters(ctx)
 
     def closure():

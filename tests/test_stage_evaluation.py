@@ -13,7 +13,7 @@ class Frozen(Method):
     """Carries over every task except the one trained at the current stage (as PerTaskFT)."""
 
     def __init__(self):
-        super().__init__({})
+        super().__init__({"lr": 1e-3})
         self.selected = []
 
     def evaluates_as_before(self, ctx, task):
@@ -38,14 +38,14 @@ def evaluation(method, seen_and_next, row=None, n_stages=4):
 
 
 def test_seen_and_next_narrows_only_the_rows_between_the_first_and_the_last():
-    ev, _, _ = evaluation(Method({}), seen_and_next=True)
+    ev, _, _ = evaluation(Method({"lr": 1e-3}), seen_and_next=True)
     assert [t.name for t in ev.scope(0)] == ["a", "b", "c", "d"]  # the base row
     assert [t.name for t in ev.scope(1)] == ["a", "b"]
     assert [t.name for t in ev.scope(2)] == ["a", "b", "c"]
     assert [t.name for t in ev.scope(4)] == ["a", "b", "c", "d"]  # the last row
-    whole, _, _ = evaluation(Method({}), seen_and_next=False)
+    whole, _, _ = evaluation(Method({"lr": 1e-3}), seen_and_next=False)
     assert all(len(whole.scope(k)) == 4 for k in range(5))
-    joint, _, _ = evaluation(Method({}), seen_and_next=True, n_stages=1)  # one stage on "all"
+    joint, _, _ = evaluation(Method({"lr": 1e-3}), seen_and_next=True, n_stages=1)  # one stage on "all"
     assert len(joint.scope(1)) == 4
 
 
