@@ -1,4 +1,4 @@
-"""Command line: `python -m harness {run,tune,import,list,table,generate,new-method}`.
+"""Command line: `python -m harness {run,tune,import,list,table,generate,new-method,check-method}`.
 
 Any bad input ends with exit code 2 and one line that names the argument or file and the problem.
 """
@@ -220,8 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--published-backbone", default="t5-large",
                         help="backbone of the published numbers to compare with (default t5-large)")
 
-    new = sub.add_parser("new-method", help="write a method plugin, its config and test")
+    new = sub.add_parser("new-method", help="write a method plugin package: method, config, test")
     new.add_argument("name")
+    new.add_argument("--out", type=Path, help="a new folder for the plugin package (without it: "
+                     "a built-in method, only in a development clone of the harness)")
+
+    check = sub.add_parser("check-method", help="run the plugin contract on a registered method")
+    check.add_argument("name", help="a method name (a modifier is checked on top of seqlora)")
+    check.add_argument("--skip", type=_str_list, default=[],
+                       help="checks to leave out, comma-separated (e.g. two_ranks)")
+    check.add_argument("--keep", type=Path, help="keep the checks' runs in this folder")
 
     gen = sub.add_parser("generate", help="write the synthetic benchmark")
     gen.add_argument("--out", type=Path, help="output folder (default: CL_Benchmark/synthetic)")
@@ -580,13 +588,31 @@ def cmd_generate(args) -> None:
 
 
 def cmd_new_method(args) -> None:
-    from harness.scaffold import new_method
+    from harness import scaffold
 
-    for path in new_method(args.name):
+    if args.out is None:
+        print(f"no --out: writing a built-in method into the development clone {scaffold.PROJECT_ROOT}")
+        written = scaffold.new_builtin_method(args.name)
+        install, tests = scaffold.PROJECT_ROOT, f"tests/test_method_{args.name}.py"
+    else:
+        written = scaffold.new_plugin_package(args.name, args.out)
+        install, tests = args.out, args.out
+    for path in written:
         print(f"wrote {path}")
-    print("register it with `pip install -e .` (the entry point is in pyproject.toml), then "
-          f"`python -m harness run --method {args.name} --order 1` and "
-          f"`python -m pytest tests/test_method_{args.name}.py`")
+    print(f"next: pip install -e {install} (registers the entry point), then pytest {tests}, "
+          f"harness check-method {args.name} and harness run --method {args.name} --order 1")
+
+
+def cmd_check_method(args) -> int:
+    from harness.testing.contract import check_method
+
+    print(f"checking method {args.name!r} against the plugin contract", flush=True)
+    results = check_method(args.name, tuple(args.skip), workdir=args.keep,
+                           report=lambda r: print(r.line(), flush=True))
+    failed = sum(r.passed is False for r in results)
+    print(f"{len(results) - failed} of {len(results)} checks passed or did not apply; "
+          f"{failed} failed" if failed else f"all {len(results)} checks passed or did not apply")
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -605,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         args.argv = without(argv, ("--local_rank", "--local-rank"))
         handler = {"run": cmd_run, "import": cmd_import, "list": cmd_list, "table": cmd_table,
-                   "report": cmd_report, "status": cmd_status, "generate": cmd_generate, "new-method": cmd_new_method, "tune": cmd_tune}[args.command]
+                   "report": cmd_report, "status": cmd_status, "generate": cmd_generate, "new-method": cmd_new_method,
+                   "check-method": cmd_check_method, "tune": cmd_tune}[args.command]
         code = handler(args) or 0
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)

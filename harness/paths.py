@@ -14,16 +14,28 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK_DIR = PROJECT_ROOT / "CL_Benchmark"
 
 
+def is_development_clone(root: Path = PROJECT_ROOT) -> bool:
+    """Whether the harness runs from a clone of its repository (an editable install), the only
+    place where a command may write beside its code."""
+    return (root / "pyproject.toml").is_file() and (root / "methods" / "base.py").is_file()
+
+
 def cache_dir() -> Path:
     """Generated, reusable artefacts (synthetic data, tokenizers, embedded backbones).
 
-    `HARNESS_CACHE_DIR` overrides; the default sits inside the project so a clone is self-contained.
+    `HARNESS_CACHE_DIR` overrides. In a development clone the default sits inside it, so a clone
+    is self-contained; an installed harness uses the user's cache folder, never its own tree.
     """
-    return Path(os.environ.get("HARNESS_CACHE_DIR", PROJECT_ROOT / ".cache"))
+    if "HARNESS_CACHE_DIR" in os.environ:
+        return Path(os.environ["HARNESS_CACHE_DIR"])
+    if is_development_clone():
+        return PROJECT_ROOT / ".cache"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cl-harness"
 
 
 def synthetic_data_dir() -> Path:
-    return Path(os.environ.get("HARNESS_SYNTHETIC_DIR", BENCHMARK_DIR / "synthetic"))
+    default = BENCHMARK_DIR / "synthetic" if is_development_clone() else cache_dir() / "synthetic"
+    return Path(os.environ.get("HARNESS_SYNTHETIC_DIR", default))
 
 
 def cached_folder(target: Path, build: Callable[[Path], None]) -> Path:

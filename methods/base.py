@@ -3,6 +3,7 @@ only the ones it needs. The engine (`harness/`) knows methods only through this 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -102,13 +103,13 @@ class Method:
         A subclass reads and checks each setting it uses here, so a bad value stops the run before
         anything is written, and declares here every attribute its hooks set.
 
-        The settings this class's own `make_optimizer` reads are checked here: `lr` is required
-        (a positive number) and `weight_decay`, if given, a number >= 0. A method with an optimizer
-        of its own checks the settings that one reads."""
+        The two settings every optimizer reads are checked here: `lr`, a positive number, and
+        `weight_decay`, a number >= 0. `lr` is required where this class's `make_optimizer` is
+        used; a method with an optimizer of its own checks the other settings that one reads."""
         self.config = dict(config or {})
-        if type(self).make_optimizer is Method.make_optimizer:
+        if "lr" in self.config or type(self).make_optimizer is Method.make_optimizer:
             self.number("lr", above=0)
-            self.number("weight_decay", 0.0, low=0)
+        self.number("weight_decay", 0.0, low=0)
 
     # -- reading settings (in __init__) -------------------------------------------------------
     # Each reads `self.config`, or `config` where a method keeps variants of it (per order).
@@ -141,6 +142,21 @@ class Method:
         value = (self.config if config is None else config).get(key, default)
         if not isinstance(value, bool):
             raise SettingError(key, f"must be true or false; got {value!r}")
+        return value
+
+    def module_targets(self, key: str, config: dict[str, Any] | None = None) -> str | list[str] | None:
+        """Which modules a setting selects, as peft reads LoRA targets: a regular expression over
+        module names, or a list of name suffixes; None where the setting is absent."""
+        value = (self.config if config is None else config).get(key)
+        if value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return value
+        if not isinstance(value, str):
+            raise SettingError(key, f"must be a regular expression or a list of module names; "
+                                    f"got {value!r}")
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise SettingError(key, f"is no regular expression ({exc}): {value!r}") from None
         return value
 
     def recorded_config(self) -> dict[str, Any]:

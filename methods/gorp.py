@@ -169,6 +169,9 @@ class GORP(IncLoRA):
     def _check(self, config: dict[str, Any]) -> None:
         """The settings an order group may change, as one stage reads them."""
         self.choice("memory_source", MEMORY_SOURCES, "previous_stage", config=config)
+        for key in ("lora_targets", "lora_causal_targets", "full_rank_targets",
+                    "causal_full_rank_targets"):
+            self.module_targets(key, config=config)
         for key in ("galore_lr", "galore_scale", "eps"):
             self.number(key, above=0, config=config)
         for key in ("galore_rank", "update_proj_gap"):

@@ -33,6 +33,13 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return x * torch.rsqrt(torch.clamp((x ** 2).sum(-1, keepdim=True), min=eps))
 
 
+def pick(rows: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """`rows[chosen]` through index_select: the same values, and a backward that adds the
+    gradients of a row chosen more than once in a fixed order (indexing's backward accumulates
+    them with atomic adds across threads on CPU, so a run was not reproducible)."""
+    return rows.index_select(0, chosen.flatten()).unflatten(0, chosen.shape)
+
+
 class PromptPool(torch.nn.Module):
     def __init__(self, size: int, length: int, width: int, generator: torch.Generator):
         super().__init__()
@@ -47,8 +54,8 @@ class PromptPool(torch.nn.Module):
         with torch.autocast(query.device.type, enabled=False):
             q, k = l2_normalize(query.float()), l2_normalize(self.keys.float())
             chosen = (q @ k.T).topk(top_n, dim=1).indices  # [B, N], by descending similarity
-            pulled = (k[chosen] * q.unsqueeze(1)).sum() / len(query)
-        return self.prompts[chosen].flatten(1, 2), pulled
+            pulled = (pick(k, chosen) * q.unsqueeze(1)).sum() / len(query)
+        return pick(self.prompts, chosen).flatten(1, 2), pulled
 
 
 class L2P(Method):

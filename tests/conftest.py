@@ -34,11 +34,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.numeric)
 
 
-@pytest.fixture(scope="session")
-def synthetic_dir(tmp_path_factory) -> Path:
-    from harness.synthetic import generate
-
-    return generate(tmp_path_factory.mktemp("synthetic"), n_train=120, n_test=40)
+# `synthetic_dir` (the synthetic benchmark, once per session) comes from the testing kit's pytest
+# plugin (harness.testing.plugin), as it does for any plugin's tests.
 
 
 def write_task(root: Path, category: str, name: str, labels, train, test):

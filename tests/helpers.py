@@ -1,58 +1,9 @@
-"""Small real pieces for method tests: the embedded T5 on two synthetic tasks."""
-
-from pathlib import Path
+"""Small real pieces for method tests: the testing kit's (harness.testing), and a LoRA check."""
 
 import torch
 
-from harness.backbone import EmbeddedSpec, embedded_backbone_dir, load_backbone
-from harness.benchmark import load_benchmark
-from harness.data import load_instructions, load_task
-from harness.profiles import load_profile
-from harness.textio import Batcher
-from harness.trainer import FitSettings, fit
-from harness_methods import registry
-from harness_methods.base import Context
+from harness.testing.kit import TINY, at_second_stage, at_stage, make_context, train_stage  # noqa: F401
 from tests.tolerance import assert_close, magnitude
-
-TINY = EmbeddedSpec(d_model=32, d_ff=64, num_heads=2, d_kv=16, num_layers=1, num_decoder_layers=1,
-                    vocab_size=600)
-
-
-def make_context(data_dir: Path, method_name: str, tasks=("agnews", "yahoo"), n_train=32,
-                 settings: dict | None = None):
-    """`settings` replace entries of the method's config for the default profile."""
-    bench = load_benchmark()
-    instructions = load_instructions(data_dir)
-    seq = bench.sequence(list(tasks))
-    data = {t.name: load_task(data_dir, t, instructions, train_per_task=n_train, test_per_task=8)
-            for t in seq}
-    corpus = [s for d in data.values() for s in list(d.train["source"]) + list(d.train["target"])]
-    backbone = load_backbone(embedded_backbone_dir(corpus, TINY))
-    profile = load_profile("default")
-    config = {**registry.method_config(method_name, profile.name), **(settings or {})}
-    method = registry.method_class(method_name)(config)
-    torch.manual_seed(0)
-    batcher = Batcher(backbone, 512, 50)
-    ctx = Context(model=backbone.model, backbone=backbone, tasks=seq, data=data, profile=profile,
-                  seed=0, batcher=batcher)
-    return ctx, method, batcher
-
-
-def train_stage(ctx, method, batcher, stage):
-    ctx.stage = stage
-    method.before_task(ctx)
-    fit(ctx, method, batcher, FitSettings(batch_size=8, seed=stage, progress=False))
-    method.after_task(ctx)
-
-
-def at_second_stage(data_dir: Path, method_name: str, **kwargs):
-    """Context, method and batcher after training stage 1, with stage 2 prepared (before_task)."""
-    ctx, method, batcher = make_context(data_dir, method_name, **kwargs)
-    method.setup(ctx)
-    train_stage(ctx, method, batcher, 0)
-    ctx.stage = 1
-    method.before_task(ctx)
-    return ctx, method, batcher
 
 
 def assert_lora_output(layer, x, adapters):
