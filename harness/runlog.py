@@ -2,7 +2,7 @@
 and the warnings of the methods and the engine (say, InfLoRA's "fewer free input directions than
 the rank", once per stage) are collected instead of printed among the progress bars: the runner
 stores each stage's in its `metrics.json`, the summary lists them all, and the run prints one line
-about them when it ends.
+about them when it ends. A plugin's own package counts as the methods' (`sources`).
 """
 
 from __future__ import annotations
@@ -13,21 +13,22 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 RUN_LOG = "run.log"
-QUIET = ("methods", "harness")  # loggers whose warnings a run collects instead of printing
+QUIET = ("harness_methods", "harness")  # loggers whose warnings a run collects, not prints
 
 
-def _ours(record: logging.LogRecord) -> bool:
-    return record.levelno == logging.WARNING and record.name.split(".")[0] in QUIET
+def _ours(record: logging.LogRecord, sources: tuple[str, ...]) -> bool:
+    return record.levelno == logging.WARNING and record.name.split(".")[0] in sources
 
 
 class _Collector(logging.Handler):
-    def __init__(self):
+    def __init__(self, sources: tuple[str, ...]):
         super().__init__(logging.WARNING)
+        self.sources = sources
         self.messages: list[str] = []
         self.count, self.first = 0, ""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if _ours(record):
+        if _ours(record, self.sources):
             self.messages.append(record.getMessage())
             self.count += 1
             self.first = self.first or record.getMessage()
@@ -43,12 +44,14 @@ class _QuietFile(logging.FileHandler):
 
 class RunLog:
     """The context of one run: `take()` returns the warnings collected since the last call.
-    `write`: rank 0 writes the file and collects; other ranks only keep the warnings quiet."""
+    `write`: rank 0 writes the file and collects; other ranks only keep the warnings quiet.
+    `sources`: the top-level logger names whose warnings are collected."""
 
-    def __init__(self, run_path: Path, write: bool = True):
+    def __init__(self, run_path: Path, write: bool = True, sources: tuple[str, ...] = QUIET):
         self.path = run_path / RUN_LOG
         self.write = write
-        self.collector = _Collector()
+        self.sources = tuple(sources)
+        self.collector = _Collector(self.sources)
         self.file: logging.FileHandler | None = None
         self.console: list[logging.Handler] = []
 
@@ -65,9 +68,8 @@ class RunLog:
             root.addHandler(self.collector)
         return self
 
-    @staticmethod
-    def _quiet(record: logging.LogRecord) -> bool:
-        return not _ours(record)
+    def _quiet(self, record: logging.LogRecord) -> bool:
+        return not _ours(record, self.sources)
 
     def take(self) -> list[str]:
         messages, self.collector.messages = self.collector.messages, []

@@ -33,7 +33,7 @@ from harness.errors import HarnessError
 from harness.evaluator import evaluate_task
 from harness.models import resolve_model
 from harness.profiles import Profile, load_profile
-from harness.runlog import RunLog
+from harness.runlog import QUIET, RunLog
 from harness.status import FAILED, STAGES, record_failure
 from harness.store import LOCK, RunDir, RunSpec, out_of_space, read_json, stage_name, write_json
 from harness.summary import Summary, finish_run, read_summary, stage_predictions
@@ -41,7 +41,7 @@ from harness.textio import Batcher
 from harness.tracking import Tracking, open_tracking
 from harness.trainer import FitSettings, fit
 from harness_methods import registry
-from harness_methods.base import Context
+from harness_methods.base import Context, Method
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,8 @@ class Runner:
         if self.world.main:  # for `harness status`: the stages to come, and the error if any
             write_json(run_dir.path / STAGES, method.stages(ctx))
             held.push(partial(self._record_failure, run_dir))
-        runlog = held.enter_context(RunLog(run_dir.path, write=self.world.main))
+        runlog = held.enter_context(RunLog(run_dir.path, write=self.world.main,
+                                           sources=QUIET + method_packages(method)))
         seed_everything(spec.seed)  # after the backbone is in place, whether built or cached
         evaluate = partial(evaluate_task, batcher=ctx.batcher, batch_size=self.profile.eval_batch_size,
                            max_new_tokens=self.profile.max_new_tokens, world=self.world,
@@ -443,6 +444,15 @@ class Runner:
             desc=label, world=self.world, engine_config=self.engine_config,
             autocast=self.profile.bf16 and ctx.device.type == "cuda", on_step=on_step,
             checkpoints=checkpoints)
+
+
+def method_packages(method: Method) -> tuple[str, ...]:
+    """The top-level packages of a method's classes (a modifier's and the method it wraps)."""
+    names = []
+    while isinstance(method, Method):
+        names.append(type(method).__module__.split(".")[0])
+        method = getattr(method, "base", None)
+    return tuple(dict.fromkeys(names))
 
 
 def method_numbers(method, ctx: Context) -> dict[str, float]:

@@ -67,6 +67,9 @@ class Modifier(Method):
     def task_deltas(self, ctx):
         return self.base.task_deltas(ctx)
 
+    def stage_metrics(self, ctx):
+        return self.base.stage_metrics(ctx)
+
     def state_dict(self):
         return self.base.state_dict()
 

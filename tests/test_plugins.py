@@ -118,3 +118,19 @@ def test_per_stage_numbers_of_a_method_land_in_its_stage_records(synthetic_dir, 
     first, second = (json.loads((d / "metrics.json").read_text()) for d in run_dir.stage_folders()[1:])
     assert first["method"] == {"projected_steps": 0}  # no memory yet: nothing to project onto
     assert 0 <= second["method"]["projected_steps"] <= second["train"]["steps"]
+
+
+def test_a_plugins_warnings_are_collected_into_its_run_record(tmp_path):
+    """The runner adds the method's own package to the loggers a run collects (method_packages)."""
+    import logging
+
+    from harness.runlog import QUIET, RunLog
+    from harness.runner import method_packages
+    from harness_methods.sam import SAM
+    from harness_methods.seqlora import SeqLoRA
+
+    assert method_packages(SAM(SeqLoRA({"lr": 1e-3}), {"rho": 0.05})) == ("harness_methods",)
+    with RunLog(tmp_path, sources=QUIET + ("myplugin",)) as runlog:
+        logging.getLogger("myplugin.method").warning("a short subspace")
+        logging.getLogger("elsewhere").warning("not the run's")
+        assert runlog.take() == ["a short subspace"]
