@@ -604,9 +604,9 @@ def cmd_new_method(args) -> None:
 
 
 def cmd_check_method(args) -> int:
-    from harness.testing.contract import check_method
+    from harness.testing.contract import check_method, runnable_name
 
-    print(f"checking method {args.name!r} against the plugin contract", flush=True)
+    print(f"checking method {runnable_name(args.name)!r} against the plugin contract", flush=True)
     results = check_method(args.name, tuple(args.skip), workdir=args.keep,
                            report=lambda r: print(r.line(), flush=True))
     failed = sum(r.passed is False for r in results)

@@ -242,6 +242,15 @@ CASES = [
     ("import from a missing folder", lambda t: ["import", "olora", str(t["root"] / "nowhere"),
                                                 "--method", "olora", "--order", "1", "--results",
                                                 str(t["results"])], "nowhere"),
+    ("check an unknown method", lambda t: ["check-method", "nosuch"], "unknown method 'nosuch'"),
+    ("check with an unknown check skipped", lambda t: ["check-method", "seqlora", "--skip", "bogus"],
+     "--skip bogus: no such check"),
+    ("check keeping runs in a folder with files",
+     lambda t: ["check-method", "seqlora", "--keep", str(t["results"])], "not an empty folder"),
+    ("a plugin package into a folder with files",
+     lambda t: ["new-method", "mymethod", "--out", str(t["results"])], "not an empty folder"),
+    ("a plugin under a name already registered",
+     lambda t: ["new-method", "olora", "--out", str(t["root"] / "unused")], "already registered"),
 ]
 
 

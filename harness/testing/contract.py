@@ -359,6 +359,9 @@ def check_method(name: str, skip: tuple[str, ...] = (), workdir: Path | None = N
     if unknown:
         raise HarnessError(f"--skip {unknown[0]}: no such check (checks: {', '.join(CHECKS)})")
     name = runnable_name(name)  # unknown names fail here, with the known ones listed
+    if workdir is not None and Path(workdir).exists() and any(Path(workdir).iterdir()):
+        raise HarnessError(f"--keep {workdir}: not an empty folder (runs found there would be "
+                           "taken as done, and the checks would compare nothing)")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per loaded model would bury the results
