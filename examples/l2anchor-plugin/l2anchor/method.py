@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from harness_methods.base import Context, Method
+from harness_methods.deltas import StageChange
 from harness_methods.lora import add_branch, lora_config
 
 
@@ -24,6 +25,7 @@ class L2Anchor(Method):
         self.lam = self.number("lambda", 1.0, low=0)
         self.params: dict[str, torch.nn.Parameter] = {}
         self.anchor: dict[str, torch.Tensor] = {}
+        self.change: StageChange | None = None
 
     def check(self, ctx: Context) -> None:
         lora_config(ctx, self.config)  # LoRA targets this backbone lacks: refused before any file
@@ -33,6 +35,7 @@ class L2Anchor(Method):
 
     def before_task(self, ctx: Context) -> None:
         self.params = {n: p for n, p in ctx.model.named_parameters() if p.requires_grad}
+        self.change = StageChange(ctx, self.config, branch="l2anchor")  # the adapter as it starts
 
     def penalty(self, ctx: Context, batch: dict, outputs) -> torch.Tensor | None:
         if not self.anchor:
@@ -45,6 +48,9 @@ class L2Anchor(Method):
 
     def after_task(self, ctx: Context) -> None:
         self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
+
+    def task_deltas(self, ctx: Context) -> dict[str, torch.Tensor]:  # for the parameter metrics
+        return self.change.delta(ctx)
 
     def stage_metrics(self, ctx: Context) -> dict[str, float]:  # in each stage's metrics.json
         return {"anchored_tensors": len(self.anchor)}
