@@ -10,6 +10,12 @@ installed). Its fixtures:
 import pytest
 
 
+def pytest_configure(config):
+    # peft still calls a transformers API deprecated for v6 (as the CLI, the kit keeps it quiet):
+    # nothing a plugin's author can act on.
+    config.addinivalue_line("filterwarnings", "ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
     from harness.testing.kit import synthetic_benchmark
