@@ -58,7 +58,8 @@ class RWP(Modifier):
         return list(self.params) if self.scope == "lora" else list(ctx.model.parameters())
 
     def sample_noise(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [torch.randn(t.shape, generator=self.generator, dtype=t.dtype) *
+        """Drawn on the CPU generator (the same noise on any device), then moved to the tensor's."""
+        return [torch.randn(t.shape, generator=self.generator, dtype=t.dtype).to(t.device) *
                 noise_std(t.detach(), self.sigma, self.noise_scale) for t in tensors]
 
     def step(self, ctx, closure):
