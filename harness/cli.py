@@ -591,8 +591,8 @@ def cmd_new_method(args) -> None:
     from harness import scaffold
 
     if args.out is None:
-        print(f"no --out: writing a built-in method into the development clone {scaffold.PROJECT_ROOT}")
         written = scaffold.new_builtin_method(args.name)
+        print(f"no --out: wrote a built-in method into the development clone {scaffold.PROJECT_ROOT}")
         install, tests = scaffold.PROJECT_ROOT, f"tests/test_method_{args.name}.py"
     else:
         written = scaffold.new_plugin_package(args.name, args.out)

@@ -5,6 +5,8 @@ method in its `methods/` folder."""
 
 from __future__ import annotations
 
+import importlib.util
+import keyword
 import re
 from pathlib import Path
 
@@ -16,8 +18,9 @@ ENTRY_HEADER = '[project.entry-points."harness.methods"]'
 
 
 def fields_of(name: str) -> dict[str, str]:
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-        raise HarnessError(f"new-method: {name!r} is not a valid name (lower-case letters, digits, _)")
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name):
+        raise HarnessError(f"new-method: {name!r} is not a valid name (lower-case letters, digits, "
+                           "_; no Python keyword)")
     from harness_methods import registry
 
     if name in registry.available():
@@ -43,14 +46,25 @@ def new_plugin_package(name: str, out: Path) -> list[Path]:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HarnessError(f"new-method --out {out}: not an empty folder")
-    if is_development_clone() and out.resolve().is_relative_to(PROJECT_ROOT / "methods"):
-        raise HarnessError(f"new-method --out {out}: inside the harness's own methods folder")
+    if any(out.resolve().is_relative_to(tree) for tree in package_trees()):
+        raise HarnessError(f"new-method --out {out}: inside the harness's own package tree")
+    if importlib.util.find_spec(name) is not None:  # the plugin's package would shadow it
+        raise HarnessError(f"new-method: a Python module named {name!r} is already importable; "
+                           "choose another name")
     return write_all({out / "pyproject.toml": "plugin-pyproject.toml.tmpl",
                       out / "README.md": "plugin-readme.md.tmpl",
                       out / name / "__init__.py": "plugin-init.py.tmpl",
                       out / name / "method.py": "method.py.tmpl",
                       out / name / "configs" / f"{name}.toml": "config.toml.tmpl",
                       out / "tests" / f"test_{name}.py": "test.py.tmpl"}, fields)
+
+
+def package_trees() -> list[Path]:
+    """The folders of the harness's own packages, which no command writes into."""
+    import harness
+    import harness_methods
+
+    return [Path(harness.__file__).resolve().parent, Path(harness_methods.__file__).resolve().parent]
 
 
 def new_builtin_method(name: str, root: Path = PROJECT_ROOT) -> list[Path]:
@@ -65,7 +79,8 @@ def new_builtin_method(name: str, root: Path = PROJECT_ROOT) -> list[Path]:
     text = pyproject.read_text()
     if ENTRY_HEADER not in text:
         raise HarnessError(f"{pyproject}: no {ENTRY_HEADER} section to register the method in")
-    if re.search(rf"^{name}\s*=", text, flags=re.M):
+    section = text.split(ENTRY_HEADER, 1)[1].split("\n[", 1)[0]
+    if re.search(rf"^{name}\s*=", section, flags=re.M):
         raise HarnessError(f"{pyproject}: a method named {name!r} is already registered")
     written = write_all({root / "methods" / f"{name}.py": "method.py.tmpl",
                          root / "methods" / "configs" / f"{name}.toml": "config.toml.tmpl",

@@ -221,6 +221,8 @@ def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -
     params = method.trainable_parameters(ctx)
     if not params:
         raise RuntimeError(f"method {method.name!r} left no trainable parameters at stage {ctx.stage}")
+    for p in params:  # `step` starts from empty gradients, whatever a hook before it left
+        p.grad = None
     stepper = _stepper(ctx, method, s, params)
     generator = torch.Generator().manual_seed(s.seed)
     per_step = s.batch_size * s.grad_accum * world.size

@@ -61,9 +61,10 @@ def config_path(name: str, cls: type[Method]) -> Path:
     """Where a method's settings are: its class's `config_file`, relative to the folder of the
     module that defines the class, or else `configs/<name>.toml` in that folder. Either way the
     file ships with the method's package (as package data), wherever it is installed."""
-    module = sys.modules.get(cls.__module__)
+    owner = next((k for k in cls.__mro__ if "config_file" in vars(k)), cls)  # who set config_file
+    module = sys.modules.get(owner.__module__)
     folder = Path(module.__file__).resolve().parent if getattr(module, "__file__", None) else Path.cwd()
-    given = getattr(cls, "config_file", None)
+    given = vars(owner).get("config_file")
     return folder / given if given else folder / "configs" / f"{name}.toml"
 
 

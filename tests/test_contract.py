@@ -2,13 +2,13 @@
 breaks one of its rules fails the check that states the rule. Two DeepSpeed ranks are checked for
 the built-in methods in test_deepspeed.py, batched into two launches."""
 
-import random
+import os
 
 import pytest
 
+from harness.paths import PROJECT_ROOT
 from harness.testing import check_method
 from harness_methods import registry
-from harness_methods.seqlora import SeqLoRA
 
 BUILT_IN = sorted(n for n, ep in registry.available().items() if ep.value.startswith("harness_methods."))
 
@@ -22,45 +22,31 @@ def test_every_built_in_method_keeps_the_contract(name, synthetic_dir, tmp_path)
         ["evaluation", "two_ranks"], ["two_ranks"])  # only a method that carries cells over
 
 
-class Forgetful(SeqLoRA):
-    """Keeps a count it reports but never hands it to a resumed run (no state_dict)."""
-
-    def __init__(self, config=None):
-        super().__init__(config)
-        self.tasks_seen = 0
-
-    def after_task(self, ctx):
-        self.tasks_seen += 1
-
-    def penalty(self, ctx, batch, outputs):
-        return 1e-3 * self.tasks_seen * sum(p.sum() for p in ctx.model.parameters() if p.requires_grad)
+BROKEN = {"forgetful": ("Forgetful", {"resume_between_stages", "resume_inside_stage"}),
+          "unseeded": ("Unseeded", {"determinism", "resume_between_stages", "resume_inside_stage"}),
+          "lazy": ("Lazy", {"settings"}),
+          "classcache": ("ClassCache", {"determinism", "resume_between_stages", "resume_inside_stage"})}
 
 
-class Lazy(SeqLoRA):
-    """Reads a setting only where it uses it, after the run folder exists."""
+@pytest.fixture
+def broken_methods(tmp_path, monkeypatch):
+    """tests/broken_methods registered as a distribution of its own (an entry point each), found
+    by this process and by the ones the contract starts."""
+    site = tmp_path / "site"
+    info = site / "broken_methods-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-methods\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[harness.methods]\n" + "".join(
+        f"{name} = tests.broken_methods.broken:{cls}\n" for name, (cls, _) in BROKEN.items()))
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(PROJECT_ROOT)]))
+    registry.available.cache_clear()
+    yield
+    registry.available.cache_clear()
 
-    def penalty(self, ctx, batch, outputs):
-        return float(self.config["scale"]) * 0.0 * outputs.loss
 
-
-class Unseeded(SeqLoRA):
-    """Draws noise from the operating system instead of a generator seeded by the run."""
-
-    def penalty(self, ctx, batch, outputs):
-        return random.SystemRandom().random() * 1e-2 * outputs.loss
-
-
-@pytest.mark.parametrize("cls, failing", [
-    (Forgetful, {"resume_between_stages", "resume_inside_stage"}),
-    (Unseeded, {"determinism", "resume_between_stages", "resume_inside_stage"}),
-    (Lazy, {"settings"}),
-])
-def test_a_broken_rule_fails_its_check(cls, failing, synthetic_dir, tmp_path, monkeypatch):
-    real = registry.method_class
-    monkeypatch.setattr(registry, "method_class", lambda name: cls if name == "broken" else real(name))
-    config = tmp_path / "broken.toml"
-    config.write_text("[common]\nlr = 5e-3\n" + ("scale = 0.5\n" if cls is Lazy else ""))
-    monkeypatch.setattr(cls, "config_file", str(config), raising=False)
-    results = check_method("broken", skip=("two_ranks",), workdir=tmp_path / "work",
+@pytest.mark.parametrize("name", BROKEN)
+def test_a_broken_rule_fails_its_check(name, broken_methods, synthetic_dir, tmp_path):
+    results = check_method(name, skip=("two_ranks",), workdir=tmp_path / "work",
                            data_dir=synthetic_dir)
-    assert {r.check for r in results if r.passed is False} == failing
+    assert {r.check for r in results if r.passed is False} == BROKEN[name][1]

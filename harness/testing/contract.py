@@ -8,6 +8,7 @@ which launches DeepSpeed. A modifier is checked on top of `seqlora`."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,8 +29,10 @@ TASKS = ("agnews", "SST-2", "CB")
 TRAIN, TEST = 16, 8                # one step per epoch at batch 16: three per stage
 EVERY_STEP = ("train.checkpoint_every=1",)
 # Not results: timings, and whether the base row was evaluated by this run or shared in a sweep.
+# Warnings are left out too: one that `setup` or `load_state_dict` logs lands in another stage's
+# record when a run resumes.
 TIMINGS = {"seconds", "train_seconds", "eval_seconds", "wall_seconds", "prepare_seconds",
-           "consolidate_seconds", "reused", "files"}
+           "consolidate_seconds", "reused", "files", "warnings"}
 
 
 @dataclass
@@ -48,9 +51,16 @@ class ContractError(AssertionError):
 
 
 def runnable_name(name: str) -> str:
-    """A modifier is checked wrapped around SeqLoRA; any other name as it is."""
+    """A modifier is checked wrapped around SeqLoRA; any other name as it is. An unknown name is
+    bad input (HarnessError); a plugin that fails to load is left to the `registered` check."""
     base = name.split("+")[0]
-    return f"seqlora+{name}" if issubclass(registry.method_class(base), Modifier) else name
+    if base not in registry.available():
+        registry.method_class(base)  # raises: unknown, with the known names listed
+    try:
+        cls = registry.method_class(base)
+    except Exception:
+        return name
+    return f"seqlora+{name}" if issubclass(cls, Modifier) else name
 
 
 # -- what a run leaves, compared -------------------------------------------------------------------
@@ -97,7 +107,7 @@ class Trial:
 
     def __init__(self, name: str, workdir: Path, data_dir: Path):
         self.name, self.workdir, self.data_dir = name, workdir, data_dir
-        self._reference: RunDir | None = None
+        self._reference: RunDir | Exception | None = None
 
     def run(self, label: str, settings: tuple[str, ...] = EVERY_STEP, runner_hook=None) -> RunDir:
         from harness.runner import runner_for
@@ -114,11 +124,20 @@ class Trial:
 
     @property
     def reference(self) -> RunDir:
+        """The uninterrupted run the other checks compare with (made once; a failure is kept)."""
         if self._reference is None:
-            self._reference = self.run("reference")
+            try:
+                self._reference = self.run("reference")
+            except Exception as exc:
+                self._reference = exc
+        if isinstance(self._reference, Exception):
+            raise ContractError(f"the uninterrupted run failed: {type(self._reference).__name__}: "
+                                f"{self._reference}")
         return self._reference
 
-    def killed_then_resumed(self, label: str, kill: str) -> RunDir:
+    def killed_then_resumed(self, label: str, kill: str, left: Callable[[RunDir], bool]) -> RunDir:
+        """The run killed at `kill`, then run again; `left(run_dir)` must hold after the kill (the
+        checkpoint it resumes from is there), so that a run that starts over does not pass."""
         with faults.kill_at(f"{kill}:RAISE"):
             try:
                 self.run(label)
@@ -126,13 +145,16 @@ class Trial:
                 pass
             else:
                 raise ContractError(f"the run was never at {kill}")
+        spec = RunSpec(self.name, TASKS, 0, "default")
+        if not left(RunDir(spec.folder(self.workdir / label))):
+            raise ContractError(f"killed at {kill}, the run left no checkpoint to resume from")
         return self.run(label)
 
 
 def check_registered(trial: Trial) -> str:
     """The entry point loads a Method subclass whose config file is found and read."""
     method = registry.create(trial.name, "default")
-    cls = type(method if not isinstance(method, Modifier) else method.base)
+    cls = type(method)
     return f"{cls.__module__}.{cls.__qualname__}, {len(method.config)} setting(s) for the default profile"
 
 
@@ -140,8 +162,10 @@ def wrong_value(value: Any) -> Any:
     """A value of another type than `value`: what a typo in a config file gives."""
     if isinstance(value, bool):
         return "not-a-flag"
-    if isinstance(value, (int, float, list, dict)):
-        return "not-a-" + {int: "number", float: "number", list: "list", dict: "table"}[type(value)]
+    if isinstance(value, list):
+        return [12345]  # a list whose entries have no type a list setting holds
+    if isinstance(value, (int, float, dict)):
+        return "not-a-" + {int: "number", float: "number", dict: "table"}[type(value)]
     return 12345
 
 
@@ -200,6 +224,8 @@ def check_state_dict(trial: Trial) -> str:
         fresh_ctx, fresh, _ = make_context(trial.data_dir, trial.name, tasks=TASKS[:2])
         fresh.setup(fresh_ctx)
         fresh.load_state_dict(stored, fresh_ctx, completed_stages=stage + 1)
+        # as a resumed run, which loads the stage's model tensors next
+        fresh_ctx.model.load_state_dict(ctx.model.state_dict(), strict=False)
         assert_same(as_stored(fresh.state_dict()), stored,
                     f"state_dict after stage {stage + 1}, stored, loaded into a fresh method")
     return f"{len(state)} entr{'y' if len(state) == 1 else 'ies'} after the last stage"
@@ -223,10 +249,12 @@ def check_task_deltas(trial: Trial) -> str:
     modules = dict(ctx.model.named_modules())
     for key, tensor in deltas.items():
         module_name, _, part = key.rpartition("::")
-        module = next((m for n, m in modules.items()  # a name inside a wrapper (peft's) counts
-                       if n == module_name or n.endswith(f".{module_name}")), None)
-        if module is None or part not in ("A", "B", "W"):
-            raise ContractError(f"task_deltas key {key!r} is no `<module>::A|B|W` of the model")
+        found = [m for n, m in modules.items()  # a name inside a wrapper (peft's) counts
+                 if n == module_name or n.endswith(f".{module_name}")]
+        if len(found) != 1 or part not in ("A", "B", "W"):
+            raise ContractError(f"task_deltas key {key!r} is no `<module>::A|B|W` of one module "
+                                f"of the model ({len(found)} match)")
+        module = found[0]
         weight = getattr(module, "weight", None)
         d_out, d_in = weight.shape if weight is not None else (None, None)
         k = deltas.get(f"{module_name}::A", tensor).shape[0]
@@ -241,9 +269,14 @@ def check_task_deltas(trial: Trial) -> str:
 
 
 def check_determinism(trial: Trial) -> str:
-    """Two runs with the same seed: the same records, predictions and bitwise the same tensors."""
-    assert_same(outcome(trial.run("again")), outcome(trial.reference), "a second run, same seed")
-    return "same records, predictions and tensors"
+    """Two runs with the same seed and threads, the second in a process of its own under another
+    hash seed (state kept on a class, or an order that follows `hash`, then differs): the same
+    records, predictions and bitwise the same tensors."""
+    hash_seed = str(int(os.environ.get("PYTHONHASHSEED", "0") or 0) + 1)
+    again = launch(trial, "again", TASKS, TRAIN, ("--set", EVERY_STEP[0]),
+                   {"PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    assert_same(outcome(again), outcome(trial.reference), "a second run, same seed, another process")
+    return "same records, predictions and tensors, in another process"
 
 
 def check_resume_between_stages(trial: Trial) -> str:
@@ -251,7 +284,8 @@ def check_resume_between_stages(trial: Trial) -> str:
     again: it resumes from that stage and ends as the uninterrupted run, bitwise."""
     stages = len(trial.reference.stage_folders()) - 1
     at = min(2, stages)
-    resumed = trial.killed_then_resumed("killed-between", f"stage_done:{at}")
+    resumed = trial.killed_then_resumed("killed-between", f"stage_done:{at}",
+                                        lambda rd: len(rd.completed_stages()) == at + 1)
     assert_same(outcome(resumed), outcome(trial.reference), f"resumed after stage {at}")
     return f"killed after stage {at} of {stages}"
 
@@ -262,9 +296,10 @@ def check_resume_inside_stage(trial: Trial) -> str:
     steps = [json.loads((d / "metrics.json").read_text())["train"]["steps"]
              for d in trial.reference.stage_folders()[1:]]
     if steps[-1] < 2:
-        return "the last stage has one step: nothing inside it to resume"
+        return None  # one step: nothing inside the stage to resume
     at = sum(steps[:-1]) + 2
-    resumed = trial.killed_then_resumed("killed-inside", f"train_step:{at}")
+    resumed = trial.killed_then_resumed("killed-inside", f"train_step:{at}",
+                                        lambda rd: any((rd.path / "checkpoints").glob("*")))
     assert_same(outcome(resumed), outcome(trial.reference), f"resumed inside the last stage")
     return f"killed at step {at} of {sum(steps)}, resumed after step {at - 1}"
 
@@ -310,31 +345,31 @@ def check_two_ranks(trial: Trial) -> str | None:
         return None
     method = registry.create(trial.name, "default")
     zero = min(method.max_zero_stage, 2)
-    two = launch(trial, "two-ranks", ("--launcher", "deepspeed", "--num-gpus", "2",
-                                      "--deepspeed-config", f"zero{zero}"))
-    one = launch(trial, "one-process", ("--set", "train.grad_accum=2"))
+    # 40 training examples, so that each epoch ends with a smaller step; one thread, as every
+    # DeepSpeed rank has
+    tasks, one_thread = TASKS[:2], {"OMP_NUM_THREADS": "1"}
+    two = launch(trial, "two-ranks", tasks, 40, ("--launcher", "deepspeed", "--num-gpus", "2",
+                                                 "--deepspeed-config", f"zero{zero}"), one_thread)
+    one = launch(trial, "one-process", tasks, 40, ("--set", "train.grad_accum=2"), one_thread)
     found, expected = outcome(two), outcome(one)
     assert_same({k: found[k] for k in ("matrix", "model")},
                 {k: expected[k] for k in ("matrix", "model")}, f"two ranks under ZeRO-{zero}")
     return f"ZeRO-{zero}: same accuracy matrix and bitwise the same tensors"
 
 
-def launch(trial: Trial, label: str, extra: tuple[str, ...], timeout: float = 600) -> RunDir:
-    """`harness run` in a process of its own with one thread (as every DeepSpeed rank has); 40
-    training examples, so that each epoch ends with a smaller step."""
-    import os
-
+def launch(trial: Trial, label: str, tasks: tuple[str, ...], train: int, extra: tuple[str, ...],
+           env: dict[str, str], timeout: float = 600) -> RunDir:
+    """`harness run` of the method in a process of its own (`env` added to this one's)."""
     results = trial.workdir / label
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("HARNESS_KILL_AT", None)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **env}
     done = subprocess.run(
-        [sys.executable, "-m", "harness", "run", "--method", trial.name, "--tasks", ",".join(TASKS[:2]),
-         "--data-dir", str(trial.data_dir), "--results", str(results), "--train-per-task", "40",
+        [sys.executable, "-m", "harness", "run", "--method", trial.name, "--tasks", ",".join(tasks),
+         "--data-dir", str(trial.data_dir), "--results", str(results), "--train-per-task", str(train),
          "--test-per-task", str(TEST), "--no-progress", *extra],
         env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True)
     if done.returncode != 0:
         raise ContractError(f"{label}: harness run failed:\n{done.stderr[-2000:]}")
-    return RunDir(RunSpec(trial.name, TASKS[:2], 0, "default").folder(results))
+    return RunDir(RunSpec(trial.name, tasks, 0, "default").folder(results))
 
 
 CHECKS: dict[str, Callable[[Trial], str | None]] = {
@@ -359,12 +394,15 @@ def check_method(name: str, skip: tuple[str, ...] = (), workdir: Path | None = N
     if unknown:
         raise HarnessError(f"--skip {unknown[0]}: no such check (checks: {', '.join(CHECKS)})")
     name = runnable_name(name)  # unknown names fail here, with the known ones listed
-    if workdir is not None and Path(workdir).exists() and any(Path(workdir).iterdir()):
+    if workdir is not None and Path(workdir).exists() and \
+            (not Path(workdir).is_dir() or any(Path(workdir).iterdir())):
         raise HarnessError(f"--keep {workdir}: not an empty folder (runs found there would be "
                            "taken as done, and the checks would compare nothing)")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per loaded model would bury the results
+    for planted in ("HARNESS_KILL_AT", "HARNESS_KILL_ONCE"):  # the checks place their own kills
+        os.environ.pop(planted, None)
     with tempfile.TemporaryDirectory(prefix="harness-check-") as scratch:
         workdir = Path(workdir or scratch)
         data_dir = Path(data_dir) if data_dir else synthetic_benchmark(workdir / "data", 40, 8)
@@ -377,7 +415,7 @@ def check_method(name: str, skip: tuple[str, ...] = (), workdir: Path | None = N
             results.append(result)
             if report is not None:
                 report(result)
-            if check == "registered" and not result.passed:
+            if check == "registered" and result.passed is False:
                 break
     return results
 

@@ -44,15 +44,24 @@ def make_context(data_dir: Path, method_name: str, tasks=("agnews", "yahoo"), n_
     corpus = [s for d in data.values() for s in list(d.train["source"]) + list(d.train["target"])]
     backbone = load_backbone(embedded_backbone_dir(corpus, TINY))
     profile = load_profile("default")
-    base_name = method_name.split("+")[0]
-    config = {**registry.method_config(base_name, profile.name), **(settings or {})}
-    method = (registry.method_class(method_name)(config) if "+" not in method_name else
-              registry.create(method_name, profile.name))
+    method = build_method(method_name, profile.name, settings or {})
     torch.manual_seed(seed)
     batcher = Batcher(backbone, 512, 50)
     ctx = Context(model=backbone.model, backbone=backbone, tasks=seq, data=data, profile=profile,
                   seed=seed, batcher=batcher)
     return ctx, method, batcher
+
+
+def build_method(name: str, profile: str, settings: dict[str, Any]) -> Method:
+    """The method as a run builds it, with `settings` replacing some of the base method's."""
+    base_name, *modifiers = name.split("+")
+    cls = registry.method_class(base_name)
+    method = cls({**registry.method_config(base_name, profile, cls), **settings})
+    for modifier in modifiers:
+        mod_cls = registry.method_class(modifier)
+        method = mod_cls(method, registry.method_config(modifier, profile, mod_cls))
+    method.name = name
+    return method
 
 
 def train_stage(ctx: Context, method: Method, batcher: Batcher, stage: int) -> None:

@@ -28,6 +28,7 @@ def method_contract(synthetic_dir, tmp_path):
     from harness.testing.contract import assert_method_passes
 
     def check(name: str, skip: tuple[str, ...] = ("two_ranks",)) -> None:
-        assert_method_passes(name, skip, workdir=tmp_path, data_dir=synthetic_dir)
+        assert_method_passes(name, skip, workdir=tmp_path / f"contract-{name}",
+                             data_dir=synthetic_dir)
 
     return check
