@@ -99,12 +99,26 @@ class EmbeddedSpec:
     vocab_size: int = 4000
     dropout_rate: float = 0.0
     init_seed: int = 0
+    # Pretraining on held-out synthetic tasks (harness.synthetic.pretraining_examples) before the
+    # model is saved: optimizer steps (0: none, the model stays at its random initialisation),
+    # their batch size and AdamW learning rate.
+    pretrain_steps: int = 0
+    pretrain_batch: int = 32
+    pretrain_lr: float = 2e-3
 
     @classmethod
     def from_dict(cls, raw: dict) -> "EmbeddedSpec":
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
             raise HarnessError(f"unknown embedded-model settings {sorted(unknown)}")
+        for key, value in raw.items():  # numbers of the default's kind; sizes and rates positive
+            default = cls.__dataclass_fields__[key].default
+            kind = (int, float) if isinstance(default, float) else int
+            low = 0 if key in ("pretrain_steps", "dropout_rate", "init_seed") else 1e-12
+            if isinstance(value, bool) or not isinstance(value, kind) or value < low:
+                raise HarnessError(f"profile setting embedded.{key} must be a "
+                                   f"{'number' if kind != int else 'whole number'} "
+                                   f"{'>= 0' if low == 0 else '> 0'}; got {value!r}")
         return cls(**raw)
 
 
@@ -131,14 +145,40 @@ def _train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFa
                                    unk_token="<unk>", model_max_length=512)
 
 
+def pretrain(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
+              spec: EmbeddedSpec) -> None:
+    """`spec.pretrain_steps` AdamW steps on held-out synthetic tasks (seeded by `init_seed`),
+    gradient norm clipped at 1; a fixed number of steps, so the same machine builds the same
+    model. A plain loop: there is nothing of a run here (no method, stages or checkpoints)."""
+    from harness.synthetic import pretraining_examples
+
+    examples = pretraining_examples(spec.init_seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.pretrain_lr)
+    model.train()
+    for _ in range(spec.pretrain_steps):
+        sources, targets = zip(*(next(examples) for _ in range(spec.pretrain_batch)))
+        batch = tokenizer(list(sources), return_tensors="pt", padding=True)
+        labels = tokenizer(list(targets), return_tensors="pt", padding=True).input_ids
+        labels[labels == tokenizer.pad_token_id] = -100
+        model(**batch, labels=labels).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+
+
 def embedded_backbone_dir(corpus: list[str], spec: EmbeddedSpec) -> Path:
     """Build (once) and return the folder of the embedded default for this corpus and spec.
 
     The folder name is a hash of the corpus and the spec, so another data dir gets its own
     tokenizer; the folder is written to a temporary name and renamed, so it is never half-built.
     """
+    from harness.synthetic import PRETRAINING_VERSION
+
     digest = hashlib.sha256()
     digest.update(json.dumps(spec.__dict__, sort_keys=True).encode())
+    if spec.pretrain_steps:  # a new version of the pretraining examples is another model
+        digest.update(f"pretraining:{PRETRAINING_VERSION}".encode())
     for text in corpus:
         digest.update(text.encode())
         digest.update(b"\0")
@@ -155,6 +195,8 @@ def embedded_backbone_dir(corpus: list[str], spec: EmbeddedSpec) -> Path:
         with torch.random.fork_rng():  # building must not disturb the caller's random state
             torch.manual_seed(spec.init_seed)
             model = T5ForConditionalGeneration(config)
+            if spec.pretrain_steps:
+                pretrain(model, tokenizer, spec)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 

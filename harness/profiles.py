@@ -103,6 +103,7 @@ _OPTIONAL = {
               "gradient_checkpointing", "group_by_length", "checkpoint_every"),
     "eval": ("batch_size", "max_new_tokens"),
     "deepspeed": ("config",),
+    "embedded": ("pretrain_steps", "pretrain_batch", "pretrain_lr"),  # harness.backbone.EmbeddedSpec
 }
 
 

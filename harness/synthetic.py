@@ -292,3 +292,46 @@ def is_synthetic(data_dir: Path) -> bool:
         return json.loads(manifest.read_text()).get("generator") == "harness.synthetic"
     except json.JSONDecodeError:
         return False
+
+
+# -- held-out tasks for pretraining the embedded backbone -----------------------------------------
+# Tasks in no order of the benchmark: each maps some concepts of one group (topics, sentiments,
+# NLI cues) to label strings made of random words, so that a model pretrained on them learns to
+# read an option list, write an option back and group cue words, never a benchmark label.
+PRETRAINING_VERSION = 1  # bump when the examples change, so cached pretrained backbones are rebuilt
+_CONCEPTS = {**{f"topic:{k}": v.split() for k, v in TOPICS.items()},
+             **{f"sentiment:{k}": v.split() for k, v in SENTIMENT.items()},
+             **{f"nli:{k}": v.split() for k, v in NLI_CUES.items()}}
+_GROUPS = [[c for c in _CONCEPTS if c.startswith(prefix)] for prefix in ("topic:", "sentiment:", "nli:")]
+_LABEL_WORDS = sorted({w for words in _CONCEPTS.values() for w in words} | set(FILLER))
+
+
+def _heldout_task(rng: random.Random, taken: set[str]) -> dict:
+    group = rng.choice(_GROUPS)
+    concepts = rng.sample(group, rng.randint(2, min(14, len(group))))
+    labels: list[str] = []
+    while len(labels) < len(concepts):
+        words = [rng.choice(_LABEL_WORDS) for _ in range(rng.choice([1, 1, 1, 2, 2, 3]))]
+        words = [w.capitalize() if rng.random() < 0.5 else w for w in words]
+        label = rng.choice([" ", " or ", " & ", " of "]).join(words)
+        if label not in labels and label.lower() not in taken:  # never a benchmark label
+            labels.append(label)
+    return {"concepts": concepts, "labels": labels, "instruction": rng.choice(list(INSTRUCTIONS.values()))}
+
+
+def pretraining_examples(seed: int, n_tasks: int = 48):
+    """An endless, seeded stream of (source, target) pairs of `n_tasks` held-out tasks, in the
+    benchmark's prompt format (instruction, option list, text of cue and filler words)."""
+    rng = random.Random(f"pretraining:{seed}")
+    taken = {label.lower() for task in load_benchmark().tasks.values() for label in task.labels}
+    tasks = [_heldout_task(rng, taken) for _ in range(n_tasks)]
+    while True:
+        task = rng.choice(tasks)
+        k = rng.randrange(len(task["concepts"]))
+        cues = [rng.choice(_CONCEPTS[task["concepts"][k]]) for _ in range(3)]
+        if rng.random() < 0.3:  # a distractor, as the benchmark tasks have
+            cues.append(rng.choice(_CONCEPTS[rng.choice(task["concepts"])]))
+        words = [rng.choice(FILLER) for _ in range(6)] + cues
+        rng.shuffle(words)
+        yield (f"{task['instruction']}Option: {', '.join(task['labels'])} \nText: {' '.join(words)}"
+               "\nAnswer:", task["labels"][k])

@@ -243,6 +243,8 @@ CASES = [
                                                 "--method", "olora", "--order", "1", "--results",
                                                 str(t["results"])], "nowhere"),
     ("check an unknown method", lambda t: ["check-method", "nosuch"], "unknown method 'nosuch'"),
+    ("a negative number of pretraining steps", lambda t: seqlora(t, "--set", "embedded.pretrain_steps=-1"),
+     "embedded.pretrain_steps must be a whole number >= 0"),
     ("check with an unknown check skipped", lambda t: ["check-method", "seqlora", "--skip", "bogus"],
      "--skip bogus: no such check"),
     ("check keeping runs in a folder with files",

@@ -1,0 +1,47 @@
+"""Pretraining the embedded backbone on held-out synthetic tasks (`embedded.pretrain_steps`): a
+fixed number of seeded steps, so a machine builds the same model each time; another cached folder
+than the untrained model; a loss that went down; never a benchmark label among its tasks."""
+
+import itertools
+from dataclasses import replace
+
+import torch
+from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+from harness.backbone import embedded_backbone_dir
+from harness.benchmark import load_benchmark
+from harness.synthetic import pretraining_examples
+from tests.helpers import TINY
+
+CORPUS = [s for s, t in itertools.islice(pretraining_examples(7), 200) for s in (s, t)]
+
+
+def loss_on(folder, pairs):
+    model = T5ForConditionalGeneration.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer([s for s, _ in pairs], return_tensors="pt", padding=True)
+    labels = tokenizer([t for _, t in pairs], return_tensors="pt", padding=True).input_ids
+    labels[labels == tokenizer.pad_token_id] = -100
+    with torch.no_grad():
+        return model(**batch, labels=labels).loss.item(), model.state_dict()
+
+
+def test_pretraining_is_seeded_cached_apart_and_lowers_the_loss(tmp_path, monkeypatch):
+    spec = replace(TINY, pretrain_steps=80, pretrain_batch=16)
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "a"))
+    untrained, pretrained = embedded_backbone_dir(CORPUS, TINY), embedded_backbone_dir(CORPUS, spec)
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "b"))
+    again = embedded_backbone_dir(CORPUS, spec)
+    assert untrained.name != pretrained.name
+    held_out = list(itertools.islice(pretraining_examples(0), 64))  # the tasks pretraining saw
+    before, _ = loss_on(untrained, held_out)
+    after, weights = loss_on(pretrained, held_out)
+    _, rebuilt = loss_on(again, held_out)
+    assert after < 0.8 * before
+    assert all(torch.equal(weights[k], rebuilt[k]) for k in weights)  # same steps, same model
+
+
+def test_no_pretraining_task_has_a_benchmark_label():
+    taken = {label.lower() for task in load_benchmark().tasks.values() for label in task.labels}
+    targets = {t.lower() for _, t in itertools.islice(pretraining_examples(0), 5000)}
+    assert len(targets) > 100 and not targets & taken
