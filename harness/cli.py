@@ -448,7 +448,7 @@ def _submit(args, runner, specs) -> int:
             raise HarnessError(f"--slurm gpus_per_node={settings['gpus_per_node']}: each task "
                                f"starts --num-gpus {args.num_gpus} ranks; give at least as many GPUs")
     argv = without(args.argv, ("--executor", "--slurm", "--jobs", "--shard"), flags=("--wait",))
-    jobs = executor.submit(args.executor, argv, len(specs), settings, args.results, "--slurm")
+    jobs = executor.submit(args.executor, main, argv, len(specs), settings, args.results, "--slurm")
     job_id = str(jobs[0].job_id).split("_")[0]
     folders = [runner.run_dir(s).path for s in specs]
     runs = [str(folder.relative_to(args.results)) for folder in folders]  # task i runs runs[i]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from harness.errors import HarnessError
@@ -95,29 +96,30 @@ def _check_meaning(params: dict, where: str) -> None:
 
 
 class SweepTask(Checkpointable):
-    """One array task: run `index` of the sweep, by the command line of a local run. Requeued by
-    submitit (Checkpointable: the same call again) when Slurm is about to stop it."""
+    """One array task: run `index` of the sweep, by the command line of a local run (`entry`, the
+    command line's own entry point, handed down so that this module does not import it; pickled
+    by reference). Requeued by submitit (Checkpointable: the same call again) when Slurm is about
+    to stop it."""
 
-    def __init__(self, argv: list[str], threads: int):
-        self.argv, self.threads = argv, threads
+    def __init__(self, entry: Callable[[list[str]], int], argv: list[str], threads: int):
+        self.entry, self.argv, self.threads = entry, argv, threads
 
     def __call__(self, index: int, count: int) -> int:
         import torch
 
-        from harness.cli import main
-
         os.environ["OMP_NUM_THREADS"] = str(self.threads)  # DeepSpeed ranks and jobs inherit it
         torch.set_num_threads(self.threads)
-        code = main([*self.argv, "--shard", f"{index}/{count}", "--jobs", "1", "--no-progress"])
+        code = self.entry([*self.argv, "--shard", f"{index}/{count}", "--jobs", "1", "--no-progress"])
         if code:
             raise RuntimeError(f"run {index} of {count} exited with code {code} (its log: this "
                                "job's .out and .err files)")
         return code
 
 
-def submit(kind: str, argv: list[str], runs: int, settings: dict[str, str], results: Path,
-           where: str):
-    """Submit the sweep's `runs` as one job array; returns the submitit jobs."""
+def submit(kind: str, entry: Callable[[list[str]], int], argv: list[str], runs: int,
+           settings: dict[str, str], results: Path, where: str):
+    """Submit the sweep's `runs` as one job array, each task `entry(argv + its shard)`; returns
+    the submitit jobs."""
     import submitit
 
     params = executor_parameters(settings, where)
@@ -129,7 +131,7 @@ def submit(kind: str, argv: list[str], runs: int, settings: dict[str, str], resu
     executor = submitit.AutoExecutor(folder=Path(results).resolve() / "slurm" / "%j", cluster=kind)
     executor.update_parameters(name="harness", **params)
     try:
-        return executor.map_array(SweepTask(argv, threads), range(runs), [runs] * runs)
+        return executor.map_array(SweepTask(entry, argv, threads), range(runs), [runs] * runs)
     except (subprocess.CalledProcessError, OSError, RuntimeError) as exc:
         raise HarnessError(f"{where}: submitting the job array failed ({str(exc).strip()})") from exc
 
