@@ -20,7 +20,7 @@ import torch
 from harness import faults
 from harness.errors import HarnessError
 from harness.store import RunDir, RunSpec
-from harness.testing.kit import make_context, run_method, run_options, synthetic_benchmark, train_stage
+from harness.testing.kit import make_context, prepared_run, synthetic_benchmark, train_stage
 from harness_methods import registry
 from harness_methods.base import Method, SettingError
 from harness_methods.modifier import Modifier
@@ -110,15 +110,10 @@ class Trial:
         self._reference: RunDir | Exception | None = None
 
     def run(self, label: str, settings: tuple[str, ...] = EVERY_STEP, runner_hook=None) -> RunDir:
-        from harness.runner import runner_for
-
-        if runner_hook is None:
-            return run_method(self.name, self.data_dir, self.workdir / label, TASKS, TRAIN, TEST,
-                              settings=settings)
-        runner = runner_for("default", run_options(self.data_dir, self.workdir / label, TRAIN, TEST,
-                                                   settings))
-        runner_hook(runner)
-        spec = RunSpec(method=self.name, tasks=TASKS, seed=0, profile="default")
+        runner, spec = prepared_run(self.name, self.data_dir, self.workdir / label, TASKS, TRAIN,
+                                    TEST, 0, settings, "default")
+        if runner_hook is not None:
+            runner_hook(runner)
         runner.run(spec)
         return runner.run_dir(spec)
 

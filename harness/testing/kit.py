@@ -95,20 +95,20 @@ def run_method(method: str, data_dir: Path, results: Path, tasks=("agnews", "SST
                settings: tuple[str, ...] = (), profile: str = "default") -> RunDir:
     """One whole run in this process, as `harness run --method METHOD --tasks ...` makes it
     (`settings`: `--set` arguments, `method.KEY=VALUE` or `section.key=value`); its folder."""
-    from harness.runner import runner_for
-
-    runner = runner_for(profile, run_options(data_dir, results, train_per_task, test_per_task,
-                                             settings))
-    spec = RunSpec(method=method, tasks=tuple(tasks), seed=seed, profile=profile, order=None)
+    runner, spec = prepared_run(method, data_dir, results, tasks, train_per_task, test_per_task,
+                                seed, settings, profile)
     runner.run(spec)
     return runner.run_dir(spec)
 
 
-def run_options(data_dir: Path, results: Path, train_per_task: int, test_per_task: int,
-                settings: tuple[str, ...]):
-    from harness.runner import Options
+def prepared_run(method: str, data_dir: Path, results: Path, tasks, train_per_task: int,
+                 test_per_task: int, seed: int, settings: tuple[str, ...], profile: str):
+    """The runner and run of `run_method`, before the run starts (a check may adjust the runner)."""
+    from harness.runner import Options, runner_for
 
     method_sets = tuple(s for s in settings if s.startswith("method."))
-    return Options(results=Path(results), data_dir=Path(data_dir), train_per_task=train_per_task,
-                   test_per_task=test_per_task, progress=False, method_overrides=method_sets,
-                   profile_overrides=tuple(s for s in settings if s not in method_sets))
+    options = Options(results=Path(results), data_dir=Path(data_dir), train_per_task=train_per_task,
+                      test_per_task=test_per_task, progress=False, method_overrides=method_sets,
+                      profile_overrides=tuple(s for s in settings if s not in method_sets))
+    spec = RunSpec(method=method, tasks=tuple(tasks), seed=seed, profile=profile, order=None)
+    return runner_for(profile, options), spec
