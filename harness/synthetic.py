@@ -333,5 +333,6 @@ def pretraining_examples(seed: int, n_tasks: int = 48):
             cues.append(rng.choice(_CONCEPTS[rng.choice(task["concepts"])]))
         words = [rng.choice(FILLER) for _ in range(6)] + cues
         rng.shuffle(words)
-        yield (f"{task['instruction']}Option: {', '.join(task['labels'])} \nText: {' '.join(words)}"
-               "\nAnswer:", task["labels"][k])
+        source = (f"{task['instruction']}Option: {', '.join(task['labels'])} \n"
+                  f"Text: {' '.join(words)}\nAnswer:")
+        yield source, task["labels"][k]
