@@ -136,7 +136,9 @@ def _train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFa
     tok.normalizer = normalizers.Replace(Regex(r"\s+"), " ")
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
+    # Every printable ASCII character is a piece, so text the corpus lacks is still spelt out.
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                  initial_alphabet=[chr(c) for c in range(33, 127)],
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(

@@ -88,6 +88,19 @@ def _setup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _key_range(text: str) -> tuple[str, tuple[float, float]]:
+    key, sep, bounds = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=LOW,HIGH (e.g. lambda1=1e-5,1e-1), got {text!r}")
+    try:
+        low, high = (float(x) for x in bounds.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KEY=LOW,HIGH (e.g. lambda1=1e-5,1e-1), got {text!r}")
+    if not 0 < low <= high:
+        raise argparse.ArgumentTypeError(f"expected 0 < LOW <= HIGH, got {text!r}")
+    return key, (low, high)
+
+
 def _lr_range(text: str) -> tuple[float, float]:
     try:
         low, high = (float(x) for x in text.split(","))
@@ -171,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--seed", type=int, default=0, help="the runs' seed and the sampler's")
     tune.add_argument("--lr-range", type=_lr_range, default=(1e-5, 1e-2), metavar="LOW,HIGH",
                       help="the learning rate's range, log-uniform, the same for every method")
+    tune.add_argument("--range", dest="ranges", type=_key_range, action="append", default=[],
+                      metavar="KEY=LOW,HIGH", help="another range for one searched setting "
+                      "(lambda1=1e-5,1e-1; lr=3e-4,3e-4 pins it); repeatable")
     tune.add_argument("--out", type=Path, default=Path("results/tune"),
                       help="where the trials' runs, the study and tuned.json go")
     tune.add_argument("--storage", help="an Optuna storage URL that several processes or "
@@ -500,9 +516,10 @@ def cmd_tune(args) -> None:
     runner = runner_for(args.profile, _run_options(args, eval_split="heldout"), SINGLE)
     for name in args.methods:
         runner.create_method(name)  # unknown names and bad settings fail first
-        tune.search_space(name, args.profile, args.lr_range)
+        tune.search_space(name, args.profile, args.lr_range, dict(args.ranges))
     setup = {"profile": args.profile, "sequences": [list(seq) for _, seq in sequences],
              "seed": args.seed, "trials": args.trials, "lr_range": list(args.lr_range),
+             **({"ranges": {k: list(v) for k, v in args.ranges}} if args.ranges else {}),
              "train_per_task": args.train_per_task or runner.profile.train_per_task,
              "test_per_task": args.test_per_task or runner.profile.test_per_task,
              "data_dir": str(runner.data_dir), "model": args.model or runner.profile.model,

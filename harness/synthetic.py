@@ -294,16 +294,47 @@ def is_synthetic(data_dir: Path) -> bool:
         return False
 
 
-# -- held-out tasks for pretraining the embedded backbone -----------------------------------------
-# Tasks in no order of the benchmark: each maps some concepts of one group (topics, sentiments,
-# NLI cues) to label strings made of random words, so that a model pretrained on them learns to
-# read an option list, write an option back and group cue words, never a benchmark label.
-PRETRAINING_VERSION = 1  # bump when the examples change, so cached pretrained backbones are rebuilt
+# -- pretraining the embedded backbone ----------------------------------------------------------
+# What a real pretrained model brings to the benchmark, made from this module's vocabularies:
+# - knowledge: which words go together and what the group is called (cue words of a topic,
+#   sentiment or NLI relation -> its names, the label strings that use it), in a plain
+#   "words / Theme: name" format that is not the benchmark's prompt, so the benchmark's tasks
+#   still start near 0% zero-shot and must be learnt from their training split;
+# - held-out tasks in the benchmark's prompt format (instruction, option list, text): concepts
+#   mapped to label strings of random words, never a benchmark label, so the model learns to read
+#   an option list and write one option back; the True/False cue words enter here only as word
+#   groups by meaning (which group is True is each task's own, partly conflicting, rule);
+# - held-out two-option tasks in COPA's format (which of A and B holds a cue of a given group).
+PRETRAINING_VERSION = 2  # bump when the examples change, so cached pretrained backbones are rebuilt
 _CONCEPTS = {**{f"topic:{k}": v.split() for k, v in TOPICS.items()},
              **{f"sentiment:{k}": v.split() for k, v in SENTIMENT.items()},
-             **{f"nli:{k}": v.split() for k, v in NLI_CUES.items()}}
-_GROUPS = [[c for c in _CONCEPTS if c.startswith(prefix)] for prefix in ("topic:", "sentiment:", "nli:")]
+             **{f"nli:{k}": v.split() for k, v in NLI_CUES.items()},
+             # the True/False and COPA cue words, grouped by what they mean
+             "binary:alike": "same alike similar equal identical".split(),
+             "binary:apart": "different unrelated distinct other separate".split(),
+             "binary:yes": "yes correct indeed right accurate".split(),
+             "binary:no": "no wrong never incorrect mistaken".split(),
+             "copa:reason": COPA_CUES["right"].split(), "copa:concession": COPA_CUES["wrong"].split()}
+_GROUPS = [[c for c in _CONCEPTS if c.startswith(prefix)]
+           for prefix in ("topic:", "sentiment:", "nli:", "binary:", "copa:")]
 _LABEL_WORDS = sorted({w for words in _CONCEPTS.values() for w in words} | set(FILLER))
+
+
+def _concept_names() -> dict[str, list[str]]:
+    """Each topic, sentiment and NLI concept's names: the label strings that use it."""
+    names: dict[str, set[str]] = {}
+    for labels in TOPIC_OF_LABEL.values():
+        for label, topics in labels.items():
+            for topic in topics:
+                names.setdefault(f"topic:{topic}", set()).add(label)
+    for group in SENTIMENT:
+        names.setdefault(f"sentiment:{group}", {group})
+    for label, groups in SENTIMENT_OF_LABEL.items():
+        for group in groups:
+            names[f"sentiment:{group}"].add(label)
+    for relation in NLI_CUES:
+        names[f"nli:{relation}"] = {relation}
+    return {concept: sorted(found) for concept, found in sorted(names.items())}
 
 
 def _heldout_task(rng: random.Random, taken: set[str]) -> dict:
@@ -319,20 +350,62 @@ def _heldout_task(rng: random.Random, taken: set[str]) -> dict:
     return {"concepts": concepts, "labels": labels, "instruction": rng.choice(list(INSTRUCTIONS.values()))}
 
 
+def _text(rng: random.Random, concept: str, n_cues: int = 3, n_filler: int = 6) -> str:
+    words = [rng.choice(FILLER) for _ in range(n_filler)]
+    words += [rng.choice(_CONCEPTS[concept]) for _ in range(n_cues)]
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def _option_example(rng: random.Random, task: dict) -> tuple[str, str]:
+    k = rng.randrange(len(task["concepts"]))
+    text = _text(rng, task["concepts"][k])
+    if rng.random() < 0.3:  # a distractor, as the benchmark tasks have
+        text += " " + rng.choice(_CONCEPTS[rng.choice(task["concepts"])])
+    return (f"{task['instruction']}Option: {', '.join(task['labels'])} \nText: {text}\nAnswer:",
+            task["labels"][k])
+
+
+def _knowledge_example(rng: random.Random, names: dict[str, list[str]]) -> tuple[str, str]:
+    concept = rng.choice(sorted(names))
+    return f"{_text(rng, concept)}\nTheme:", rng.choice(names[concept])
+
+
+def _two_option_example(rng: random.Random, pair: tuple[str, str]) -> tuple[str, str]:
+    right, wrong = (_text(rng, concept, n_cues=1, n_filler=4) for concept in pair)
+    answer = rng.choice("AB")
+    a, b = (right, wrong) if answer == "A" else (wrong, right)
+    return (f'Which option is the {rng.choice(["cause", "effect"])} of "{" ".join(rng.choice(FILLER) for _ in range(5))}."? '
+            f"Answer A or B.\nA: {a}.\nB: {b}.", answer)
+
+
 def pretraining_examples(seed: int, n_tasks: int = 48):
-    """An endless, seeded stream of (source, target) pairs of `n_tasks` held-out tasks, in the
-    benchmark's prompt format (instruction, option list, text of cue and filler words)."""
+    """An endless, seeded stream of (source, target) pairs: knowledge (half), held-out option
+    tasks (35%) and held-out two-option tasks (15%); see the comment above."""
     rng = random.Random(f"pretraining:{seed}")
     taken = {label.lower() for task in load_benchmark().tasks.values() for label in task.labels}
     tasks = [_heldout_task(rng, taken) for _ in range(n_tasks)]
+    names = _concept_names()
+    pairs = [tuple(rng.sample(sorted(_CONCEPTS), 2)) for _ in range(n_tasks)]
     while True:
-        task = rng.choice(tasks)
-        k = rng.randrange(len(task["concepts"]))
-        cues = [rng.choice(_CONCEPTS[task["concepts"][k]]) for _ in range(3)]
-        if rng.random() < 0.3:  # a distractor, as the benchmark tasks have
-            cues.append(rng.choice(_CONCEPTS[rng.choice(task["concepts"])]))
-        words = [rng.choice(FILLER) for _ in range(6)] + cues
-        rng.shuffle(words)
-        source = (f"{task['instruction']}Option: {', '.join(task['labels'])} \n"
-                  f"Text: {' '.join(words)}\nAnswer:")
-        yield source, task["labels"][k]
+        draw = rng.random()
+        if draw < 0.5:
+            yield _knowledge_example(rng, names)
+        elif draw < 0.85:
+            yield _option_example(rng, rng.choice(tasks))
+        else:
+            yield _two_option_example(rng, rng.choice(pairs))
+
+
+def tokenizer_corpus(n_pretraining: int = 4000) -> list[str]:
+    """The text the embedded backbone's tokenizer is trained on: the synthetic benchmark's training
+    examples (200 per task) and pretraining examples; the same on every machine and for every data
+    folder, so one pretrained backbone serves every run."""
+    benchmark = load_benchmark()
+    corpus = list(INSTRUCTIONS.values())
+    for task in benchmark.tasks.values():
+        corpus += [r["sentence"] for r in generate_task(task, 200, 0, seed=0)["train"]] + list(task.labels)
+    examples = pretraining_examples(0)
+    for _ in range(n_pretraining):
+        corpus += next(examples)
+    return corpus

@@ -23,10 +23,11 @@ from harness.store import RunSpec, write_atomic
 TUNED_FILE = "tuned.json"
 
 
-def search_space(name: str, profile: str,
-                 lr_range: tuple[float, float]) -> dict[str, tuple[float, float]]:
+def search_space(name: str, profile: str, lr_range: tuple[float, float],
+                 ranges: dict[str, tuple[float, float]] | None = None) -> dict[str, tuple[float, float]]:
     """The learning rate (the same range for every method) and the method's own coefficient; of
-    the base method for a combination such as olora+sam (`--set method.*` reaches the base)."""
+    the base method for a combination such as olora+sam (`--set method.*` reaches the base).
+    `ranges` (`--range KEY=LOW,HIGH`) replaces a key's range; LOW = HIGH pins it."""
     from harness_methods import registry
 
     method = registry.create(base_method(name), profile)
@@ -35,6 +36,11 @@ def search_space(name: str, profile: str,
     if not space:
         raise HarnessError(f"tune: method {name!r} has no learning rate and no "
                            "search_space: nothing to tune")
+    for key, bounds in (ranges or {}).items():
+        if key not in space:
+            raise HarnessError(f"--range {key}: {name} searches {', '.join(sorted(space))}, "
+                               f"not {key}")
+        space[key] = bounds
     return space
 
 
@@ -43,6 +49,8 @@ def suggest(trial, key: str, low: float, high: float) -> float | int:
     size, a count)."""
     if isinstance(low, int) and isinstance(high, int):
         return trial.suggest_int(key, low, high, log=True)
+    if low == high:  # pinned by --range: recorded with the trial, not searched
+        return trial.suggest_float(key, low, high)
     return trial.suggest_float(key, low, high, log=True)
 
 
@@ -70,7 +78,8 @@ def tune_method(runner, name: str, sequences: list[tuple[int | None, tuple[str, 
     first that many complete trials, by held-out AA averaged over the sequences."""
     import optuna
 
-    space = search_space(name, setup["profile"], tuple(setup["lr_range"]))
+    ranges = {k: tuple(v) for k, v in setup.get("ranges", {}).items()}
+    space = search_space(name, setup["profile"], tuple(setup["lr_range"]), ranges)
     study = optuna.create_study(study_name=f"{setup['profile']}/{name}", storage=storage,
                                 direction="maximize", load_if_exists=True)
     _check_setup(study, setup, storage.url)

@@ -1,6 +1,7 @@
-"""Pretraining the embedded backbone on held-out synthetic tasks (`embedded.pretrain_steps`): a
-fixed number of seeded steps, so a machine builds the same model each time; another cached folder
-than the untrained model; a loss that went down; never a benchmark label among its tasks."""
+"""Pretraining the embedded backbone (`embedded.pretrain_steps`): a fixed number of seeded steps,
+so a machine builds the same model each time; another cached folder than the untrained model; a
+loss that went down; benchmark labels only as names of concepts, never in the benchmark's prompt
+format, so no benchmark task is learnt before its training split."""
 
 import itertools
 from dataclasses import replace
@@ -41,7 +42,14 @@ def test_pretraining_is_seeded_cached_apart_and_lowers_the_loss(tmp_path, monkey
     assert all(torch.equal(weights[k], rebuilt[k]) for k in weights)  # same steps, same model
 
 
-def test_no_pretraining_task_has_a_benchmark_label():
+def test_benchmark_labels_are_names_never_answers_in_the_benchmark_format():
     taken = {label.lower() for task in load_benchmark().tasks.values() for label in task.labels}
-    targets = {t.lower() for _, t in itertools.islice(pretraining_examples(0), 5000)}
-    assert len(targets) > 100 and not targets & taken
+    examples = list(itertools.islice(pretraining_examples(0), 5000))
+    answers = {t.lower() for s, t in examples if "Option:" in s}  # the benchmark's prompt format
+    names = {t.lower() for s, t in examples if s.endswith("\nTheme:")}
+    two_option = {t for s, t in examples if s.endswith(".") and "Answer A or B" in s}
+    assert len(answers) > 100 and not answers & taken
+    assert names <= taken and len(names) > 30
+    assert two_option == {"A", "B"}
+    assert len(examples) == sum(1 for s, _ in examples if "Option:" in s or s.endswith("\nTheme:")
+                                or "Answer A or B" in s)
