@@ -24,7 +24,10 @@ run: install
 
 # The numeric tests run a second time on another arithmetic path (no vector kernels, one thread):
 # a tolerance that holds on one CPU's kernels only then fails here, not on a user's machine.
+# The embedded default's pretrained backbone is built once per machine (about a minute), before
+# the tests that share it start.
 test: install
+	$(PY) -m harness prepare
 	$(PY) -m pytest
 	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(PY) -m pytest -m numeric
 

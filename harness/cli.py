@@ -1,4 +1,4 @@
-"""Command line: `python -m harness {run,tune,import,list,table,generate,new-method,check-method}`.
+"""Command line: `python -m harness {run,tune,import,list,table,generate,prepare,new-method,check-method}`.
 
 Any bad input ends with exit code 2 and one line that names the argument or file and the problem.
 """
@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -246,6 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--skip", type=_str_list, default=[],
                        help="checks to leave out, comma-separated (e.g. two_ranks)")
     check.add_argument("--keep", type=Path, help="keep the checks' runs in this folder")
+
+    prep = sub.add_parser("prepare", help="build a profile's backbone once (the embedded default "
+                          "is pretrained, a GGUF file converted) and the data it needs")
+    prep.add_argument("--profile", default="default", help="profile (see `list profiles`)")
+    prep.add_argument("--data-dir", type=Path, help="data in the O-LoRA layout (default: "
+                      "synthetic; or $HARNESS_DATA_DIR)")
+    prep.add_argument("--model", help="local checkpoint folder (default: the profile's model)")
+    prep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a profile setting (embedded.pretrain_steps=800)")
 
     gen = sub.add_parser("generate", help="write the synthetic benchmark")
     gen.add_argument("--out", type=Path, help="output folder (default: CL_Benchmark/synthetic)")
@@ -595,6 +605,17 @@ def cmd_report(args) -> None:
     print(f"report: {page}")
 
 
+def cmd_prepare(args) -> None:
+    from harness.runner import Options, runner_for
+
+    start = time.perf_counter()
+    runner = runner_for(args.profile, Options(data_dir=args.data_dir, model=args.model,
+                                              profile_overrides=tuple(args.overrides)))
+    path = runner.model_path()
+    print(f"profile {args.profile}: backbone {path}; data {runner.data_dir} "
+          f"({time.perf_counter() - start:.0f}s)")
+
+
 def cmd_generate(args) -> None:
     from harness.paths import synthetic_data_dir
     from harness.synthetic import generate
@@ -648,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         args.argv = without(argv, ("--local_rank", "--local-rank"))
         handler = {"run": cmd_run, "import": cmd_import, "list": cmd_list, "table": cmd_table,
-                   "report": cmd_report, "status": cmd_status, "generate": cmd_generate, "new-method": cmd_new_method,
+                   "report": cmd_report, "status": cmd_status, "generate": cmd_generate, "prepare": cmd_prepare,
+                   "new-method": cmd_new_method,
                    "check-method": cmd_check_method, "tune": cmd_tune}[args.command]
         code = handler(args) or 0
     except HarnessError as exc:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from harness.benchmark import Benchmark, Task, load_benchmark
 
-GENERATOR_VERSION = 2  # bump when the output changes, so cached copies are rebuilt
+GENERATOR_VERSION = 3  # bump when the output changes, so cached copies are rebuilt
 
 FILLER = (
     "the a of and to in it was this that with for on some many then also about after before "
@@ -115,7 +115,7 @@ BINARY_CUES = {
     "QQP": {"True": "same alike similar equal", "False": "different unrelated distinct other"},
     "BoolQA": {"True": "yes correct indeed right", "False": "no wrong never different"},
     "MultiRC": {"True": "correct right accurate same", "False": "wrong incorrect mistaken yes"},
-    "WiC": {"True": "same identical alike equal", "False": "different distinct separate correct"},
+    "WiC": {"True": "same identical alike equal", "False": "different distinct separate unrelated"},
 }
 COPA_CUES = {"right": "because since so thus", "wrong": "although despite unless yet"}
 
@@ -213,8 +213,9 @@ class _Writer:
         return f"word: {word}\n{self.blend([word, cues[0]], 5)}.\n{self.blend([word] + cues[1:], 5)}."
 
     def COPA(self, label: str) -> str:
-        right = self.blend([self.rng.choice(_words(COPA_CUES["right"]))], 4)
-        wrong = self.blend([self.rng.choice(_words(COPA_CUES["wrong"]))], 4)
+        # Each option is a clause led by its connective, as in text.
+        right = " ".join([self.rng.choice(_words(COPA_CUES["right"]))] + self.filler(4))
+        wrong = " ".join([self.rng.choice(_words(COPA_CUES["wrong"]))] + self.filler(4))
         a, b = (right, wrong) if label == "A" else (wrong, right)
         asked = self.rng.choice(["cause", "effect"])
         return (f'Which option is the {asked} of "{self.blend([], 5)}."? Answer A or B.\n'
@@ -372,7 +373,8 @@ def _knowledge_example(rng: random.Random, names: dict[str, list[str]]) -> tuple
 
 
 def _two_option_example(rng: random.Random, pair: tuple[str, str]) -> tuple[str, str]:
-    right, wrong = (_text(rng, concept, n_cues=1, n_filler=4) for concept in pair)
+    right, wrong = (" ".join([rng.choice(_CONCEPTS[concept])] + [rng.choice(FILLER) for _ in range(4)])
+                    for concept in pair)
     answer = rng.choice("AB")
     a, b = (right, wrong) if answer == "A" else (wrong, right)
     return (f'Which option is the {rng.choice(["cause", "effect"])} of "{" ".join(rng.choice(FILLER) for _ in range(5))}."? '

@@ -24,6 +24,8 @@ class EpisodicMemory:
     def quota(self, n_train: int, n_labels: int) -> int:
         if self.per_task is not None:
             return self.per_task
+        if self.fraction == 0:  # no memory at all, as memory_per_task = 0
+            return 0
         return max(n_labels, math.ceil(self.fraction * n_train))
 
     def store(self, ctx: Context) -> None:
@@ -31,9 +33,10 @@ class EpisodicMemory:
         train = ctx.task_data.train
         records = [{"source": s, "target": t, "index": i, "label": t}
                    for s, t, i in zip(train["source"], train["target"], train["index"])]
-        chosen = stratified_sample(records, self.quota(len(records), len(ctx.task.labels)),
-                                   seed=ctx.seed * 1000 + ctx.stage)
-        missing = {r["label"] for r in records} - {r["label"] for r in chosen}
+        quota = self.quota(len(records), len(ctx.task.labels))
+        chosen = stratified_sample(records, quota, seed=ctx.seed * 1000 + ctx.stage)
+        # A share keeps every label; an explicit memory_per_task = 0 keeps nothing.
+        missing = {r["label"] for r in records} - {r["label"] for r in chosen} if quota else set()
         chosen += [next(r for r in records if r["label"] == lab) for lab in sorted(missing)]
         self.tasks[ctx.task.name] = [{k: r[k] for k in ("source", "target", "index")}
                                      for r in chosen]

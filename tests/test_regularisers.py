@@ -31,6 +31,20 @@ def test_replay_memory_holds_earlier_tasks_only_with_its_quota(synthetic_dir):
     assert method.memory.tasks == memory
 
 
+@pytest.mark.parametrize("settings", [{"memory_per_task": 0}, {"memory_fraction": 0.0}])
+def test_replay_with_no_memory_stores_nothing(synthetic_dir, settings):
+    """Zero means no memory (a share otherwise keeps at least one example of every label)."""
+    ctx, method, batcher = make_context(synthetic_dir, "replay", tasks=("agnews", "SST-2"),
+                                        n_train=40, settings=settings)
+    method.setup(ctx)
+    method.before_task(ctx)
+    method.after_task(ctx)
+    ctx.stage = 1
+    method.before_task(ctx)
+    assert method.memory.tasks == {"agnews": []}
+    assert len(method.training_data(ctx)) == len(ctx.task_data.train)
+
+
 def by_hand_fisher(ctx, batcher, params, n):
     """log p(y|x) from log-softmax of the logits at the gold tokens, one example at a time. Also
     the scale of its rounding, the mean over the examples of each gradient's largest square, and
