@@ -18,9 +18,9 @@ TASKS = "agnews,SST-2"
 KILL_POINTS = {
     "seqlora": ["eval_batch:2",     # evaluating the untrained model, nothing written yet
                 "stage_write:2",    # stage 1's files written, folder not yet renamed into place
-                "eval_batch:5",     # evaluating after stage 2's training
-                "stage_done:2",     # stage 2 in place, stage 1's checkpoint not yet dropped
                 "summary:1"],       # every stage in place, summary.json not yet written
+    # (for the suite's time, seqlora's eval_batch:5 and stage_done:2 are gone: stage_done:2 is
+    # olora's below, and a kill while evaluating after a stage resumes as after eval_batch:2)
     # mid stage 1 (train_step:2) and mid stage 2 (train_step:9) are the two tests below
     "olora": ["train_step:9", "stage_done:2"],  # method state (earlier tasks' A) must survive too
 }

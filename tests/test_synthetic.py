@@ -31,5 +31,5 @@ def test_tasks_share_vocabulary_and_label_words(synthetic_dir):
     # Topic cue words cross tasks: sports words appear in agnews and yahoo.
     assert {"league", "coach"} <= vocab("agnews") & vocab("yahoo")
     # A cue word that means True in one task means False in another (interference).
-    assert "correct" in vocab("BoolQA") and "correct" in vocab("WiC")
+    assert "yes" in vocab("BoolQA") and "yes" in vocab("MultiRC")  # True in one, False in the other
     assert bench.task("QQP").labels and set(bench.task("QQP").labels) == set(bench.task("WiC").labels)
