@@ -35,9 +35,9 @@ from harness.models import resolve_model
 from harness.profiles import Profile, load_profile
 from harness.runlog import QUIET, RunLog
 from harness.status import FAILED, STAGES, record_failure
-from harness.synthetic import tokenizer_corpus
 from harness.store import LOCK, RunDir, RunSpec, out_of_space, read_json, stage_name, write_json
 from harness.summary import Summary, finish_run, read_summary, stage_predictions
+from harness.synthetic import tokenizer_corpus
 from harness.textio import Batcher
 from harness.tracking import Tracking, open_tracking
 from harness.trainer import FitSettings, fit

@@ -373,12 +373,15 @@ def _knowledge_example(rng: random.Random, names: dict[str, list[str]]) -> tuple
 
 
 def _two_option_example(rng: random.Random, pair: tuple[str, str]) -> tuple[str, str]:
-    right, wrong = (" ".join([rng.choice(_CONCEPTS[concept])] + [rng.choice(FILLER) for _ in range(4)])
-                    for concept in pair)
+    # Each option a clause led by a cue word, as COPA's are by their connective.
+    right, wrong = (" ".join([rng.choice(_CONCEPTS[c])] + [rng.choice(FILLER) for _ in range(4)])
+                    for c in pair)
     answer = rng.choice("AB")
     a, b = (right, wrong) if answer == "A" else (wrong, right)
-    return (f'Which option is the {rng.choice(["cause", "effect"])} of "{" ".join(rng.choice(FILLER) for _ in range(5))}."? '
-            f"Answer A or B.\nA: {a}.\nB: {b}.", answer)
+    asked = rng.choice(["cause", "effect"])
+    premise = " ".join(rng.choice(FILLER) for _ in range(5))
+    question = f'Which option is the {asked} of "{premise}."?'
+    return f"{question} Answer A or B.\nA: {a}.\nB: {b}.", answer
 
 
 def pretraining_examples(seed: int, n_tasks: int = 48):
