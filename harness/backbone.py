@@ -23,6 +23,9 @@ from harness.errors import HarnessError
 from harness.paths import cache_dir, cached_folder
 
 EMBEDDED_PREFIX = "embedded:"
+# Bump when the embedded backbone's build changes (tokenizer training, model construction), so
+# folders cached by an earlier version are not taken for this one's.
+BUILD_VERSION = 2
 
 
 @dataclass
@@ -178,6 +181,7 @@ def embedded_backbone_dir(corpus: list[str], spec: EmbeddedSpec) -> Path:
     from harness.synthetic import PRETRAINING_VERSION
 
     digest = hashlib.sha256()
+    digest.update(f"build:{BUILD_VERSION}".encode())
     digest.update(json.dumps(spec.__dict__, sort_keys=True).encode())
     if spec.pretrain_steps:  # a new version of the pretraining examples is another model
         digest.update(f"pretraining:{PRETRAINING_VERSION}".encode())

@@ -138,7 +138,9 @@ def test_second_task_branch_leaves_first_task_inputs_alone(synthetic_dir):
         leak = dict(ops=5 * d * r, scale=s * magnitude(B) * ROW)
         assert_small(dW @ P, **leak)
         residual = torch.trace(free @ C1 @ free) / torch.trace(C1)
-        assert residual <= 0.10
+        # The memory keeps 99.5% of the squared eigenvalues; the rest, at most d of them, hold
+        # at most sqrt(d x 0.005) of the trace (Cauchy-Schwarz): 0.4 at d = 32 (measured 0.05-0.10)
+        assert residual <= (d * (1 - method.config["eps_lo"])) ** 0.5
         on_first = torch.trace(dW @ C1 @ dW.T) / torch.trace(C1)
         # exact up to dW P's cross term, at most 2 |dW|_F |dW P|_F (|C1| <= tr C1) with each entry
         # of dW P at its bound, and each side's rounding of |dW|_F^2: two d-term products and a
