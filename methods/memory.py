@@ -35,7 +35,7 @@ class EpisodicMemory:
                    for s, t, i in zip(train["source"], train["target"], train["index"])]
         quota = self.quota(len(records), len(ctx.task.labels))
         chosen = stratified_sample(records, quota, seed=ctx.seed * 1000 + ctx.stage)
-        # A share keeps every label; an explicit memory_per_task = 0 keeps nothing.
+        # Every label is kept, except with a zero quota (memory_per_task or memory_fraction 0).
         missing = {r["label"] for r in records} - {r["label"] for r in chosen} if quota else set()
         chosen += [next(r for r in records if r["label"] == lab) for lab in sorted(missing)]
         self.tasks[ctx.task.name] = [{k: r[k] for k in ("source", "target", "index")}
