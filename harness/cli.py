@@ -89,27 +89,27 @@ def _setup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _bounds(text: str, form: str, example: str, equal: bool) -> tuple[float, float]:
+    """LOW,HIGH as two positive floats, LOW < HIGH (or LOW <= HIGH with `equal`); `text` is the
+    whole argument, for the message."""
+    try:
+        low, high = (float(x) for x in text.rpartition("=")[2].split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {form} (e.g. {example}), got {text!r}")
+    if not (0 < low <= high if equal else 0 < low < high):
+        raise argparse.ArgumentTypeError(f"expected 0 < LOW {'<=' if equal else '<'} HIGH, got {text!r}")
+    return low, high
+
+
 def _key_range(text: str) -> tuple[str, tuple[float, float]]:
-    key, sep, bounds = text.partition("=")
+    key, sep, _ = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=LOW,HIGH (e.g. lambda1=1e-5,1e-1), got {text!r}")
-    try:
-        low, high = (float(x) for x in bounds.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected KEY=LOW,HIGH (e.g. lambda1=1e-5,1e-1), got {text!r}")
-    if not 0 < low <= high:
-        raise argparse.ArgumentTypeError(f"expected 0 < LOW <= HIGH, got {text!r}")
-    return key, (low, high)
+    return key, _bounds(text, "KEY=LOW,HIGH", "lambda1=1e-5,1e-1", equal=True)
 
 
 def _lr_range(text: str) -> tuple[float, float]:
-    try:
-        low, high = (float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (e.g. 1e-5,1e-2), got {text!r}")
-    if not 0 < low < high:
-        raise argparse.ArgumentTypeError(f"expected 0 < LOW < HIGH, got {text!r}")
-    return low, high
+    return _bounds(text, "LOW,HIGH", "1e-5,1e-2", equal=False)
 
 
 def build_parser() -> argparse.ArgumentParser:

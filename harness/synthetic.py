@@ -134,6 +134,11 @@ def _words(text: str) -> list[str]:
     return text.split()
 
 
+def _clause(rng: random.Random, lead: str, n_filler: int = 4) -> str:
+    """A clause led by `lead` (a connective, a cue word), then filler words."""
+    return " ".join([lead] + [rng.choice(FILLER) for _ in range(n_filler)])
+
+
 class _Writer:
     """Builds the sentences of one task; `rng` is seeded per task so tasks are independent."""
 
@@ -214,8 +219,8 @@ class _Writer:
 
     def COPA(self, label: str) -> str:
         # Each option is a clause led by its connective, as in text.
-        right = " ".join([self.rng.choice(_words(COPA_CUES["right"]))] + self.filler(4))
-        wrong = " ".join([self.rng.choice(_words(COPA_CUES["wrong"]))] + self.filler(4))
+        right = _clause(self.rng, self.rng.choice(_words(COPA_CUES["right"])))
+        wrong = _clause(self.rng, self.rng.choice(_words(COPA_CUES["wrong"])))
         a, b = (right, wrong) if label == "A" else (wrong, right)
         asked = self.rng.choice(["cause", "effect"])
         return (f'Which option is the {asked} of "{self.blend([], 5)}."? Answer A or B.\n'
@@ -374,8 +379,7 @@ def _knowledge_example(rng: random.Random, names: dict[str, list[str]]) -> tuple
 
 def _two_option_example(rng: random.Random, pair: tuple[str, str]) -> tuple[str, str]:
     # Each option a clause led by a cue word, as COPA's are by their connective.
-    right, wrong = (" ".join([rng.choice(_CONCEPTS[c])] + [rng.choice(FILLER) for _ in range(4)])
-                    for c in pair)
+    right, wrong = (_clause(rng, rng.choice(_CONCEPTS[c])) for c in pair)
     answer = rng.choice("AB")
     a, b = (right, wrong) if answer == "A" else (wrong, right)
     asked = rng.choice(["cause", "effect"])
