@@ -138,6 +138,7 @@ def submit(kind: str, entry: Callable[[list[str]], int], argv: list[str], runs: 
 
 ENDED = {"completed", "failed", "cancelled", "timeout", "node_fail", "out_of_memory", "boot_fail",
          "deadline", "preempted"}
+ACTIVE = {"pending", "configuring", "running", "completing", "suspended", "requeued", "resizing"}
 
 
 def slurm_states(job_id: str, tasks: int) -> dict[int, str]:
@@ -173,7 +174,8 @@ def array_states(record: dict) -> dict[str, str]:
 def wait(kind: str, jobs: list, poll: float = 2.0) -> list[str | None]:
     """Wait for every task of the array; each one's error, or None. A task that Slurm ended
     without a result (cancelled, failed on its node) counts as ended: submitit alone would wait
-    for it forever on a cluster without accounting."""
+    for it forever on a cluster without accounting. A task whose result is written counts once
+    Slurm no longer lists it as active, so that `harness status` after the wait reads it ended."""
     errors: dict[int, str | None] = {}
     job_id = str(jobs[0].job_id).split("_")[0]
     while len(errors) < len(jobs):
@@ -181,7 +183,7 @@ def wait(kind: str, jobs: list, poll: float = 2.0) -> list[str | None]:
         for index, job in enumerate(jobs):
             if index in errors:
                 continue
-            if job.done():
+            if job.done() and states.get(index) not in ACTIVE:
                 error = job.exception()
                 errors[index] = None if error is None else str(error).strip().splitlines()[-1]
             elif states.get(index) in ENDED:
