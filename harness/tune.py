@@ -40,6 +40,11 @@ def search_space(name: str, profile: str, lr_range: tuple[float, float],
         if key not in space:
             raise HarnessError(f"--range {key}: {name} searches {', '.join(sorted(space))}, "
                                f"not {key}")
+        if all(isinstance(b, int) for b in space[key]):  # a count keeps its type
+            if not all(float(b).is_integer() for b in bounds):
+                raise HarnessError(f"--range {key}: {name} takes whole numbers for {key}; got "
+                                   f"{bounds[0]:g},{bounds[1]:g}")
+            bounds = (int(bounds[0]), int(bounds[1]))
         space[key] = bounds
     return space
 

@@ -128,3 +128,6 @@ def test_a_method_coefficient_is_searched_with_its_type():
     assert isinstance(values["memory_size"], int) and 20 <= values["memory_size"] <= 500
     assert isinstance(values["lr"], float) and 1e-4 <= values["lr"] <= 1e-2
     assert search_space("agem", "default", (1e-4, 1e-2))["memory_fraction"] == (0.005, 0.2)
+    pinned = search_space("ogd", "default", (1e-4, 1e-2), {"memory_size": (100.0, 100.0)})
+    assert pinned["memory_size"] == (100, 100)  # --range parses floats; a count stays a count
+    assert suggest(trial, "pinned", *pinned["memory_size"]) == 100
