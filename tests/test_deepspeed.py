@@ -52,7 +52,7 @@ def harness(data_dir, results, *args, kill_at=None):
     process = subprocess.Popen(
         [sys.executable, "-m", "harness", "run", "--tasks", TASKS, "--data-dir", str(data_dir),
          "--results", str(results), "--train-per-task", "40", "--test-per-task",
-         str(TEST_PER_TASK), "--no-progress", *args],
+         str(TEST_PER_TASK), "--set", "train.epochs=3", "--no-progress", *args],  # steps below
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=300)
