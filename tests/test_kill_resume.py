@@ -34,8 +34,7 @@ def harness_run(data_dir, results, method, kill_at=None, extra=()):
     return subprocess.run(
         [sys.executable, "-m", "harness", "run", "--method", method, "--tasks", TASKS,
          "--data-dir", str(data_dir), "--results", str(results), "--train-per-task", "32",
-         "--test-per-task", "8", "--set", "train.epochs=3",  # the step counts above
-         "--no-progress", *extra], env=env, capture_output=True, text=True)
+         "--test-per-task", "8", "--no-progress", *extra], env=env, capture_output=True, text=True)
 
 
 def run_dir(results, method):
