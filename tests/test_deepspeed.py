@@ -31,6 +31,7 @@ pytestmark = pytest.mark.xdist_group("deepspeed")
 
 TASKS = "agnews,SST-2"
 TEST_PER_TASK = 32
+EPOCHS = 3  # pinned, so the step counts asserted below do not follow the profile
 TWO_RANKS = ("--launcher", "deepspeed", "--num-gpus", "2")
 # One built-in method of each kind, at the highest ZeRO stage it declares: one adapter (seqlora),
 # full fine-tuning (seqft), growing branches with state (olora), a regulariser's state (ewc), a
@@ -52,7 +53,7 @@ def harness(data_dir, results, *args, kill_at=None):
     process = subprocess.Popen(
         [sys.executable, "-m", "harness", "run", "--tasks", TASKS, "--data-dir", str(data_dir),
          "--results", str(results), "--train-per-task", "40", "--test-per-task",
-         str(TEST_PER_TASK), "--set", "train.epochs=3", "--no-progress", *args],  # steps below
+         str(TEST_PER_TASK), "--set", f"train.epochs={EPOCHS}", "--no-progress", *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=300)
@@ -124,7 +125,7 @@ def test_two_cpu_ranks_compute_what_one_process_computes(two_ranks, one_process,
     metrics = json.loads((first / "metrics.json").read_text())
     assert metrics["train"]["ranks"] == 2
     examples = 80 if first.name.endswith("-all") else 40  # MTL's one stage trains on both tasks
-    assert metrics["train"]["steps"] == 3 * -(-examples // 32)  # 3 epochs x (32 + 8 examples)
+    assert metrics["train"]["steps"] == EPOCHS * -(-examples // 32)  # epochs x (32 + 8 examples)
 
 
 def test_two_ranks_stopped_inside_a_stage_resume_bitwise(synthetic_dir, tmp_path, two_ranks):
