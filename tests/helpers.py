@@ -2,8 +2,18 @@
 
 import torch
 
+from harness.profiles import load_profile
 from harness.testing.kit import TINY, at_second_stage, at_stage, make_context, train_stage  # noqa: F401
 from tests.tolerance import assert_close, magnitude
+
+# The step counts that tests assert, and the steps at which they kill a run, follow the default
+# profile's epochs and batch size, so that the profile can change without touching them.
+DEFAULT = load_profile("default")
+
+
+def steps_per_stage(examples: int) -> int:
+    """Optimizer steps of one stage of `examples` training examples on the default profile."""
+    return DEFAULT.epochs * -(-examples // DEFAULT.batch_size)
 
 
 def assert_lora_output(layer, x, adapters):

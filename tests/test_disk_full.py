@@ -17,7 +17,7 @@ import pytest
 
 from harness.checkpoints import is_intact
 from harness.store import stage_is_intact
-from tests.test_kill_resume import harness_run, run_dir
+from tests.test_kill_resume import PER_STAGE, harness_run, run_dir
 from tests.test_step_checkpoints import assert_same, outcome
 
 EVERY = ("--set", "train.checkpoint_every=2")
@@ -71,9 +71,9 @@ def reference(synthetic_dir, tmp_path_factory):
 
 
 # Where the disk fills: after stage 1's evaluation (evaluation batches 1-2 are the base row's, 3-4
-# stage 1's; its stage folder and model checkpoint are written next), after step 3 of stage 2 (the
-# step checkpoint after step 4 is written next), and before summary.json.
-@pytest.mark.parametrize("stop_at", ["eval_batch:4", "train_step:9", "summary:1"],
+# stage 1's; its stage folder and model checkpoint are written next), after step 1 of stage 2 (the
+# step checkpoint after its step 2 is written next), and before summary.json.
+@pytest.mark.parametrize("stop_at", ["eval_batch:4", f"train_step:{PER_STAGE + 1}", "summary:1"],
                          ids=["stage checkpoint", "step checkpoint", "summary"])
 def test_a_full_disk_stops_the_run_cleanly_and_it_resumes(synthetic_dir, small_disk, reference,
                                                           stop_at):

@@ -3,7 +3,7 @@
 import json
 
 from harness.cli import main
-from tests.helpers import make_context
+from tests.helpers import DEFAULT, make_context
 
 
 def test_mtl_trains_once_on_the_union(synthetic_dir, tmp_path):
@@ -22,5 +22,5 @@ def test_mtl_trains_once_on_the_union(synthetic_dir, tmp_path):
     assert summary["metrics"]["AA"] is not None
     assert all(summary["metrics"][k] is None for k in ("LA", "BWT", "FWT", "forgetting"))
     metrics = json.loads((run_dir / "stage_01-all" / "metrics.json").read_text())
-    assert metrics["train"]["examples"] == 32 * 3  # both tasks, every epoch of the profile
+    assert metrics["train"]["examples"] == 32 * DEFAULT.epochs  # both tasks, every epoch
     assert main(["table", "--results", str(tmp_path)]) == 0

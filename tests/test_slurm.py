@@ -14,6 +14,7 @@ from harness.cli import main
 from harness.executor import executor_parameters, minutes, parse_slurm
 from harness.errors import HarnessError
 from harness.status import sweep_status
+from tests.helpers import steps_per_stage
 
 # One worker runs the module: its sweeps share the reference and the cluster's two cores.
 pytestmark = pytest.mark.xdist_group("slurm")
@@ -88,7 +89,9 @@ def test_a_requeued_task_resumes_and_the_sweep_completes(reference, synthetic_di
     stage, and the sweep ends with the local results."""
     sbatch()
     results, marker = tmp_path / "results", tmp_path / "killed"
-    monkeypatch.setenv("HARNESS_KILL_AT", "train_step:9")  # stage 2, step 3: the jobs inherit it
+    per_stage = steps_per_stage(24)  # the sweep's training examples a task
+    # Inside stage 2 (the jobs inherit the setting).
+    monkeypatch.setenv("HARNESS_KILL_AT", f"train_step:{per_stage + per_stage // 2}")
     monkeypatch.setenv("HARNESS_KILL_ONCE", str(marker))
     assert main(["run", *SWEEP, "--seeds", "0-1", "--data-dir", str(synthetic_dir), "--results",
                  str(results), "--executor", "slurm", "--slurm", "cpus_per_task=1,time=20"]) == 0

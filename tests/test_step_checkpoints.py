@@ -14,20 +14,21 @@ import torch
 from safetensors.torch import load_file
 
 from harness.checkpoints import Preemption, decode, encode, is_intact
-from tests.test_kill_resume import harness_run, run_dir
+from tests.test_kill_resume import PER_STAGE, harness_run, run_dir
 
-# 32 examples, batch 16, 3 epochs: 6 optimizer steps per stage, 12 in the run. The kill steps are
+# 32 examples a task: PER_STAGE optimizer steps per stage, twice that in the run. The kill steps are
 # drawn once (seeded), each inside a stage (never its last step, after which nothing of the stage
 # is left to resume).
 METHODS = ["seqlora+rwp", "agem"]
 _draw = random.Random(22)
-KILLS = {m: sorted(_draw.sample([s for s in range(1, 12) if s != 6], 2)) for m in METHODS}
+KILLS = {m: sorted(_draw.sample([s for s in range(1, 2 * PER_STAGE) if s != PER_STAGE], 2))
+         for m in METHODS}
 # Not results: timings, and whether the base row was evaluated by this run or shared in a sweep.
 TIMINGS = {"seconds", "train_seconds", "eval_seconds", "wall_seconds", "prepare_seconds",
            "consolidate_seconds", "reused"}
 
 
-def resumed_at(first: int, second: int, every: int = 2, per_stage: int = 6) -> int | None:
+def resumed_at(first: int, second: int, every: int = 2, per_stage: int = PER_STAGE) -> int | None:
     """The step (within its stage) a run killed at global step `second` resumes after: the latest
     checkpoint of that stage written before the kill (a periodic one, or the SIGTERM one at
     `first`), None if the stage has none (it starts again)."""
@@ -74,7 +75,7 @@ def test_a_run_stopped_inside_a_stage_resumes_at_its_step(synthetic_dir, tmp_pat
     stopped = harness_run(synthetic_dir, results, method, f"train_step:{first}:TERM", extra=every)
     assert stopped.returncode == -15, stopped.stderr[-2000:]
     (checkpoint,) = (run_dir(results, method).path / "checkpoints").iterdir()
-    assert checkpoint.name.endswith(f"-step{(first - 1) % 6 + 1:06d}") and is_intact(checkpoint, 1)
+    assert checkpoint.name.endswith(f"-step{(first - 1) % PER_STAGE + 1:06d}") and is_intact(checkpoint, 1)
     # SIGKILL after the resumed run passed a few more steps: back to the last periodic checkpoint.
     killed = harness_run(synthetic_dir, results, method, f"train_step:{second - first}", extra=every)
     assert killed.returncode == -9, killed.stderr[-2000:]

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from harness.cli import main
 from harness.store import RunSpec
+from tests.test_kill_resume import MID_STAGE_2, PER_STAGE
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -62,7 +63,8 @@ def test_a_tracked_run_logs_steps_stages_and_results_and_changes_nothing(runs):
     train = {tag: {e.step: e.value for e in log.Scalars(tag)} for tag in log.Tags()["scalars"]
              if tag.startswith("train/")}
     penalties = [tag for tag in train if tag.startswith("train/penalty/")]
-    assert min(train["train/penalty/orthogonal"]) == 7 and train["train/penalty/orthogonal"][12] > 0
+    orthogonal = train["train/penalty/orthogonal"]
+    assert min(orthogonal) == PER_STAGE + 1 and orthogonal[2 * PER_STAGE] > 0
     for step, loss in train["train/loss"].items():
         assert loss == pytest.approx(train["train/task_loss"][step]
                                      + sum(train[tag].get(step, 0.0) for tag in penalties), rel=1e-5)
@@ -77,7 +79,7 @@ def test_a_tracked_run_logs_steps_stages_and_results_and_changes_nothing(runs):
 
 
 def test_a_resumed_run_continues_its_curves_without_repeating_steps(synthetic_dir, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HARNESS_KILL_AT": "train_step:9"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HARNESS_KILL_AT": f"train_step:{MID_STAGE_2}"}
     argv = [sys.executable, "-m", "harness", "run", "--method", "seqlora", "--data-dir",
             str(synthetic_dir), "--results", str(tmp_path), *ARGS, "--report-to", "tensorboard"]
     assert subprocess.run(argv, env=env, capture_output=True).returncode == -9  # mid stage 2
@@ -85,8 +87,8 @@ def test_a_resumed_run_continues_its_curves_without_repeating_steps(synthetic_di
     done = subprocess.run(argv, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     log = events(run_folder(tmp_path, "seqlora"))
-    assert [e.step for e in log.Scalars("train/loss")] == list(range(1, 13))  # 2 stages x 6 steps
-    assert [e.step for e in log.Scalars("stage/AA_seen")] == [6, 12]  # at each stage's last step
+    assert [e.step for e in log.Scalars("train/loss")] == list(range(1, 2 * PER_STAGE + 1))
+    assert [e.step for e in log.Scalars("stage/AA_seen")] == [PER_STAGE, 2 * PER_STAGE]  # stage ends
 
 
 def wandb_records(folder):
@@ -117,9 +119,10 @@ def test_wandb_writes_an_offline_run_that_a_resumed_run_continues(runs, syntheti
     history = [(r.history.step.num, {i.key or "/".join(i.nested_key): json.loads(i.value_json)
                                      for i in r.history.item})
                for _, r in records if r.HasField("history")]
-    assert [step for step, values in history if "train/loss" in values] == list(range(1, 13))
+    steps = 2 * PER_STAGE
+    assert [step for step, values in history if "train/loss" in values] == list(range(1, steps + 1))
     last_step, last = history[-1]
-    assert last_step == 12 and last["final/AA"] == pytest.approx(summary["metrics"]["AA"])
+    assert last_step == steps and last["final/AA"] == pytest.approx(summary["metrics"]["AA"])
     assert last["stage/AA_seen"] == pytest.approx(summary["stage_average_accuracy"][-1])
     assert last["accuracy_matrix/_type"] == "image-file"
     (folder / "summary.json").unlink()  # as if killed before the summary: resumed, not restarted
@@ -152,7 +155,7 @@ def test_mlflow_gets_one_run_per_harness_run_in_the_sweeps_experiment(runs, synt
     assert run.info.run_name == "default/olora/tasks-agnews+SST-2/seed0"
     assert run.info.status == "FINISHED" and run.data.tags["fingerprint"] == summary["fingerprint"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == \
-        list(range(1, 13))
+        list(range(1, 2 * PER_STAGE + 1))
     assert run.data.metrics["final/AA"] == pytest.approx(summary["metrics"]["AA"])
     assert run.data.metrics["stage/AA_seen"] == pytest.approx(summary["stage_average_accuracy"][-1])
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= \
