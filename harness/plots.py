@@ -103,7 +103,7 @@ def _matrix_panel(fig, ax, M: np.ndarray, summary: Summary, label: str, colours:
                                    edgecolor="0.7", linewidth=0))
         else:  # dark text on the light (yellow) end of the map, white elsewhere
             ax.text(j, i, f"{M[i, j]:.1f}", ha="center", va="center", fontsize=small,
-                    color="black" if M[i, j] > 60 else "white")
+                    color="black" if M[i, j] > 60 else "white", in_layout=False)
     ax.set_xticks(range(n_cols), summary.tasks, rotation=45, ha="right", rotation_mode="anchor")
     rows = summary.row_labels
     ax.set_yticks(range(n_rows), [rows[0]] + [f"{i}: {name}" for i, name in enumerate(rows[1:], 1)]
@@ -236,8 +236,10 @@ def aa_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def draw_all(results: Path, out_dir: Path, profile: str | None = None,
-             formats: dict[str, int | None] = FORMATS) -> Iterator[tuple[str, str | None, list[Path]]]:
-    """Every figure for a results tree, as (kind, method label or None, paths):
+             formats: dict[str, int | None] = FORMATS,
+             kinds: tuple[str, ...] = ("aa", "forgetting", "heatmap")
+             ) -> Iterator[tuple[str, str | None, list[Path]]]:
+    """Every figure of `kinds` for a results tree, as (kind, method label or None, paths):
     `aa_<profile>_<kind>` (kind "aa"), `forgetting/<profile>-<method>-<sequence>` ("forgetting";
     not for joint runs) and `heatmaps/<profile>-<method>-<sequence>-seed<s>` ("heatmap"). Runs
     without summary.json are incomplete and skipped; a tuned run is a method of its own."""
@@ -251,7 +253,7 @@ def draw_all(results: Path, out_dir: Path, profile: str | None = None,
     runs["AA"] = pd.to_numeric(runs["AA"], errors="coerce")  # null AA -> NaN, left out
     for (prof, kind), group in runs.groupby(["profile", "kind"], sort=True):
         table = aa_table(group)
-        if not table.empty:
+        if not table.empty and "aa" in kinds:
             yield "aa", None, aa_with_ci(
                 table, out_dir / f"aa_{prof}_{kind}",
                 f"Average accuracy (AA) per method; profile {prof}, {kind} benchmark\nall "
@@ -260,10 +262,10 @@ def draw_all(results: Path, out_dir: Path, profile: str | None = None,
     for s in summaries:
         if not s.joint:
             curves[s.profile, s.label, s.sequence].append(s)
-    for (prof, label, sequence), group in sorted(curves.items()):
+    for (prof, label, sequence), group in sorted(curves.items()) if "forgetting" in kinds else ():
         yield "forgetting", label, forgetting_curves(
             group, out_dir / "forgetting" / f"{prof}-{_file_name(label)}-{sequence}", formats)
-    for s in summaries:
+    for s in summaries if "heatmap" in kinds else ():
         yield "heatmap", s.label, accuracy_heatmap(
             s, out_dir / "heatmaps" / f"{s.profile}-{_file_name(s.label)}-{s.sequence}-seed{s.seed}",
             formats)

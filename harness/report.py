@@ -17,19 +17,22 @@ import tempfile
 from pathlib import Path
 from string import Template
 
+import numpy as np
 import pandas as pd
+from matplotlib import colormaps
+from matplotlib.colors import to_hex
 
 from harness import table
 from harness.errors import HarnessError
 from harness.plots import draw_all
 from harness.store import read_json, write_atomic
-from harness.summary import read_summaries
+from harness.summary import Summary, read_summaries
 
 TEMPLATE = Path(__file__).with_name("templates") / "report.html.tmpl"
 PAGE = "index.html"
 DPI = 110  # a page shows figures at screen size; the 200 dpi of `table --out` would double its size
-FIGURE_KINDS = {"aa": "AA per method, 95% CI", "forgetting": "Forgetting curves",
-                "heatmap": "Accuracy matrices (R, and O beside it)"}
+FIGURE_KINDS = {"aa": "AA per method, 95% CI", "forgetting": "Forgetting curves"}
+MATRICES = "Accuracy matrices (R, and O beside it)"
 
 
 def check_out(out: Path) -> None:
@@ -82,25 +85,54 @@ def _published(runs: pd.DataFrame, backbone: str) -> str:
 
 
 def _figures(results: Path, profile: str | None) -> str:
-    """Every figure as an inline PNG; the per-run and per-sequence ones folded per method."""
+    """Every figure as an inline PNG, and every run's accuracy matrices as coloured tables (numbers
+    stay text; drawn as images, the heatmaps of a 102-run sweep took three quarters of the page's
+    two minutes); the per-run and per-sequence ones folded per method."""
     parts: dict[str, dict[str | None, list[str]]] = {kind: {} for kind in FIGURE_KINDS}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind, method, (png,) in draw_all(results, Path(tmp), profile, formats={".png": DPI}):
+        for kind, method, (png,) in draw_all(results, Path(tmp), profile, formats={".png": DPI},
+                                             kinds=tuple(FIGURE_KINDS)):
             data = base64.b64encode(png.read_bytes()).decode("ascii")
             parts[kind].setdefault(method, []).append(
                 f'<figure><img alt="{html.escape(png.stem)}" src="data:image/png;base64,{data}">'
                 f"<figcaption>{html.escape(png.stem)}</figcaption></figure>")
+    parts[MATRICES] = {}
+    for s in read_summaries(results, profile):
+        parts[MATRICES].setdefault(s.label, []).append(_matrices(s))
     out = []
-    for kind, heading in FIGURE_KINDS.items():
+    for kind, heading in [*FIGURE_KINDS.items(), (MATRICES, MATRICES)]:
         if not parts[kind]:
             continue
         out.append(f"<h3>{heading}</h3>")
         for method, figures in parts[kind].items():
             body = f'<div class="figures">{"".join(figures)}</div>'
             out.append(body if method is None else
-                       f'<details data-method="{html.escape(method)}"{" open" if kind != "heatmap" else ""}>'
+                       f'<details data-method="{html.escape(method)}"{" open" if kind != MATRICES else ""}>'
                        f"<summary>{html.escape(method)} ({len(figures)})</summary>{body}</details>")
     return "\n".join(out)
+
+
+def _matrices(s: Summary) -> str:
+    """One run's R, and O beside it when the run stored predictions, as the heatmaps colour them
+    (`harness.plots.accuracy_heatmap`); a cell not evaluated is hatched."""
+    panels = [("accuracy (%)", s.matrix(), "viridis")]
+    if s.format_matrix and not np.isnan(O := np.array(s.format_matrix, dtype=float)).all():
+        panels.append(("answers outside the label set (%)", O, "magma"))
+    tables = []
+    for title, M, colours in panels:
+        head = "".join(f"<th>{html.escape(t)}</th>" for t in s.tasks)
+        rows = []
+        for name, values in zip([s.row_labels[0]] + [f"{i}: {n}" for i, n in
+                                                      enumerate(s.row_labels[1:], 1)], M):
+            cells = "".join('<td class="missing"></td>' if np.isnan(v) else
+                            f'<td style="background:{to_hex(colormaps[colours](v / 100))};'
+                            f'color:{"#000" if v > 60 else "#fff"}">{v:.1f}</td>' for v in values)
+            rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
+        tables.append(f'<table class="matrix"><caption>{title}</caption><thead><tr><th>after '
+                      f'stage</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+    name = f"{s.profile}-{s.label}-{s.sequence}-seed{s.seed}"
+    return (f'<figure class="matrices"><div class="scroll">{"".join(tables)}</div>'
+            f"<figcaption>{html.escape(name)}</figcaption></figure>")
 
 
 def _provenance(results: Path, profile: str | None) -> str:

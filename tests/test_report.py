@@ -18,7 +18,8 @@ from harness.report import write_report
 from tests.test_table import write_summary
 
 METHODS = ["seqlora", "olora", "olora (tuned)"]
-FIGURES = 1 + 7 + 7  # AA plot; forgetting curves per method and order; one heatmap per run
+FIGURES = 1 + 7  # AA plot; forgetting curves per method and order
+RUNS = 7  # each with its accuracy matrices, as tables
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,8 @@ def test_the_page_holds_every_table_figure_and_run_and_needs_nothing_else(page):
         assert f'<section id="{section}">' in text
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
     assert len(images) == FIGURES
+    matrices = r'<figure class="matrices"><div class="scroll"><table class="matrix">'
+    assert len(re.findall(matrices, text)) == RUNS
     for data in images:  # each a whole PNG
         Image.open(io.BytesIO(base64.b64decode(data))).verify()
     # Nothing from outside the file: no stylesheet, script or image by address.
