@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from harness import faults
 from harness.distributed import SINGLE, World
-from harness.store import sha256
+from harness.store import read_tensors, sha256
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ class StepCheckpoints:
         and the RNGs; returns the method's fit state and the losses so far (their count is the
         steps done)."""
         state = json.loads((path / STATE).read_text())
-        tensors = load_file(str(path / TENSORS))
+        tensors = read_tensors(path / TENSORS)  # the method's state among them
         if self.world.main:
             log.info("%s: resuming stage %d after step %d", self.run_path, self.stage + 1,
                      state["step"])

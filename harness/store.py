@@ -31,6 +31,15 @@ from harness.errors import HarnessError
 STAGE_FILES = ("metrics.json", "predictions.jsonl")
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, each in memory of its own. `load_file`'s share one buffer, at
+    addresses aligned to as little as 4 bytes, and LAPACK takes other code paths for those than for
+    a computed tensor's memory: on some CPUs (AVX2) InfLoRA's SVDs of a reloaded memory differed
+    bitwise, and a resumed run with them. A method's state is read with this; model weights are
+    copied into the parameters anyway."""
+    return {name: tensor.clone() for name, tensor in load_file(str(path)).items()}
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -228,7 +237,7 @@ class RunDir:
         model = load_file(str(stage_dir / "model.safetensors"))
         state: dict[str, Any] = json.loads((stage_dir / "method_state.json").read_text())
         if (stage_dir / "method_state.safetensors").exists():
-            state.update(load_file(str(stage_dir / "method_state.safetensors")))
+            state.update(read_tensors(stage_dir / "method_state.safetensors"))
         return model, state
 
     @staticmethod

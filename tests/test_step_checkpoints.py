@@ -140,3 +140,17 @@ def test_the_checkpoint_interval_is_no_part_of_a_run_configuration():
     assert load_profile("default", ["train.checkpoint_every=5"]).as_dict() == \
         load_profile("default").as_dict()
     assert load_profile("t5-large").checkpoint_every > 0  # on for the paper profiles
+
+
+def test_method_state_is_read_into_memory_of_its_own(tmp_path):
+    """safetensors packs tensors at 4-byte offsets; a method's state is read into separate
+    allocations, aligned as a tensor the run computed (LAPACK's result can depend on it)."""
+    from safetensors.torch import save_file
+
+    from harness.store import read_tensors
+
+    save_file({"a": torch.ones(3), "b": torch.arange(12.0).reshape(3, 4)}, str(tmp_path / "s"))
+    tensors = read_tensors(tmp_path / "s")
+    assert torch.equal(tensors["b"], torch.arange(12.0).reshape(3, 4))
+    assert all(t.data_ptr() % 64 == 0 and t.untyped_storage().nbytes() == t.nbytes
+               for t in tensors.values())
