@@ -86,8 +86,8 @@ def _published(runs: pd.DataFrame, backbone: str) -> str:
 
 def _figures(results: Path, profile: str | None) -> str:
     """Every figure as an inline PNG, and every run's accuracy matrices as coloured tables (numbers
-    stay text; drawn as images, the heatmaps of a 102-run sweep took three quarters of the page's
-    two minutes); the per-run and per-sequence ones folded per method."""
+    stay text; drawn as images, the heatmaps of a 102-run sweep took two thirds of the page's
+    time, 87 of 128 s); the per-run and per-sequence ones folded per method."""
     parts: dict[str, dict[str | None, list[str]]] = {kind: {} for kind in FIGURE_KINDS}
     with tempfile.TemporaryDirectory() as tmp:
         for kind, method, (png,) in draw_all(results, Path(tmp), profile, formats={".png": DPI},
