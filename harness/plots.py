@@ -103,7 +103,7 @@ def _matrix_panel(fig, ax, M: np.ndarray, summary: Summary, label: str, colours:
                                    edgecolor="0.7", linewidth=0))
         else:  # dark text on the light (yellow) end of the map, white elsewhere
             ax.text(j, i, f"{M[i, j]:.1f}", ha="center", va="center", fontsize=small,
-                    color="black" if M[i, j] > 60 else "white", in_layout=False)
+                    color="black" if M[i, j] > 60 else "white")
     ax.set_xticks(range(n_cols), summary.tasks, rotation=45, ha="right", rotation_mode="anchor")
     rows = summary.row_labels
     ax.set_yticks(range(n_rows), [rows[0]] + [f"{i}: {name}" for i, name in enumerate(rows[1:], 1)]
