@@ -70,18 +70,32 @@ def _save(fig: Figure, out_stem: Path, formats: dict[str, int | None]) -> list[P
     return paths
 
 
+DARK_TEXT_ABOVE = 60  # a cell's number is black above this value (the light end of the maps)
+
+
+def matrix_panels(summary: Summary) -> list[tuple[np.ndarray, str, str]]:
+    """(matrix, label, colour map) of R, and of O when the run stored predictions."""
+    panels = [(summary.matrix(), "accuracy (%)", "viridis")]
+    O = np.array(summary.format_matrix, dtype=float) if summary.format_matrix else None
+    if O is not None and not np.isnan(O).all():
+        panels.append((O, "answers outside the label set (%)", "magma"))
+    return panels
+
+
+def stage_labels(summary: Summary) -> list[str]:
+    """The matrices' row names: "base", then "1: <task>", ..."""
+    rows = summary.row_labels
+    return [rows[0]] + [f"{i}: {name}" for i, name in enumerate(rows[1:], 1)]
+
+
 @_styled
 def accuracy_heatmap(summary: Summary, out_stem: Path, formats: dict[str, int | None] = FORMATS
                      ) -> list[Path]:
     """The accuracy matrix R: rows = stages (base, then each trained stage), columns = tasks;
     missing cells are hatched. Beside it, when the run stored predictions, the format matrix O
     (the share of answers outside each task's label set)."""
-    R = summary.matrix()
-    O = np.array(summary.format_matrix, dtype=float) if summary.format_matrix else None
-    panels = [(R, "accuracy (%)", "viridis")]
-    if O is not None and not np.isnan(O).all():
-        panels.append((O, "answers outside the label set (%)", "magma"))
-    n_rows, n_cols = R.shape
+    panels = matrix_panels(summary)
+    n_rows, n_cols = panels[0][0].shape
     fig = _figure(len(panels) * max(5.0, 2.2 + 0.62 * n_cols), max(3.0, 1.6 + 0.36 * n_rows))
     for index, (M, label, colours) in enumerate(panels, 1):
         ax = fig.add_subplot(1, len(panels), index)
@@ -103,11 +117,9 @@ def _matrix_panel(fig, ax, M: np.ndarray, summary: Summary, label: str, colours:
                                    edgecolor="0.7", linewidth=0))
         else:  # dark text on the light (yellow) end of the map, white elsewhere
             ax.text(j, i, f"{M[i, j]:.1f}", ha="center", va="center", fontsize=small,
-                    color="black" if M[i, j] > 60 else "white")
+                    color="black" if M[i, j] > DARK_TEXT_ABOVE else "white")
     ax.set_xticks(range(n_cols), summary.tasks, rotation=45, ha="right", rotation_mode="anchor")
-    rows = summary.row_labels
-    ax.set_yticks(range(n_rows), [rows[0]] + [f"{i}: {name}" for i, name in enumerate(rows[1:], 1)]
-                  if ylabels else [""] * n_rows)
+    ax.set_yticks(range(n_rows), stage_labels(summary) if ylabels else [""] * n_rows)
     ax.set_xlabel("evaluated task")
     if ylabels:
         ax.set_ylabel("model after stage")

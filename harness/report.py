@@ -24,7 +24,7 @@ from matplotlib.colors import to_hex
 
 from harness import table
 from harness.errors import HarnessError
-from harness.plots import draw_all
+from harness.plots import DARK_TEXT_ABOVE, draw_all, matrix_panels, stage_labels
 from harness.store import read_json, write_atomic
 from harness.summary import Summary, read_summaries
 
@@ -113,20 +113,17 @@ def _figures(results: Path, profile: str | None) -> str:
 
 
 def _matrices(s: Summary) -> str:
-    """One run's R, and O beside it when the run stored predictions, as the heatmaps colour them
+    """One run's R, and O beside it when the run stored predictions, coloured as the heatmaps are
     (`harness.plots.accuracy_heatmap`); a cell not evaluated is hatched."""
-    panels = [("accuracy (%)", s.matrix(), "viridis")]
-    if s.format_matrix and not np.isnan(O := np.array(s.format_matrix, dtype=float)).all():
-        panels.append(("answers outside the label set (%)", O, "magma"))
     tables = []
-    for title, M, colours in panels:
+    for M, title, colours in matrix_panels(s):
         head = "".join(f"<th>{html.escape(t)}</th>" for t in s.tasks)
         rows = []
-        for name, values in zip([s.row_labels[0]] + [f"{i}: {n}" for i, n in
-                                                      enumerate(s.row_labels[1:], 1)], M):
+        for name, values in zip(stage_labels(s), M):
             cells = "".join('<td class="missing"></td>' if np.isnan(v) else
                             f'<td style="background:{to_hex(colormaps[colours](v / 100))};'
-                            f'color:{"#000" if v > 60 else "#fff"}">{v:.1f}</td>' for v in values)
+                            f'color:{"#000" if v > DARK_TEXT_ABOVE else "#fff"}">{v:.1f}</td>'
+                            for v in values)
             rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
         tables.append(f'<table class="matrix"><caption>{title}</caption><thead><tr><th>after '
                       f'stage</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')

@@ -16,6 +16,12 @@ def steps_per_stage(examples: int) -> int:
     return DEFAULT.epochs * -(-examples // DEFAULT.batch_size)
 
 
+def inside_stage_2(examples: int) -> int:
+    """A training step inside stage 2, counted from the run's start (for a kill point)."""
+    per_stage = steps_per_stage(examples)
+    return per_stage + per_stage // 2
+
+
 def assert_lora_output(layer, x, adapters):
     """A bias-free LoRA layer computes W0 x + sum over `adapters` of s B A x, up to rounding: the
     d_in- and r-term sums, the scalings and the sums over paths, of the magnitude of their terms,

@@ -11,14 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from harness.store import RunDir, stage_is_intact
-from tests.helpers import steps_per_stage
+from tests.helpers import inside_stage_2, steps_per_stage
 
 TASKS = "agnews,SST-2"
 # 32 training examples a task (PER_STAGE optimizer steps on the default profile); evaluation
 # generates one batch per task, so the baseline evaluation passes eval_batch 1-2, stage 1's 3-4,
 # stage 2's 5-6.
 PER_STAGE = steps_per_stage(32)
-MID_STAGE_2 = PER_STAGE + PER_STAGE // 2  # a training step inside stage 2 (counted from the run's start)
+MID_STAGE_2 = inside_stage_2(32)
 KILL_POINTS = {
     "seqlora": ["eval_batch:2",     # evaluating the untrained model, nothing written yet
                 "stage_write:2",    # stage 1's files written, folder not yet renamed into place
@@ -26,7 +26,8 @@ KILL_POINTS = {
     # (for the suite's time, seqlora's eval_batch:5 and stage_done:2 are gone: stage_done:2 is
     # olora's below, and a kill while evaluating after a stage resumes as after eval_batch:2)
     # mid stage 1 (train_step:2) and mid stage 2 (MID_STAGE_2) are the two tests below
-    "olora": [f"train_step:{MID_STAGE_2}", "stage_done:2"],  # method state (earlier tasks' A) must survive too
+    # method state (earlier tasks' A) must survive too
+    "olora": [f"train_step:{MID_STAGE_2}", "stage_done:2"],
 }
 
 
@@ -102,7 +103,8 @@ def test_killed_twice_then_resumed(synthetic_dir, tmp_path, reference):
 
 def test_a_damaged_stage_is_detected_and_trained_again(synthetic_dir, tmp_path, reference):
     """A stage whose files no longer match their checksums is never resumed from."""
-    assert harness_run(synthetic_dir, tmp_path, "seqlora", f"train_step:{MID_STAGE_2}").returncode == -9
+    killed = harness_run(synthetic_dir, tmp_path, "seqlora", f"train_step:{MID_STAGE_2}")
+    assert killed.returncode == -9
     rd = run_dir(tmp_path, "seqlora")
     stage1 = rd.path / "stage_01-agnews"
     assert [d.name for d in rd.completed_stages()] == ["stage_00-base", "stage_01-agnews"]

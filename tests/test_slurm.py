@@ -14,7 +14,7 @@ from harness.cli import main
 from harness.executor import executor_parameters, minutes, parse_slurm
 from harness.errors import HarnessError
 from harness.status import sweep_status
-from tests.helpers import steps_per_stage
+from tests.helpers import inside_stage_2
 
 # One worker runs the module: its sweeps share the reference and the cluster's two cores.
 pytestmark = pytest.mark.xdist_group("slurm")
@@ -89,9 +89,8 @@ def test_a_requeued_task_resumes_and_the_sweep_completes(reference, synthetic_di
     stage, and the sweep ends with the local results."""
     sbatch()
     results, marker = tmp_path / "results", tmp_path / "killed"
-    per_stage = steps_per_stage(24)  # the sweep's training examples a task
-    # Inside stage 2 (the jobs inherit the setting).
-    monkeypatch.setenv("HARNESS_KILL_AT", f"train_step:{per_stage + per_stage // 2}")
+    # Inside stage 2 of the sweep's 24 examples a task (the jobs inherit the setting).
+    monkeypatch.setenv("HARNESS_KILL_AT", f"train_step:{inside_stage_2(24)}")
     monkeypatch.setenv("HARNESS_KILL_ONCE", str(marker))
     assert main(["run", *SWEEP, "--seeds", "0-1", "--data-dir", str(synthetic_dir), "--results",
                  str(results), "--executor", "slurm", "--slurm", "cpus_per_task=1,time=20"]) == 0

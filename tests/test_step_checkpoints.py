@@ -75,7 +75,8 @@ def test_a_run_stopped_inside_a_stage_resumes_at_its_step(synthetic_dir, tmp_pat
     stopped = harness_run(synthetic_dir, results, method, f"train_step:{first}:TERM", extra=every)
     assert stopped.returncode == -15, stopped.stderr[-2000:]
     (checkpoint,) = (run_dir(results, method).path / "checkpoints").iterdir()
-    assert checkpoint.name.endswith(f"-step{(first - 1) % PER_STAGE + 1:06d}") and is_intact(checkpoint, 1)
+    stopped_step = (first - 1) % PER_STAGE + 1
+    assert checkpoint.name.endswith(f"-step{stopped_step:06d}") and is_intact(checkpoint, 1)
     # SIGKILL after the resumed run passed a few more steps: back to the last periodic checkpoint.
     killed = harness_run(synthetic_dir, results, method, f"train_step:{second - first}", extra=every)
     assert killed.returncode == -9, killed.stderr[-2000:]
