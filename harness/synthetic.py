@@ -413,7 +413,12 @@ def tokenizer_corpus(n_pretraining: int = 4000) -> list[str]:
     benchmark = load_benchmark()
     corpus = list(INSTRUCTIONS.values())
     for task in benchmark.tasks.values():
-        corpus += [r["sentence"] for r in generate_task(task, 200, 0, seed=0)["train"]] + list(task.labels)
+        # Each sentence behind the reference prompt's prefixes (harness.data.build_source), so that
+        # "Task:TC Dataset:dbpedia" are pieces of their own as a pretrained tokenizer's words are,
+        # not 16 letters and pairs: they were a third of every input.
+        header = f"Task:{task.category}\nDataset:{task.name}\n"
+        corpus += [header + r["sentence"] for r in generate_task(task, 200, 0, seed=0)["train"]]
+        corpus += list(task.labels)
     examples = pretraining_examples(0)
     for _ in range(n_pretraining):
         corpus += next(examples)
