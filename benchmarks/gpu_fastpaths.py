@@ -23,7 +23,8 @@ share of peak is against the data-sheet dense bf16 figure and against a bf16 mat
 this run. A profiler pass over the eager step says how many kernels a step launches and how busy
 the GPU is, which is what bounds a small batch. Variants run in order of priority until
 `--budget` seconds have passed; each row is written as soon as it is measured. With
-`--shape tiny` the whole script runs on a CPU in under a minute (its test).
+`--shape tiny` it runs on a CPU (its test, `--only eager`: a few seconds; the compiled variants take
+minutes there, compiling C++).
 """
 
 from __future__ import annotations
@@ -324,6 +325,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--budget", type=float, default=480.0, help="seconds; later variants skipped")
     p.add_argument("--profile-variant", default="eager bf16 weights")
+    p.add_argument("--only", default="", help="run only the variants whose name contains this")
     p.add_argument("--out", default=str(Path(__file__).with_name("RESULTS-gpu-fastpaths.md")))
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -335,7 +337,7 @@ def main(argv=None) -> None:
     bench = Bench(args)
     bench.notes.append(f"transformers {transformers.__version__}, peft {peft.__version__}; "
                        f"fast paths use {attn} attention")
-    bench.run(variants(*args.batch, attn))
+    bench.run([v for v in variants(*args.batch, attn) if args.only in v.name])
 
 
 if __name__ == "__main__":

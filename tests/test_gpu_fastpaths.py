@@ -1,0 +1,23 @@
+"""The prepared GPU script runs end to end on a CPU at a tiny shape and writes its table."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fast_path_script_writes_its_rows(tmp_path):
+    out = tmp_path / "fastpaths.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_fastpaths.py"), "--shape", "tiny",
+                    "--source-len", "16", "--batch", "2", "4", "--steps", "2", "--warmup", "1",
+                    "--only", "eager", "--out", str(out)], check=True, capture_output=True)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    named = [(r["variant"], r["batch"]) for r in rows]
+    assert named[:5] == [("eager fp32", 2), ("eager autocast", 2), ("eager bf16 weights", 2),
+                         ("eager autocast", 4), ("eager bf16 weights", 4)]
+    # then the fast paths' attention (SDPA where the installed transformers offers it for T5)
+    assert [b for _, b in named[5:]] == [2, 4] and named[5][0].startswith("eager bf16 weights ")
+    assert all(r["ms_per_step"] > 0 and r["tflops"] > 0 for r in rows)
+    assert "| eager fp32 | 2 |" in out.read_text()
