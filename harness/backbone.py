@@ -22,7 +22,6 @@ from transformers.utils import logging as hf_logging
 from harness.errors import HarnessError
 from harness.paths import cache_dir, cached_folder
 
-EMBEDDED_PREFIX = "embedded:"
 # Bump when the embedded backbone's build changes (tokenizer training, model construction), so
 # folders cached by an earlier version are not taken for this one's.
 BUILD_VERSION = 3

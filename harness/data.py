@@ -23,8 +23,6 @@ from harness.errors import HarnessError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "dev", "test")
-
 
 @dataclass(frozen=True)
 class PromptFormat:

@@ -24,7 +24,6 @@ try:  # the job object is pickled for the cluster: its class must exist without 
 except ImportError:  # pragma: no cover
     Checkpointable = object
 
-EXECUTORS = ("slurm", "local")
 # --slurm keys submitit takes as they are; any other key becomes an extra `#SBATCH --key=value`.
 GENERIC = {"gpus_per_node", "cpus_per_task", "nodes", "mem_gb", "timeout_min"}  # whole numbers
 SLURM_NUMBERS = {"array_parallelism", "signal_delay_s"}

@@ -29,9 +29,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from harness.errors import HarnessError
+from harness.rows import method_key
 from harness.stats import describe
 from harness.summary import TUNED, Summary, read_summaries
-from harness.table import method_key
 
 STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9,
          "ytick.labelsize": 9, "legend.fontsize": 8,

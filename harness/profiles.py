@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.overrides import parse_override
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 RESULT_FREE = "train.checkpoint_every"  # a --set that changes no result, so no fingerprint
@@ -63,19 +64,6 @@ class Profile:
 
 def available() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'train.batch_size=8' -> (['train', 'batch_size'], 8); the value is read as TOML (numbers,
-    booleans, "strings", [lists]); a bare word is taken as a string."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
-        raise HarnessError(f"--set {text!r}: expected KEY=VALUE, e.g. train.batch_size=8")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return key.strip().split("."), value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], where: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from matplotlib.colors import to_hex
 from harness import table
 from harness.errors import HarnessError
 from harness.plots import DARK_TEXT_ABOVE, draw_all, matrix_panels, stage_labels
+from harness.rows import sorted_methods
 from harness.store import read_json, write_atomic
 from harness.summary import Summary, read_summaries
 
@@ -69,7 +70,7 @@ def write_report(results: Path, out: Path, profile: str | None = None,
         nav=" ".join(f'<a href="#{key}">{name}</a>' for key, name, _ in sections),
         checkboxes=" ".join(
             f'<label><input type="checkbox" value="{html.escape(m)}" checked> {html.escape(m)}'
-            "</label>" for m in table.sorted_methods(runs["method"].unique())),
+            "</label>" for m in sorted_methods(runs["method"].unique())),
         sections="\n".join(f'<section id="{key}">\n<h2>{name}</h2>\n{body}\n</section>'
                            for key, name, body in sections))
     out.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from harness import stats
 from harness.benchmark import load_benchmark
 from harness.errors import HarnessError
 from harness.paths import PROJECT_ROOT
+from harness.rows import method_key, plugin_of, sorted_methods
 from harness.summary import TUNED, final_outcomes, read_summaries
 from harness_methods.registry import table_entry
 
@@ -77,21 +78,6 @@ def load_summaries(results: Path, profile: str | None = None) -> pd.DataFrame:
         if column in df:
             df[column] = pd.to_numeric(df[column], errors="coerce")
     return df
-
-
-def _plugin(label: str) -> str:
-    """The method plugin of a row label ("olora (tuned)" -> "olora")."""
-    return label.removesuffix(TUNED)
-
-
-def method_key(label: str) -> tuple:
-    """Where a method's row goes: the paper's order, then alphabetical."""
-    return table_entry(_plugin(label))[0], label
-
-
-def sorted_methods(methods) -> list[str]:
-    """Method labels in the tables' order."""
-    return sorted(methods, key=method_key)
 
 
 def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
@@ -228,7 +214,7 @@ def compare_published(df: pd.DataFrame, backbone: str, fmt: str = "github",
             for name, orders in (("avg_1_3", "123"), ("avg_4_6", "456")):
                 if all(k in cells for k in orders):
                     cells[name] = float(np.mean([cells[k] for k in orders]))
-            paper_name = table_entry(_plugin(method))[1]
+            paper_name = table_entry(plugin_of(method))[1]
             for order, value in cells.items():
                 matches = published[(published["method"] == paper_name)
                                     & (published["order"] == order)]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.overrides import parse_override
 from harness_methods.base import Method, SettingError
 
 GROUP = "harness.methods"
@@ -104,8 +105,6 @@ def _validate(config: dict[str, Any], where: str) -> None:
 def apply_overrides(name: str, config: dict[str, Any], overrides: list[str]) -> dict[str, str]:
     """`--set method.KEY=VALUE`: change the method's setting KEY (it must exist) in `config`.
     Returns KEY -> the argument that set it."""
-    from harness.profiles import parse_override
-
     given = {}
     for text in overrides:
         keys, value = parse_override(text)
