@@ -239,10 +239,12 @@ def compare_published(df: pd.DataFrame, backbone: str, fmt: str = "github",
         title += ("\nsecondary = read in another paper's reprint or in notes, not in the paper "
                   "itself (baselines/SOURCES.md)")
         out.append(render(table, fmt, title, correlation))
-        parameters = compare_parameters(group, everything[everything["model"] == backbone])
+        published = everything[everything["model"] == backbone]
+        parameters = compare_parameters(group, published)
         if parameters is not None:
             out.append(render(parameters, fmt, f"Parameter metrics: ours vs published ({backbone}); "
-                               f"ours: {where}, mean over runs", PARAMETER_DEFINITIONS))
+                               f"ours: {where}, mean over runs",
+                               parameter_definitions(published_pair(published))))
     if not out:
         raise HarnessError("no runs on the benchmark orders 1-6 to compare with published numbers")
     return "\n\n".join(out)
@@ -287,20 +289,41 @@ PUBLISHED_PARAMETERS = {
     "orthogonality": ("AWOM", 1.0, "AWOM: sum_{i<T} ||dW_T^T dW_i||_F^2, mean over layers"),
     "nuclear_norm": ("nuclear_norm", 1.0, "||dW_t||_*, mean over tasks and layers"),
 }
-PARAMETER_DEFINITIONS = (
-    "The paper publishes no code for these metrics: its collision threshold and the exact form of "
-    "its orthogonality are not known, and its numbers average T5-large runs over orders 1-6, so "
-    "compare the ratio of N-LoRA to O-LoRA (scale-free) rather than the values.")
+
+
+def parameter_definitions(pair: tuple[str, str]) -> str:
+    own, other = pair
+    return ("The paper publishes no code for these metrics: its collision threshold and the exact "
+            "form of its orthogonality are not known, and its numbers average T5-large runs over "
+            f"orders 1-6, so compare the ratio of {own} to {other} (scale-free) rather than the "
+            "values.")
+
+
+def published_pair(published: pd.DataFrame) -> tuple[str, str] | None:
+    """The method whose paper publishes the parameter metrics and the one baseline it reports
+    them beside (N-LoRA's figures: N-LoRA and O-LoRA), read from the published rows; None when
+    the rows name no such pair."""
+    rows = published[published["metric"].isin(PUBLISHED_PARAMETERS)]
+    papers = rows["paper"].unique()
+    if len(papers) != 1:
+        return None
+    others = [m for m in rows["method"].unique() if m != papers[0]]
+    return (papers[0], others[0]) if len(others) == 1 and papers[0] in set(rows["method"]) else None
 
 
 def compare_parameters(group: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame | None:
-    """Our parameter metrics beside the published ones (N-LoRA's figures), with each metric's
-    N-LoRA / O-LoRA ratio on both sides; None when none of our methods has a published one."""
+    """Our parameter metrics beside the published ones, with each metric's ratio of the
+    publishing paper's method to its baseline on both sides (`published_pair`); None when none of
+    our methods has a published figure or the rows name no pair."""
+    pair = published_pair(published)
+    if pair is None:
+        return None
     runs = group[~group["method"].str.endswith(TUNED)]
     ours_by_name = {table_entry(m)[1]: m for m in runs["method"].unique()}
+    own, other = pair
 
     def ratio(values: pd.Series) -> float:
-        return values.get("N-LoRA", np.nan) / values.get("O-LoRA", np.nan)
+        return values.get(own, np.nan) / values.get(other, np.nan)
 
     rows = []
     for metric, (key, unit, definition) in PUBLISHED_PARAMETERS.items():
@@ -308,8 +331,8 @@ def compare_parameters(group: pd.DataFrame, published: pd.DataFrame) -> pd.DataF
         ours = pd.Series({name: runs.loc[runs["method"] == ours_by_name[name], key].mean() * unit
                           for name in theirs.index if name in ours_by_name}, dtype=float)
         rows += [{"metric": metric, "method": name, "ours": ours.get(name, np.nan),
-                  "published": value, "N-LoRA / O-LoRA (ours)": ratio(ours),
-                  "N-LoRA / O-LoRA (published)": ratio(theirs), "ours as": definition}
+                  "published": value, f"{own} / {other} (ours)": ratio(ours),
+                  f"{own} / {other} (published)": ratio(theirs), "ours as": definition}
                  for name, value in theirs.items()]
     table = pd.DataFrame(rows)
     if table.empty or table["ours"].isna().all():

@@ -3,6 +3,7 @@ table's marks, the comparison with published numbers, and the files `table --out
 
 import json
 
+import pandas as pd
 import pytest
 
 from harness import table
@@ -195,3 +196,16 @@ def test_parameter_metrics_sit_beside_the_published_ones_with_their_ratios(tmp_p
     assert float(rows["collision_rate", "O-LoRA"][5]) == pytest.approx(0.8 / 46.6, abs=0.005)
     assert float(rows["nuclear_norm", "O-LoRA"][2]) == 4.0
     assert ("orthogonality", "N-LoRA") not in rows  # nothing published: no row
+
+
+def test_the_parameter_ratio_pairs_what_the_published_rows_name():
+    """The pair in the parameter-metric comparison comes from the baseline data (the paper that
+    publishes the metrics and the one baseline beside its own method), not from engine code."""
+    published = table.load_published()
+    pair = table.published_pair(published[published["model"] == "t5-large"])
+    assert pair == ("N-LoRA", "O-LoRA")
+    rows = published[published["metric"].isin(table.PUBLISHED_PARAMETERS)].copy()
+    other_paper = rows.assign(paper="GORP")
+    assert table.published_pair(pd.concat([rows, other_paper])) is None  # two papers: no pair
+    third = rows[rows["method"] == "O-LoRA"].assign(method="InfLoRA")
+    assert table.published_pair(pd.concat([rows, third])) is None  # two baselines: no single pair
