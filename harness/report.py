@@ -144,9 +144,9 @@ def _provenance(results: Path, profile: str | None) -> str:
                      "data": f"{s.benchmark['kind']} ({s.benchmark.get('data_dir', '-')})",
                      "versions": ", ".join(f"{k} {v}" for k, v in versions.items()) or "-",
                      "fingerprint": s.fingerprint or "-", "AA": s.metrics.get("AA"),
-                     "wall s": s.wall_seconds, "train s": s.train_seconds,
+                     "train+eval s": s.train_eval_seconds, "train s": s.train_seconds,
                      "eval s": s.eval_seconds, "folder": str(s.folder.relative_to(results))})
     frame = pd.DataFrame(rows).set_index("method")
     return table.render(frame, "html", f"{len(frame)} runs",
-                        "wall s: the whole run, evaluation included; the fingerprint names the "
+                        "train+eval s: the stages' training and evaluation; the fingerprint names the "
                         "configuration, data and code version that produced the run.")

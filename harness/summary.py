@@ -18,7 +18,9 @@ Fields (percentages are exact-match accuracies, 0-100; null where a cell or metr
   label set (format forgetting), null where a stage stored none; empty for imported runs;
 - `missing_stages`: rows with no complete stage folder (their cells are null);
 - `parameter_metrics`: harness.param_metrics over the stored per-task deltas, or null;
-- `train_seconds`, `eval_seconds`, `wall_seconds`, `threads` (torch's, in the writing process);
+- `train_seconds`, `eval_seconds`, `train_eval_seconds` (their sum: the stages' training and
+  evaluation, over every process that worked on the run; not wall time, which a resumed run
+  spreads over several processes), `threads` (torch's, in the writing process);
 - `warnings`: what the method or the engine warned of while training, one object per warning:
   `stage` (1-based), `task` (the stage's), `message` (the stage folders' `metrics.json` keep their
   own; the whole log of every process that worked on the run is `run.log` in its folder);
@@ -70,7 +72,7 @@ class Summary:
     parameter_metrics: dict[str, Any] | None = None
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
-    wall_seconds: float = 0.0
+    train_eval_seconds: float = 0.0
     fingerprint: str = ""
     threads: int | None = None
     warnings: list[dict[str, Any]] = field(default_factory=list)
@@ -106,6 +108,8 @@ class Summary:
         if missing:
             raise HarnessError(f"{source}: corrupt summary (no {', '.join(missing)})")
         known = {f.name for f in dataclasses.fields(cls) if f.metadata.get("stored", True)}
+        if isinstance(data, dict) and "wall_seconds" in data:  # its name in earlier versions: the same sum
+            data = {"train_eval_seconds": data["wall_seconds"], **data}
         summary = cls(**{k: v for k, v in data.items() if k in known})
         if not (isinstance(summary.metrics, dict) and isinstance(summary.benchmark, dict)
                 and "kind" in summary.benchmark and isinstance(summary.tasks, list)
@@ -237,7 +241,7 @@ def finish_run(run_dir: RunDir, spec: RunSpec, names: list[str], config: dict) -
         row_labels=labels, missing_stages=missing,
         parameter_metrics=run_parameter_metrics(folders, len(R) - 1),
         train_seconds=round(train_seconds, 3), eval_seconds=round(eval_seconds, 3),
-        wall_seconds=round(train_seconds + eval_seconds, 3),
+        train_eval_seconds=round(train_seconds + eval_seconds, 3),
         fingerprint=config["fingerprint"], threads=torch.get_num_threads(),
         warnings=[{"stage": r["stage"], "task": r["task"], "message": message}
                   for r in rows for message in r.get("warnings", [])])

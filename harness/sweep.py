@@ -70,7 +70,7 @@ def result_line(spec: RunSpec, summary: "Summary") -> str:
     m = summary.metrics
     bwt = m.get("BWT") if m.get("BWT") is None else round(m["BWT"], 2)
     return (f"{spec.method:10s} {spec.sequence_name:12s} seed{spec.seed}  AA {m['AA']:.2f}  "
-            f"BWT {bwt}  ({summary.wall_seconds:.1f}s)")
+            f"BWT {bwt}  ({summary.train_eval_seconds:.1f}s)")
 
 
 RUN_LINE = re.compile(r"^(skipped: |\S+ +\S+ +seed\d+  AA )")

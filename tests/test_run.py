@@ -185,7 +185,7 @@ def test_shards_split_the_sweep_into_disjoint_parts(synthetic_dir, tmp_path, mon
 
     def record(self, spec, force=False):
         seen.setdefault(current, []).append((spec.method, spec.order, spec.seed))
-        return SimpleNamespace(metrics={"AA": 0.0}, wall_seconds=0.0)
+        return SimpleNamespace(metrics={"AA": 0.0}, train_eval_seconds=0.0)
 
     monkeypatch.setattr(Runner, "run", record)
     args = ["run", "--all", "--methods", "seqlora,inclora", "--orders", "1-3", "--seeds", "0-1",
@@ -216,7 +216,7 @@ def test_a_sweep_ends_with_the_leaderboard_of_its_results(synthetic_dir, tmp_pat
     from tests.test_table import write_summary
 
     monkeypatch.setattr(Runner, "run", lambda self, spec, force=False: SimpleNamespace(
-        metrics={"AA": 0.0, "BWT": 0.0}, wall_seconds=0.0))
+        metrics={"AA": 0.0, "BWT": 0.0}, train_eval_seconds=0.0))
     args = ["run", "--all", "--methods", "seqlora,olora", "--orders", "1", "--data-dir",
             str(synthetic_dir), "--results", str(tmp_path), "--no-progress", "--jobs", "1"]
     assert main(args) == 0  # no summaries yet: no table

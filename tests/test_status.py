@@ -53,7 +53,7 @@ def test_a_sweep_lists_its_runs_before_any_has_started(synthetic_dir, tmp_path, 
     from harness.runner import Runner
 
     monkeypatch.setattr(Runner, "run", lambda self, spec, force=False: SimpleNamespace(
-        metrics={"AA": 0.0, "BWT": 0.0}, wall_seconds=0.0))
+        metrics={"AA": 0.0, "BWT": 0.0}, train_eval_seconds=0.0))
     args = ["run", "--all", "--methods", "seqlora,olora", "--orders", "1", "--seeds", "0-1",
             "--data-dir", str(synthetic_dir), "--results", str(tmp_path), "--no-progress",
             "--jobs", "1"]

@@ -24,7 +24,7 @@ _draw = random.Random(22)
 KILLS = {m: sorted(_draw.sample([s for s in range(1, 2 * PER_STAGE) if s != PER_STAGE], 2))
          for m in METHODS}
 # Not results: timings, and whether the base row was evaluated by this run or shared in a sweep.
-TIMINGS = {"seconds", "train_seconds", "eval_seconds", "wall_seconds", "prepare_seconds",
+TIMINGS = {"seconds", "train_seconds", "eval_seconds", "train_eval_seconds", "prepare_seconds",
            "consolidate_seconds", "reused"}
 
 

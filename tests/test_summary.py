@@ -12,7 +12,7 @@ from harness.summary import Summary, read_summaries, read_summary
 DOCUMENTED = ["method", "sequence", "order", "tasks", "seed", "profile", "benchmark", "model",
               "tuned", "metrics", "stage_average_accuracy", "accuracy_matrix", "format_matrix", "row_labels",
               "missing_stages", "parameter_metrics", "train_seconds", "eval_seconds",
-              "wall_seconds", "fingerprint", "threads", "warnings"]
+              "train_eval_seconds", "fingerprint", "threads", "warnings"]
 
 
 def minimal(**extra):
@@ -50,3 +50,9 @@ def test_a_file_that_is_not_a_summary_is_refused_with_its_path(tmp_path, text, p
     with pytest.raises(HarnessError, match=problem) as caught:
         read_summary(path)
     assert str(caught.value).startswith(f"{path}: corrupt summary")
+
+
+def test_a_summary_written_before_the_rename_keeps_its_timing(tmp_path):
+    """`wall_seconds` (its earlier name) is read as `train_eval_seconds`."""
+    summary = Summary.from_json(minimal(wall_seconds=12.5), tmp_path / "summary.json")
+    assert summary.train_eval_seconds == 12.5

@@ -31,7 +31,7 @@ def test_the_progress_bar_counts_the_lines_that_end_a_run_only():
     from harness.sweep import ends_a_run, result_line
 
     spec = RunSpec(method="seqlora", tasks=("a", "b"), seed=0, profile="default", order=1)
-    summary = SimpleNamespace(metrics={"AA": 51.25, "BWT": -3.5}, wall_seconds=2.0)
+    summary = SimpleNamespace(metrics={"AA": 51.25, "BWT": -3.5}, train_eval_seconds=2.0)
     assert ends_a_run(result_line(spec, summary))
     assert ends_a_run("skipped: results/x is locked by another process")
     assert not ends_a_run("warning: seqlora order 1: a short free subspace at stage 2 (see run.log)")

@@ -32,7 +32,7 @@ EVERY_STEP = ("train.checkpoint_every=1",)
 # Not results: timings, and whether the base row was evaluated by this run or shared in a sweep.
 # Warnings are left out too: one that `setup` or `load_state_dict` logs lands in another stage's
 # record when a run resumes.
-TIMINGS = {"seconds", "train_seconds", "eval_seconds", "wall_seconds", "prepare_seconds",
+TIMINGS = {"seconds", "train_seconds", "eval_seconds", "train_eval_seconds", "prepare_seconds",
            "consolidate_seconds", "reused", "files", "warnings"}
 
 
