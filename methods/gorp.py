@@ -23,6 +23,9 @@ loads in a fresh run, so no projection ever happens), `persist_full_rank = false
 updates are discarded after each stage's evaluation), `enable_reg_terms = true` (the lambda terms the
 code has but never applies: O-LoRA orthogonality lambda1, norm of the new branch lambda2, soft
 orthogonality of the full-rank update lambda3 * ||dW dW^T - I||_F).
+
+Reference: Wcxwcxw/GORP (the code released after the paper; its `scripts/order_*.sh` and
+`scripts_llama` give the settings in `configs/gorp.toml`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,11 @@ sum of all branches. It is O-LoRA with both regularisers at zero.
 One known difference from the O-LoRA code, shared by every growth method here: peft gives each
 branch its own LoRA dropout, so with dropout > 0 the frozen and the new branch see independent masks,
 where the reference applies one mask x~ = dropout(x) to both. The expected output is the same; the
-noise differs. The embedded default uses dropout 0, where the two coincide."""
+noise differs. The embedded default uses dropout 0, where the two coincide.
+
+Reference: cmnfriend/O-LoRA at commit 2a2e620 (`src/uie_trainer_lora.py`,
+`src/run_uie_lora.py`) run with `lamda_1 = lamda_2 = 0`.
+"""
 
 from __future__ import annotations
 

@@ -17,6 +17,10 @@ training and frozen, and whose up-projection B_t (zero at the start) is the only
 - `design = "random_projected"` (gainlora's T5 port, whose numbers the GainLoRA paper reports): A_t
   is peft's Kaiming-uniform draw with the protected part removed and rows rescaled to 1/sqrt(3);
   the first task keeps the raw draw. No statistics are gathered before training.
+
+Reference: liangyanshuo/InfLoRA (`methods/inflora.py`: the design of A_t and the DualGPM
+memory) and its T5 port in liangyanshuo/gainlora (`src/cl_trainer_inflora.py`: the `gpm` memory
+and `random_projected` design options, the thresholds of its T5 scripts).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 One stage on the shuffled union of every task's training set, with the parametrisation of the
 compared family (`base = "lora"`, one adapter, by default; `"full"` as an option) and the profile's
 epochs; every task is evaluated after that single stage, so R has one row and AA is its result.
+
+Reference: no code; the MTL row of O-LoRA's Table 1 (one model trained on every task at once).
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ The growth of IncLoRA plus one L1 term on the new branch, summed over every adap
   product (A_t: r x d_in, B_t: d_out x r); defined only where d_in = d_out, refused otherwise;
 - `paper_full` (the paper): lambda1 * sum |s B_t A_t|, the L1 of the full update Delta W_t.
 No orthogonality and no L2 term.
+
+Reference: PKU-YuanGroup/N-LoRA, code adapted from cmnfriend/O-LoRA's; the settings of its
+`scripts/order_*.sh` are cited in `configs/nlora.toml`.
 """
 
 from __future__ import annotations

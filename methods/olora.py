@@ -9,6 +9,10 @@ plus two loss terms on the new branch, summed over every adapted layer l:
   A's and B's of ||p||_F (not squared); `squared`: lambda2 * sum ||p||_F^2.
 Per-task lambdas (the reference's order-6 script) live in the config under `per_task.<task>`,
 applied to the orders listed in `per_task_orders`.
+
+Reference: cmnfriend/O-LoRA at commit 2a2e620: the two terms in `src/uie_trainer_lora.py`
+(`UIETrainer.training_step`), the branches (`loranew_A/B`) in its `src/peft/tuners/lora.py`, the
+freezing in `src/run_uie_lora.py`, the settings in `scripts/order_*.sh` and `scripts/long.sh`.
 """
 
 from __future__ import annotations

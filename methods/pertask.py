@@ -3,6 +3,8 @@
 Each task trains a fresh LoRA adapter from the base model, alone. At evaluation the task identity
 is an oracle: task j is scored with its own adapter, and a task not trained yet with the base model
 (adapters off). Its diagonal R[j][j] is the single-task reference some FWT variants need.
+
+Reference: no code; the PerTaskFT row of O-LoRA's Table 1 (one adapter per task, trained alone).
 """
 
 from __future__ import annotations

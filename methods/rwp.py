@@ -7,6 +7,10 @@ copying back; the optimizer steps with lambda g1 + (1 - lambda) g0.
   (backbone, frozen branches, trainable ones), while gradients and updates stay on the trainable ones.
 - `noise_scale`: `var_abs` (default, std sigma sqrt|theta_i|), `std_abs` (std sigma |theta_i|),
   `filter` (the RWP paper: std sigma ||theta_o,:|| per output row; sigma ||theta|| for 1-D tensors).
+
+Reference: no code for this benchmark; random weight perturbation as its paper mixes the clean
+and the perturbed gradient (Li et al., "Revisiting Random Weight Perturbation for Efficiently
+Improving Generalization", TMLR 2024).
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ g = grad L(theta); eps = rho g / (||g|| + 1e-12) over all trainable tensors join
 eps_i = rho theta_i^2 g_i / (|| |theta| * g || + 1e-12)); the same batch is run again at
 theta + eps, theta is restored by copying the saved values back (exact), and the optimizer steps
 with the gradient taken at the perturbed point. Only the trainable parameters are perturbed.
+
+Reference: no code for this benchmark; the update of Foret et al., "Sharpness-Aware
+Minimization" (ICLR 2021), and its adaptive form (Kwon et al., ASAM, ICML 2021).
 """
 
 from __future__ import annotations

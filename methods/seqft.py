@@ -2,6 +2,9 @@
 
 One model is carried from stage to stage and every backbone weight trains, except the shared token
 embedding, which the reference training script always freezes.
+
+Reference: cmnfriend/O-LoRA's `src/run_uie_lora.py` (commit 1d5def7), which freezes every
+parameter named `shared`; the SeqFT row of O-LoRA's Table 1.
 """
 
 from __future__ import annotations
