@@ -37,9 +37,9 @@ import torch
 from harness.errors import HarnessError
 from harness_methods.base import Context, SettingError
 from harness_methods.deltas import branch_factors
-from harness_methods.inclora import IncLoRA, branch_name
+from harness_methods.growth import branch_name, norm_term, orthogonality_term
+from harness_methods.inclora import IncLoRA
 from harness_methods.lora import lora_layers, matching_modules
-from harness_methods.olora import norm_term, orthogonality_term
 
 MEMORY_THRESHOLD = 0.9  # fixed in the reference code
 MEMORY_SOURCES = ("previous_stage", "current_dir_quirk")

@@ -14,46 +14,20 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from harness_methods.base import Context, Method
-from harness_methods.deltas import branch_factors
-from harness_methods.lora import add_branch, lora_config, train_only
+from harness_methods.base import Context
+from harness_methods.growth import BranchGrowth
+from harness_methods.lora import train_only
 
 
-def branch_name(stage: int) -> str:
-    return f"task{stage + 1}"
-
-
-class IncLoRA(Method):
+class IncLoRA(BranchGrowth):
     name = "inclora"
     paper_name = "IncLoRA"
     table_rank = 2
 
-    def __init__(self, config: dict[str, Any] | None = None):
-        super().__init__(config)
-        self.branches: list[str] = []
-
-    def check(self, ctx: Context) -> None:
-        lora_config(ctx, self.config)  # targets that match no module of this backbone
-
-    def _grow(self, ctx: Context, stage: int) -> None:
-        name = branch_name(stage)
-        model = add_branch(ctx, name, self.config)
-        self.branches.append(name)
-        # Activate every branch (their outputs add up), then train the newest one only.
-        model.base_model.set_adapter(self.branches)
-        train_only(model, name)
-
-    def before_task(self, ctx: Context) -> None:
-        self._grow(ctx, ctx.stage)
-
-    def task_deltas(self, ctx: Context) -> dict[str, torch.Tensor]:
-        return branch_factors(ctx.model, branch_name(ctx.stage))
+    def _activate(self, ctx: Context, name: str) -> None:
+        # Every branch acts (their outputs add up); only the newest one trains.
+        ctx.model.base_model.set_adapter(self.branches)
+        train_only(ctx.model, name)
 
     def state_dict(self) -> dict[str, Any]:
         return {"branches": list(self.branches)}
-
-    def load_state_dict(self, state: dict[str, Any], ctx: Context, completed_stages: int) -> None:
-        for stage in range(completed_stages):
-            self._grow(ctx, stage)

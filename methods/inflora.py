@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from harness_methods.base import Context
-from harness_methods.inclora import IncLoRA, branch_name
+from harness_methods.growth import branch_name
+from harness_methods.inclora import IncLoRA
 from harness_methods.lora import lora_layers
 
 log = logging.getLogger(__name__)

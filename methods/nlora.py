@@ -18,9 +18,9 @@ import torch
 
 from harness.errors import HarnessError
 from harness_methods.base import Context
-from harness_methods.inclora import IncLoRA, branch_name
+from harness_methods.growth import branch_name, stage_lambdas
+from harness_methods.inclora import IncLoRA
 from harness_methods.lora import lora_config, lora_layers, matching_modules
-from harness_methods.olora import stage_lambdas
 
 L1_FORMS = ("code_rxr", "paper_full")
 

@@ -22,31 +22,19 @@ from typing import Any
 import torch
 
 from harness_methods.base import Context
-from harness_methods.inclora import IncLoRA, branch_name
+from harness_methods.growth import branch_name, stage_lambdas
+from harness_methods.inclora import IncLoRA
 from harness_methods.lora import lora_layers
 
 ORTH_FORMS = ("code_l1", "paper_fro2")
 L2_FORMS = ("code_norm", "squared")
 
 
-def orthogonality_term(a_old: torch.Tensor | None, a_new: torch.Tensor, form: str) -> torch.Tensor:
-    """Overlap of the new down-projection (r x d_in) with the stacked old ones ((t-1)r x d_in)."""
-    if a_old is None or a_old.shape[0] == 0:
-        return a_new.new_zeros(())
-    overlap = a_old @ a_new.T
-    return overlap.abs().sum() if form == "code_l1" else overlap.pow(2).sum()
-
-
-def norm_term(params: list[torch.Tensor], form: str) -> torch.Tensor:
-    if form == "code_norm":
-        return sum(p.norm() for p in params)
-    return sum(p.pow(2).sum() for p in params)
-
-
 def batched_penalty(pairs: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]],
                     lambda1: float, lambda2: float, orth_form: str, l2_form: str
                     ) -> dict[str, torch.Tensor]:
-    """{"orthogonal": lambda1 * sum of `orthogonality_term`, "l2": lambda2 * `norm_term`} over
+    """{"orthogonal": lambda1 * sum of `growth.orthogonality_term`, "l2": lambda2 *
+    `growth.norm_term`} over
     every layer's (A_old, A, B) (a term only when its lambda is set and it has something to
     measure), with the layers of one shape stacked into single batched ops: per layer, the dozen
     small ops of the two terms cost more in per-op overhead than in arithmetic on small models."""
@@ -68,15 +56,6 @@ def batched_penalty(pairs: list[tuple[torch.Tensor | None, torch.Tensor, torch.T
                 l2.append(A.pow(2).sum() + B.pow(2).sum())
     terms = {"orthogonal": (lambda1, orthogonal), "l2": (lambda2, l2)}
     return {name: weight * torch.stack(parts).sum() for name, (weight, parts) in terms.items() if parts}
-
-
-def stage_lambdas(config: dict, ctx: Context, names: tuple[str, ...]) -> list[float]:
-    """The lambdas for this stage: the config's values, overridden by `per_task.<task>` when the
-    run's order is one of `per_task_orders`."""
-    override = {}
-    if ctx.order in config.get("per_task_orders", []):
-        override = config.get("per_task", {}).get(ctx.task.name, {})
-    return [float(override.get(n, config.get(n, 0.0))) for n in names]
 
 
 class OLoRA(IncLoRA):

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from harness_methods.base import Context, Method
-from harness_methods.deltas import branch_factors
-from harness_methods.inclora import branch_name
-from harness_methods.lora import add_branch, lora_config, train_only
+from harness_methods.base import Context
+from harness_methods.growth import BranchGrowth, branch_name
+from harness_methods.lora import train_only
 
 
-class PerTaskFT(Method):
+class PerTaskFT(BranchGrowth):
     name = "pertask"
     paper_name = "PerTaskFT"
     table_rank = 10
@@ -34,15 +31,8 @@ class PerTaskFT(Method):
         train_only(ctx.model, adapter)
 
     def _grow(self, ctx: Context, stage: int) -> None:
-        add_branch(ctx, branch_name(stage), self.config)
         self.trained.append(ctx.tasks[stage].name)
-        self._activate(ctx, branch_name(stage))
-
-    def check(self, ctx: Context) -> None:
-        lora_config(ctx, self.config)  # targets that match no module of this backbone
-
-    def before_task(self, ctx: Context) -> None:
-        self._grow(ctx, ctx.stage)
+        super()._grow(ctx, stage)
 
     def select_for_eval(self, ctx: Context, task) -> None:
         if not self.trained:
@@ -59,12 +49,5 @@ class PerTaskFT(Method):
         # see the base model.
         return task.name != ctx.task.name
 
-    def task_deltas(self, ctx: Context) -> dict[str, torch.Tensor]:
-        return branch_factors(ctx.model, branch_name(ctx.stage))
-
     def state_dict(self) -> dict[str, Any]:
         return {"trained": list(self.trained)}
-
-    def load_state_dict(self, state: dict[str, Any], ctx: Context, completed_stages: int) -> None:
-        for stage in range(completed_stages):
-            self._grow(ctx, stage)

@@ -10,7 +10,7 @@ from harness.trainer import FitSettings, fit
 from harness_methods.gorp import (ProjectedAdamW, galore_projector, grow_memory, project, project_back,
                           remove_subspace)
 from harness_methods.lora import lora_layers
-from harness_methods.olora import orthogonality_term
+from harness_methods.growth import orthogonality_term
 from tests.helpers import at_second_stage, make_context, train_stage
 from tests.tolerance import assert_close, assert_small, magnitude
 

@@ -5,7 +5,7 @@ import torch
 
 from harness.errors import HarnessError
 from harness_methods.nlora import sparsity_term
-from harness_methods.olora import norm_term, orthogonality_term
+from harness_methods.growth import norm_term, orthogonality_term
 from harness_methods.base import penalty_terms
 from harness_methods.lora import lora_layers
 from tests.helpers import at_second_stage, make_context, train_stage
@@ -83,7 +83,7 @@ def test_olora_penalty_is_the_sum_over_layers(synthetic_dir):
 
 
 def test_per_task_lambdas_apply_only_to_listed_orders(synthetic_dir):
-    from harness_methods.olora import stage_lambdas
+    from harness_methods.growth import stage_lambdas
 
     ctx, _, _ = make_context(synthetic_dir, "olora", tasks=("dbpedia",))
     config = {"lambda1": 0.5, "per_task_orders": [6], "per_task": {"dbpedia": {"lambda1": 5.0}}}
