@@ -23,9 +23,6 @@ class Modifier(Method):
     def recorded_config(self) -> dict[str, Any]:
         return {**self.base.recorded_config(), type(self).name: self.config}
 
-    def stages(self, ctx):
-        return self.base.stages(ctx)
-
     @property
     def max_zero_stage(self) -> int:  # type: ignore[override]
         return min(type(self).own_max_zero_stage, self.base.max_zero_stage)
@@ -33,57 +30,31 @@ class Modifier(Method):
     # A modifier reads the whole gradient between its two passes (ZeRO-2 partitions it away).
     own_max_zero_stage: int = 0
 
-    def check(self, ctx):
-        self.base.check(ctx)
-
-    def setup(self, ctx):
-        self.base.setup(ctx)
-
-    def before_task(self, ctx):
-        self.base.before_task(ctx)
-
-    def training_data(self, ctx):
-        return self.base.training_data(ctx)
-
     def trainable_parameters(self, ctx):
-        self.params = self.base.trainable_parameters(ctx)
+        self.params = self.base.trainable_parameters(ctx)  # what `gradient_pass` clears
         return self.params
-
-    def make_optimizer(self, ctx, params):
-        return self.base.make_optimizer(ctx, params)
-
-    def penalty(self, ctx, batch, outputs):
-        return self.base.penalty(ctx, batch, outputs)
-
-    def select_for_eval(self, ctx, task):
-        self.base.select_for_eval(ctx, task)
-
-    def evaluates_as_before(self, ctx, task):
-        return self.base.evaluates_as_before(ctx, task)
-
-    def after_task(self, ctx):
-        self.base.after_task(ctx)
-
-    def task_deltas(self, ctx):
-        return self.base.task_deltas(ctx)
-
-    def stage_metrics(self, ctx):
-        return self.base.stage_metrics(ctx)
-
-    def state_dict(self):
-        return self.base.state_dict()
-
-    def load_state_dict(self, state, ctx, completed_stages):
-        self.base.load_state_dict(state, ctx, completed_stages)
-
-    def fit_state(self):
-        return self.base.fit_state()
-
-    def load_fit_state(self, state):
-        self.base.load_fit_state(state)
 
     def gradient_pass(self, ctx: Context, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         """One forward/backward through the base method's own step, from zeroed gradients."""
         for p in self.params:
             p.grad = None
         return self.base.step(ctx, closure)
+
+
+# Every hook but the step goes to the base method unchanged; `trainable_parameters` is forwarded
+# above, where the modifier also keeps what it returns.
+FORWARDED = ("stages", "check", "setup", "before_task", "training_data", "make_optimizer", "penalty",
+             "select_for_eval", "evaluates_as_before", "after_task", "task_deltas", "stage_metrics",
+             "state_dict", "load_state_dict", "fit_state", "load_fit_state")
+
+
+def _forwarding(hook: str):
+    def forwarded(self, *args, **kwargs):
+        return getattr(self.base, hook)(*args, **kwargs)
+    forwarded.__name__ = forwarded.__qualname__ = hook
+    forwarded.__doc__ = f"The base method's `{hook}`."
+    return forwarded
+
+
+for _hook in FORWARDED:
+    setattr(Modifier, _hook, _forwarding(_hook))

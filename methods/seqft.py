@@ -16,4 +16,4 @@ class SeqFT(Sequential):
     name = "seqft"
     paper_name = "SeqFT"
     table_rank = 0
-    base = "full"
+    fixed_parametrisation = "full"

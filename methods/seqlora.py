@@ -14,4 +14,4 @@ class SeqLoRA(Sequential):
     name = "seqlora"
     paper_name = "SeqLoRA"
     table_rank = 1
-    base = "lora"
+    fixed_parametrisation = "lora"

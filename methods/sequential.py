@@ -16,12 +16,12 @@ BASES = ("lora", "full")
 
 
 class Sequential(Method):
-    # The parametrisation; None reads the config's `base` (default "lora").
-    base: str | None = None
+    # The parametrisation a subclass fixes; None reads the config's `base` (default "lora").
+    fixed_parametrisation: str | None = None
 
     def __init__(self, config: dict[str, Any] | None = None):
         super().__init__(config)
-        self.parametrisation = self.base or self.choice("base", BASES, "lora")
+        self.parametrisation = self.fixed_parametrisation or self.choice("base", BASES, "lora")
         self.change: StageChange | None = None
 
     def check(self, ctx: Context) -> None:

@@ -121,3 +121,29 @@ def test_composition_by_name():
         registry.create("sam", "default")
     with pytest.raises(HarnessError, match="not a modifier"):
         registry.create("seqlora+olora", "default")
+
+
+def test_a_modifier_forwards_every_hook_but_the_step():
+    """Each hook of `Method` reaches the base method through a modifier, except `step` (the
+    modifier's own); a hook added to `Method` later fails here until it is forwarded."""
+    import inspect
+
+    from harness_methods.base import Method
+    from harness_methods.modifier import FORWARDED, Modifier
+
+    hooks = {name for name, member in vars(Method).items() if inspect.isfunction(member)
+             and not name.startswith("_") and name not in ("choice", "number", "flag",
+                                                           "module_targets", "recorded_config")}
+    assert hooks - set(FORWARDED) == {"step", "trainable_parameters"}
+    calls = []
+
+    class Base(Method):
+        def after_task(self, ctx):
+            calls.append(("after_task", ctx))
+
+        def state_dict(self):
+            return {"from": "base"}
+
+    modifier = Modifier(Base({"lr": 1e-3}))
+    modifier.after_task("ctx")
+    assert calls == [("after_task", "ctx")] and modifier.state_dict() == {"from": "base"}
