@@ -338,14 +338,14 @@ def _check_run_flags(args) -> None:
 
 def _trackers(args) -> dict:
     """`--report-to` and `--mlflow-uri`, else the profile's [tracking] settings."""
-    from harness.profiles import load_profile
-    from harness.tracking import parse_report_to
+    from harness.tracking import parse_report_to, profile_tracking
 
-    profile = load_profile(args.profile, [o for o in args.overrides if not o.startswith("method.")])
-    report_to = profile.report_to if args.report_to is None else parse_report_to(args.report_to)
+    settings = profile_tracking(args.profile,
+                                [o for o in args.overrides if not o.startswith("method.")])
+    report_to = settings.report_to if args.report_to is None else parse_report_to(args.report_to)
     if args.mlflow_uri and "mlflow" not in report_to:
         raise HarnessError("run: --mlflow-uri only applies with --report-to mlflow")
-    return {"report_to": report_to, "mlflow_uri": args.mlflow_uri or profile.mlflow_uri}
+    return {"report_to": report_to, "mlflow_uri": args.mlflow_uri or settings.mlflow_uri}
 
 
 def _sweep_contents(args, bench) -> tuple[list[str], list[tuple[int | None, tuple[str, ...]]], list[int]]:
@@ -467,7 +467,8 @@ def _submit(args, runner, specs) -> int:
     from harness.status import record_sweep
     from harness.sweep import without
 
-    settings = {**runner.profile.slurm, **executor.parse_slurm(args.slurm or "")}
+    settings = {**executor.profile_slurm(runner.profile.name, runner.profile.overrides),
+                **executor.parse_slurm(args.slurm or "")}
     if args.launcher == "deepspeed" and args.num_gpus:
         settings.setdefault("gpus_per_node", str(args.num_gpus))
         if settings["gpus_per_node"].isdigit() and int(settings["gpus_per_node"]) < args.num_gpus:

@@ -59,6 +59,21 @@ def minutes(text: str, where: str) -> int:
     return max(1, int(days or 0) * 1440 + hours * 60 + mins + (secs > 0))
 
 
+def profile_slurm(profile: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+    """The profile file's [slurm] section: the `--slurm` settings as TOML (partition = "gpu",
+    gpus_per_node = 8, time = "24:00:00", ...), checked (a bad one names the file)."""
+    from harness.profiles import profile_section
+
+    section, where = profile_section(profile, "slurm", overrides)
+    if not isinstance(section, dict) or not all(
+            isinstance(v, (str, int)) and not isinstance(v, bool) for v in section.values()):
+        raise HarnessError(f"{where}: [slurm] takes settings like partition = \"gpu\" and "
+                           f"gpus_per_node = 8, got {section!r}")
+    settings = {key: str(value) for key, value in section.items()}
+    executor_parameters(settings, f"{where}: [slurm]")  # a bad value fails here, not at submission
+    return settings
+
+
 def executor_parameters(settings: dict[str, str], where: str) -> dict:
     """submitit's parameters for the `--slurm` settings (the time limit defaults to a day)."""
     params: dict = {"timeout_min": minutes(settings.get("time", DEFAULT_TIME), where)}

@@ -2,7 +2,9 @@
 
 A profile never changes what a method is, only its scale. `--set section.key=value` overrides a
 setting for one invocation (recorded in every run's config.json, so runs made with and without it
-never mix).
+never mix). A profile file's [tracking] and [slurm] sections say how runs are watched and
+scheduled, not what they train: `harness.tracking.profile_tracking` and
+`harness.executor.profile_slurm` read them (`profile_section`); a `Profile` does not hold them.
 """
 
 from __future__ import annotations
@@ -47,15 +49,10 @@ class Profile:
     lora: dict[str, Any] = field(default_factory=dict)
     embedded: dict[str, Any] = field(default_factory=dict)
     overrides: tuple[str, ...] = ()  # the --set arguments applied, for the record
-    # [tracking]: the trackers a run reports to unless --report-to says otherwise (they change no
-    # result, so they are not part of a run's configuration or fingerprint).
-    report_to: tuple[str, ...] = ()
-    mlflow_uri: str | None = None
-    slurm: dict[str, str] = field(default_factory=dict)  # [slurm]: `--executor slurm` settings
 
     def as_dict(self) -> dict[str, Any]:
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
-               if k not in ("report_to", "mlflow_uri", "slurm", "checkpoint_every")}
+               if k != "checkpoint_every"}
         out["overrides"] = [o for o in self.overrides if not o.startswith(f"{RESULT_FREE}=")]
         if not self.group_by_length:  # so that runs made before the setting existed keep their
             del out["group_by_length"]  # fingerprint
@@ -95,7 +92,8 @@ _OPTIONAL = {
 }
 
 
-def load_profile(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Profile:
+def _read(name: str, overrides: list[str] | tuple[str, ...]) -> tuple[dict[str, Any], str]:
+    """The profile file's settings with each `--set` applied, and how to name it in an error."""
     path = PROFILE_DIR / f"{name}.toml"
     if not path.exists():
         raise HarnessError(f"unknown profile {name!r}; known profiles: {', '.join(available())}")
@@ -106,8 +104,21 @@ def load_profile(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Prof
     for section in _OPTIONAL:
         raw.setdefault(section, {})
     raw = apply_overrides(raw, list(overrides), f"profile {name!r} ({path})")
+    return raw, f"{path}{' with --set ' + ' '.join(overrides) if overrides else ''}"
+
+
+def profile_section(name: str, section: str, overrides: list[str] | tuple[str, ...] = ()
+                    ) -> tuple[Any, str]:
+    """A section of the profile file that is no part of a `Profile` ([tracking], [slurm]: how a
+    run is watched or scheduled, not what it trains), for the module that reads it; {} if absent.
+    Returned with how to name it in an error."""
+    raw, where = _read(name, overrides)
+    return raw.get(section, {}), where
+
+
+def load_profile(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Profile:
+    raw, where = _read(name, overrides)
     train, evaluation, data = raw["train"], raw["eval"], raw["data"]
-    where = f"{path}{' with --set ' + ' '.join(overrides) if overrides else ''}"
     try:
         profile = Profile(
             name=name, description=raw.get("description", ""), model=raw.get("model", ""),
@@ -125,42 +136,11 @@ def load_profile(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Prof
             checkpoint_every=train.get("checkpoint_every", 0),
             deepspeed_config=raw["deepspeed"].get("config", "zero2"),
             lora=raw.get("lora", {}), embedded=raw.get("embedded", {}),
-            overrides=tuple(overrides), **_tracking(raw.get("tracking", {}), where),
-            slurm=_slurm(raw.get("slurm", {}), where))
+            overrides=tuple(overrides))
     except KeyError as exc:
         raise HarnessError(f"{where}: missing setting {exc}") from exc
     _validate(profile, where)
     return profile
-
-
-def _tracking(section: Any, where: str) -> dict[str, Any]:
-    """The [tracking] section: report_to (a list of tracker names) and mlflow_uri."""
-    from harness.tracking import parse_report_to
-
-    if not isinstance(section, dict) or set(section) - {"report_to", "mlflow_uri"}:
-        raise HarnessError(f"{where}: [tracking] takes report_to (a list of trackers) and "
-                           f"mlflow_uri, got {section!r}")
-    names, uri = section.get("report_to", []), section.get("mlflow_uri")
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) \
-            or not isinstance(uri, (str, type(None))):
-        raise HarnessError(f"{where}: tracking.report_to must be a list of tracker names and "
-                           f"tracking.mlflow_uri a string, got {names!r} and {uri!r}")
-    return {"report_to": parse_report_to(",".join(names), f"{where}: tracking.report_to"),
-            "mlflow_uri": uri}
-
-
-def _slurm(section: Any, where: str) -> dict[str, str]:
-    """The [slurm] section: the `--slurm` settings as TOML (partition = "gpu", gpus_per_node = 8,
-    time = "24:00:00", ...)."""
-    from harness.executor import executor_parameters
-
-    if not isinstance(section, dict) or not all(
-            isinstance(v, (str, int)) and not isinstance(v, bool) for v in section.values()):
-        raise HarnessError(f"{where}: [slurm] takes settings like partition = \"gpu\" and "
-                           f"gpus_per_node = 8, got {section!r}")
-    settings = {key: str(value) for key, value in section.items()}
-    executor_parameters(settings, f"{where}: [slurm]")  # a bad value fails here, not at submission
-    return settings
 
 
 def _validate(profile: Profile, where: str) -> None:

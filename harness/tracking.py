@@ -30,6 +30,7 @@ import queue
 import threading
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,30 @@ def parse_report_to(text: str, where: str = "--report-to") -> tuple[str, ...]:
         raise HarnessError(f"{where} {text}: the wandb package is not installed "
                            "(pip install 'cl-harness[wandb]')")
     return names
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    """Where a run reports its curves: no part of what it trains, so apart from the `Profile`."""
+    report_to: tuple[str, ...] = ()
+    mlflow_uri: str | None = None
+
+
+def profile_tracking(profile: str, overrides: list[str] | tuple[str, ...] = ()) -> TrackingSettings:
+    """The profile file's [tracking] section: report_to (a list of tracker names) and mlflow_uri,
+    checked (a bad one names the file)."""
+    from harness.profiles import profile_section
+
+    section, where = profile_section(profile, "tracking", overrides)
+    if not isinstance(section, dict) or set(section) - {"report_to", "mlflow_uri"}:
+        raise HarnessError(f"{where}: [tracking] takes report_to (a list of trackers) and "
+                           f"mlflow_uri, got {section!r}")
+    names, uri = section.get("report_to", []), section.get("mlflow_uri")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) \
+            or not isinstance(uri, (str, type(None))):
+        raise HarnessError(f"{where}: tracking.report_to must be a list of tracker names and "
+                           f"tracking.mlflow_uri a string, got {names!r} and {uri!r}")
+    return TrackingSettings(parse_report_to(",".join(names), f"{where}: tracking.report_to"), uri)
 
 
 class Tracking:

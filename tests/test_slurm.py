@@ -127,11 +127,14 @@ def test_a_profile_holds_the_slurm_settings(tmp_path, monkeypatch):
     (tmp_path / "cluster.toml").write_text(default + '\n[slurm]\npartition = "gpu"\ngpus_per_node = 8\n')
     (tmp_path / "broken.toml").write_text(default + '\n[slurm]\ntime = "tomorrow"\n')
     monkeypatch.setattr(profiles, "PROFILE_DIR", tmp_path)
-    cluster = profiles.load_profile("cluster")
-    assert cluster.slurm == {"partition": "gpu", "gpus_per_node": "8"}
-    assert {**cluster.as_dict(), "name": "default"} == profiles.load_profile("default").as_dict()
+    from harness.executor import profile_slurm
+
+    assert profile_slurm("cluster") == {"partition": "gpu", "gpus_per_node": "8"}
+    assert profile_slurm("default") == {}
+    assert {**profiles.load_profile("cluster").as_dict(), "name": "default"} \
+        == profiles.load_profile("default").as_dict()
     with pytest.raises(HarnessError, match=r"broken\.toml: \[slurm\]: time=tomorrow"):
-        profiles.load_profile("broken")
+        profile_slurm("broken")
 
 
 def test_a_signalled_task_checkpoints_inside_its_stage_and_the_sweep_completes(synthetic_dir,

@@ -203,11 +203,12 @@ def test_a_profile_names_the_trackers_unless_the_command_line_does(tracked_profi
 
     from harness.cli import _trackers
     from harness.profiles import load_profile
+    from harness.tracking import TrackingSettings, profile_tracking
 
-    watched, default = load_profile("watched"), load_profile("default")
-    assert (watched.report_to, watched.mlflow_uri) == (("tensorboard", "mlflow"), "sqlite:///w.db")
-    # Trackers change no result: not part of the configuration a fingerprint is made of.
-    assert {**watched.as_dict(), "name": "default"} == default.as_dict()
+    assert profile_tracking("watched") == TrackingSettings(("tensorboard", "mlflow"), "sqlite:///w.db")
+    assert profile_tracking("default") == TrackingSettings()
+    # Trackers change no result: not part of the profile a fingerprint is made of.
+    assert {**load_profile("watched").as_dict(), "name": "default"} == load_profile("default").as_dict()
 
     def args(profile, report_to=None, mlflow_uri=None):
         return SimpleNamespace(profile=profile, overrides=[], report_to=report_to, mlflow_uri=mlflow_uri)
@@ -229,10 +230,10 @@ def test_a_profile_names_the_trackers_unless_the_command_line_does(tracked_profi
 ])
 def test_a_bad_tracking_section_names_the_profile_file(tracked_profile, section, message):
     from harness.errors import HarnessError
-    from harness.profiles import load_profile
+    from harness.tracking import profile_tracking
 
     path = tracked_profile / "bad.toml"
     path.write_text((tracked_profile / "default.toml").read_text() + f"\n[tracking]\n{section}\n")
     with pytest.raises(HarnessError) as error:
-        load_profile("bad")
+        profile_tracking("bad")
     assert str(path) in str(error.value) and message in str(error.value)
