@@ -205,6 +205,7 @@ class Bench:
         self.rows: list[dict] = []
         self.notes: list[str] = []
         self.flops: dict[int, float] = {}
+        self.profile_table = ""  # the profiler table of `--profile-variant`, once measured
         name = torch.cuda.get_device_name() if self.device.type == "cuda" else "CPU"
         self.device_name = name
         self.sheet_peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
@@ -241,7 +242,7 @@ class Bench:
                                  if device.type == "cuda" else None))
         self.rows.append(row)
         print(json.dumps(row), flush=True)
-        if a.profile_variant == v.name and not hasattr(self, "profile_table"):
+        if a.profile_variant == v.name and not self.profile_table:
             stats = profile_step(stepper, data, device)
             self.notes.append(
                 f"profile of '{v.name}': {stats['kernels_per_step']:.0f} kernels a step, GPU busy "
@@ -287,7 +288,7 @@ class Bench:
                          f"{r['samples_per_s']:.1f} | {r['tflops']:.2f} | {sheet} | "
                          f"{100 * r['share_measured']:.1f} | {r['warmup_s']:.1f} | {mem} |")
         notes = "\n".join(f"- {n}" for n in self.notes)
-        prof = getattr(self, "profile_table", "")
+        prof = self.profile_table
         out.write_text(head + "\n".join(lines) + "\n\n" + notes + "\n"
                        + (f"\n```\n{prof}\n```\n" if prof else ""))
         out.with_suffix(".json").write_text(json.dumps(dict(rows=self.rows, notes=self.notes),

@@ -108,7 +108,7 @@ class Summary:
         if missing:
             raise HarnessError(f"{source}: corrupt summary (no {', '.join(missing)})")
         known = {f.name for f in dataclasses.fields(cls) if f.metadata.get("stored", True)}
-        if isinstance(data, dict) and "wall_seconds" in data:  # its name in earlier versions: the same sum
+        if "wall_seconds" in data:  # its name in earlier versions: the same sum
             data = {"train_eval_seconds": data["wall_seconds"], **data}
         summary = cls(**{k: v for k, v in data.items() if k in known})
         if not (isinstance(summary.metrics, dict) and isinstance(summary.benchmark, dict)

@@ -240,11 +240,11 @@ def compare_published(df: pd.DataFrame, backbone: str, fmt: str = "github",
                   "itself (baselines/SOURCES.md)")
         out.append(render(table, fmt, title, correlation))
         published = everything[everything["model"] == backbone]
-        parameters = compare_parameters(group, published)
+        pair = published_pair(published)
+        parameters = compare_parameters(group, published, pair) if pair else None
         if parameters is not None:
             out.append(render(parameters, fmt, f"Parameter metrics: ours vs published ({backbone}); "
-                               f"ours: {where}, mean over runs",
-                               parameter_definitions(published_pair(published))))
+                               f"ours: {where}, mean over runs", parameter_definitions(pair)))
     if not out:
         raise HarnessError("no runs on the benchmark orders 1-6 to compare with published numbers")
     return "\n\n".join(out)
@@ -311,13 +311,11 @@ def published_pair(published: pd.DataFrame) -> tuple[str, str] | None:
     return (papers[0], others[0]) if len(others) == 1 and papers[0] in set(rows["method"]) else None
 
 
-def compare_parameters(group: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame | None:
+def compare_parameters(group: pd.DataFrame, published: pd.DataFrame, pair: tuple[str, str]
+                       ) -> pd.DataFrame | None:
     """Our parameter metrics beside the published ones, with each metric's ratio of the
-    publishing paper's method to its baseline on both sides (`published_pair`); None when none of
-    our methods has a published figure or the rows name no pair."""
-    pair = published_pair(published)
-    if pair is None:
-        return None
+    publishing paper's method to its baseline (`pair`, from `published_pair`) on both sides; None
+    when none of our methods has a published figure."""
     runs = group[~group["method"].str.endswith(TUNED)]
     ours_by_name = {table_entry(m)[1]: m for m in runs["method"].unique()}
     own, other = pair

@@ -203,8 +203,7 @@ class InfLoRA(IncLoRA):
         return state
 
     def load_state_dict(self, state: dict[str, Any], ctx: Context, completed_stages: int) -> None:
-        for stage in range(completed_stages):
-            self._grow(ctx, stage)
+        super().load_state_dict(state, ctx, completed_stages)
         for name in self.branches:  # designed down-projections stay frozen
             for layer in lora_layers(ctx.model):
                 layer.lora_A[name].weight.requires_grad_(False)

@@ -34,9 +34,8 @@ def batched_penalty(pairs: list[tuple[torch.Tensor | None, torch.Tensor, torch.T
                     lambda1: float, lambda2: float, orth_form: str, l2_form: str
                     ) -> dict[str, torch.Tensor]:
     """{"orthogonal": lambda1 * sum of `growth.orthogonality_term`, "l2": lambda2 *
-    `growth.norm_term`} over
-    every layer's (A_old, A, B) (a term only when its lambda is set and it has something to
-    measure), with the layers of one shape stacked into single batched ops: per layer, the dozen
+    `growth.norm_term`} over every layer's (A_old, A, B) (a term only when its lambda is set and it
+    has something to measure), with the layers of one shape stacked into single batched ops: per layer, the dozen
     small ops of the two terms cost more in per-op overhead than in arithmetic on small models."""
     groups: dict[tuple, list] = {}
     for a_old, a, b in pairs:
