@@ -452,7 +452,8 @@ def cmd_run(args) -> int:
         print(f"benchmark: {runner.data_kind} ({runner.data_dir}); profile: {args.profile}{ranks}; "
               f"{len(specs)} run(s){split} -> {args.results}", flush=True)
     if jobs > 1:
-        code = sweep.run_in_jobs(args.argv, jobs, args.shard, len(specs), not args.no_progress)
+        code = sweep.run_in_jobs(args.profile, options, specs, jobs, force=args.force,
+                                 progress=not args.no_progress)
     else:
         code = sweep.run_here(runner, specs, force=args.force, progress=not args.no_progress,
                               world=world)

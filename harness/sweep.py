@@ -1,20 +1,22 @@
 """The sweep: which runs one `run` command makes (methods x sequences x seeds, or a shard of them),
 and how they are carried out: one after another in this process, or in J processes side by side
-whose per-run lines are relayed under one progress bar."""
+that take them from one queue, under one progress bar."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
-import re
-import subprocess
 import sys
-import threading
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from harness.store import RunSpec
 
 if TYPE_CHECKING:  # pragma: no cover
+    from harness.runner import Options
     from harness.summary import Summary
 
 
@@ -73,14 +75,6 @@ def result_line(spec: RunSpec, summary: "Summary") -> str:
             f"BWT {bwt}  ({summary.train_eval_seconds:.1f}s)")
 
 
-RUN_LINE = re.compile(r"^(skipped: |\S+ +\S+ +seed\d+  AA )")
-
-
-def ends_a_run(line: str) -> bool:
-    """Whether a line a job printed is the one that ends a run (`result_line`, or a skip)."""
-    return RUN_LINE.match(line) is not None
-
-
 def run_here(runner, specs: list[RunSpec], *, force: bool, progress: bool, world) -> int:
     """The runs one after another in this process (on every rank under DeepSpeed; rank 0 prints)."""
     from tqdm.auto import tqdm
@@ -103,41 +97,95 @@ def run_here(runner, specs: list[RunSpec], *, force: bool, progress: bool, world
     return 0
 
 
-def run_in_jobs(argv: list[str], jobs: int, shard: tuple[int, int] | None, total: int,
+def longest_first(specs: list[RunSpec]) -> list[RunSpec]:
+    """The runs in the order side-by-side jobs take them: the longest task sequences first (a run's
+    time grows with its stages), so that the sweep ends on short runs and no job waits long for
+    another's last one; the sweep's order otherwise."""
+    return sorted(specs, key=lambda spec: -len(spec.tasks))
+
+
+def run_in_jobs(profile: str, options: "Options", specs: list[RunSpec], jobs: int, *, force: bool,
                 progress: bool) -> int:
-    """`--jobs J`: J processes, each running a round-robin share of the sweep (nested inside any
-    --shard i/N, so job j of shard i takes share i + j*N of N*J), each with cores/J threads. Their
-    per-run lines are relayed under one progress bar over the whole share."""
+    """`--jobs J`: J processes with cores/J threads each, which take the runs one at a time from
+    one queue (`longest_first`), so a job that finishes early takes the next run instead of
+    waiting on a fixed share. Each result line is printed here, under one progress bar. A run that
+    fails is reported and the others go on (exit code 1 at the end); a job process that dies (a
+    kill, out of memory) takes the pool with it, so the runs not finished go to a new pool, where
+    the one that was running resumes from its last complete stage (at most `RESTARTS` times)."""
     from tqdm.auto import tqdm
 
-    index, shards = shard or (0, 1)
     threads = threads_per_job(jobs)
-    base = without(argv, ("--jobs", "--shard"), flags=("--no-progress",))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    start = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-m", "harness", *base, "--no-progress",
-                               "--jobs", "1", "--shard", f"{index + j * shards}/{shards * jobs}"],
-                              env=env, stdout=subprocess.PIPE, text=True, bufsize=1)
-             for j in range(jobs)]
-    bar = tqdm(total=total, desc="runs", unit="run", disable=not progress)
-    lock = threading.Lock()
-
-    def relay(proc) -> None:
-        for line in proc.stdout:
-            if line.startswith(("benchmark:", "done:")):  # the parent says these once
-                continue
-            with lock:
-                tqdm.write(line.rstrip("\n"))
-                if ends_a_run(line):  # not a warning or any other line a job prints
-                    bar.update(1)
-
-    readers = [threading.Thread(target=relay, args=(p,), daemon=True) for p in procs]
-    for reader in readers:
-        reader.start()
-    codes = [p.wait() for p in procs]
-    for reader in readers:
-        reader.join()
+    options = replace(options, progress=False)  # one bar, here
+    start, left, failed = time.perf_counter(), longest_first(specs), 0
+    bar = tqdm(total=len(specs), desc="runs", unit="run", disable=not progress)
+    for attempt in range(RESTARTS + 1):
+        left, errors = _pool_pass(profile, options, left, jobs, threads, force, bar,
+                                  last=attempt == RESTARTS)
+        failed += errors
+        if not left:
+            break
     bar.close()
-    print(f"done: {total} run(s) in {time.perf_counter() - start:.1f}s, {jobs} jobs x {threads} "
-          f"thread(s) (exit codes {codes})", flush=True)
-    return next((c for c in codes if c), 0)
+    print(f"done: {len(specs)} run(s) in {time.perf_counter() - start:.1f}s, {jobs} jobs x {threads} "
+          f"thread(s){f', {failed} failed' if failed else ''}", flush=True)
+    return 1 if failed else 0
+
+
+RESTARTS = 2
+
+
+def _pool_pass(profile: str, options: "Options", specs: list[RunSpec], jobs: int, threads: int,
+               force: bool, bar, last: bool) -> tuple[list[RunSpec], int]:
+    """The runs in one process pool: (those a dying job process left unfinished, the failures)."""
+    from tqdm.auto import tqdm
+
+    left, failed = [], 0
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_job, initargs=(threads,)) as pool:
+        try:
+            pending = {pool.submit(run_one, profile, options, spec, force): spec for spec in specs}
+            for done in as_completed(pending):
+                spec = pending[done]
+                try:
+                    tqdm.write(done.result())
+                except BrokenProcessPool as exc:
+                    if not last:
+                        left.append(spec)
+                        continue
+                    failed += 1
+                    tqdm.write(f"failed: {spec.method} {spec.sequence_name} seed{spec.seed}: {exc}",
+                               file=sys.stderr)
+                except Exception as exc:  # noqa: BLE001 - reported; the other runs go on
+                    failed += 1
+                    tqdm.write(f"failed: {spec.method} {spec.sequence_name} seed{spec.seed}: {exc}",
+                               file=sys.stderr)
+                bar.update(1)
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return [spec for spec in specs if spec in left], failed
+
+
+def _start_job(threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()  # the parent draws the one bar
+
+
+_runner = None  # a job process's runner (it serves one sweep), built at its first run
+
+
+def run_one(profile: str, options: "Options", spec: RunSpec, force: bool) -> str:
+    """One run in a job process; its result line (or why it was skipped)."""
+    global _runner
+    from harness.runner import RunBusy, runner_for
+
+    if _runner is None:
+        _runner = runner_for(profile, options)
+    try:
+        summary = _runner.run(spec, force=force)
+    except RunBusy as exc:
+        return f"skipped: {exc}"
+    return result_line(spec, summary)

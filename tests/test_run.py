@@ -233,20 +233,24 @@ def test_a_sweep_ends_with_the_leaderboard_of_its_results(synthetic_dir, tmp_pat
 
 
 def test_jobs_run_the_sweep_in_parallel_processes_with_divided_threads(synthetic_dir, tmp_path):
-    """--jobs 2 inside --shard 0/2: job j takes share 0 + 2j of 4, so the two jobs run runs 0 and 2
-    of the four (2 methods x 2 seeds), each in a process of its own with cores/2 threads."""
+    """--jobs 2 inside --shard 0/2: the two jobs take the shard's runs (0 and 2 of the four: 2
+    methods x 2 seeds) from one queue, each in a process of its own with cores/2 threads. One job
+    process is killed mid-run: the pool it breaks is replaced and every run still completes."""
     import os
     import subprocess
     import sys
 
+    kill = {"HARNESS_KILL_AT": "train_step:2", "HARNESS_KILL_ONCE": str(tmp_path / "killed-once")}
     done = subprocess.run(
         [sys.executable, "-m", "harness", "run", "--all", "--methods", "seqlora,inclora",
          "--tasks", "agnews,SST-2", "--seeds", "0-1", "--data-dir", str(synthetic_dir),
          "--no-progress", "--results", str(tmp_path), "--train-per-task", "16",
-         "--test-per-task", "8", "--shard", "0/2", "--jobs", "2"], capture_output=True, text=True)
+         "--test-per-task", "8", "--shard", "0/2", "--jobs", "2"], capture_output=True, text=True,
+        env={**os.environ, **kill})
     assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "killed-once").exists() and "failed" not in done.stdout
     assert "2 run(s) (2 jobs x" in done.stdout and "2 jobs x" in done.stdout.splitlines()[-1]
-    # Each job's per-run line is relayed once; the jobs' own headers and totals are not.
+    # One line per run, printed by the parent, and one header.
     assert sum(line.startswith(("seqlora", "inclora")) for line in done.stdout.splitlines()) == 2
     assert sum(line.startswith("benchmark:") for line in done.stdout.splitlines()) == 1
     summaries = sorted(tmp_path.rglob("summary.json"))

@@ -1,5 +1,5 @@
-"""The sweep's pure parts: which runs a command makes, how shards split them, how a job's command
-line is derived from the parent's."""
+"""The sweep's pure parts: which runs a command makes, how shards split them, in which order side-by-
+side jobs take them, how an array task's command line is derived from the parent's."""
 
 from harness.sweep import expand, without
 
@@ -22,17 +22,12 @@ def test_a_jobs_command_line_drops_the_options_it_replaces():
         ["run", "--all", "--orders", "1-3"]
 
 
-def test_the_progress_bar_counts_the_lines_that_end_a_run_only():
-    """`--jobs` relays every line its jobs print; only a run's result line or a skip advances the
-    bar (a warning once made a sweep of 3 runs end at 4)."""
-    from types import SimpleNamespace
+def test_side_by_side_jobs_take_the_longest_sequences_first():
+    """A job that finishes early takes the next run from the queue: with the long sequences first,
+    the sweep ends on short runs; the sweep's order is kept otherwise."""
+    from harness.sweep import longest_first
 
-    from harness.store import RunSpec
-    from harness.sweep import ends_a_run, result_line
-
-    spec = RunSpec(method="seqlora", tasks=("a", "b"), seed=0, profile="default", order=1)
-    summary = SimpleNamespace(metrics={"AA": 51.25, "BWT": -3.5}, train_eval_seconds=2.0)
-    assert ends_a_run(result_line(spec, summary))
-    assert ends_a_run("skipped: results/x is locked by another process")
-    assert not ends_a_run("warning: seqlora order 1: a short free subspace at stage 2 (see run.log)")
-    assert not ends_a_run("[2026-12-03 11:00:03,626] [WARNING] [real_accelerator.py:213] CPU")
+    specs = expand(["m1", "m2"], [(1, ("a", "b")), (4, ("a", "b", "c")), (2, ("b", "a"))], [0],
+                   "default")
+    assert [(s.order, s.method) for s in longest_first(specs)] == [
+        (4, "m1"), (4, "m2"), (1, "m1"), (1, "m2"), (2, "m1"), (2, "m2")]
