@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import string
 from dataclasses import dataclass
 
 import torch
@@ -13,17 +12,9 @@ import torch
 from harness import faults
 from harness.data import TaskData
 from harness.distributed import SINGLE, World
+from harness.metrics import normalize
 from harness.textio import Batcher
 
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-def normalize(text: str) -> str:
-    """The reference normalisation: lower-case, drop ASCII punctuation, collapse whitespace.
-
-    Articles are kept (the reference says so explicitly).
-    """
-    return " ".join(text.lower().translate(_PUNCT).split())
 
 
 @dataclass
@@ -76,8 +67,6 @@ def evaluate_task(model: torch.nn.Module, batcher: Batcher, data: TaskData, *, b
     was_training = model.training
     model.eval()
     sources = list(data.test["source"])
-    targets = list(data.test["target"])
-    indices = list(data.test["index"])
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
     mine: dict[int, str] = {}
@@ -106,6 +95,13 @@ def evaluate_task(model: torch.nn.Module, batcher: Batcher, data: TaskData, *, b
     for part in gathered:
         for i, text in part.items():
             predictions[i] = text
+    return score(data, predictions)
+
+
+def score(data: TaskData, predictions: list[str]) -> tuple[float, list[dict]]:
+    """Accuracy (percent) of the predictions, in the order of the test split, and their records:
+    exact match after the reference normalisation."""
+    targets, indices = list(data.test["target"]), list(data.test["index"])
     records = []
     correct = 0
     for i, (pred, gold) in enumerate(zip(predictions, targets)):

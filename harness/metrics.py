@@ -1,4 +1,5 @@
-"""Accuracy-matrix metrics, as pure functions of R.
+"""Accuracy-matrix metrics, as pure functions of R, and the answer normalisation that decides
+which predictions are correct.
 
 `R` is a (T+1) x T array: row 0 is the untrained model, row i (1..T) the model after stage i,
 column j task j of the sequence; NaN marks an entry that was not evaluated. A metric that needs a
@@ -7,7 +8,19 @@ missing entry is NaN; the others are still computed.
 
 from __future__ import annotations
 
+import string
+
 import numpy as np
+
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize(text: str) -> str:
+    """The reference normalisation: lower-case, drop ASCII punctuation, collapse whitespace.
+
+    Articles are kept (the reference says so explicitly).
+    """
+    return " ".join(text.lower().translate(_PUNCT).split())
 
 
 def _nan_if_empty(values: list[float]) -> float:

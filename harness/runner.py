@@ -34,8 +34,8 @@ from harness.evaluator import evaluate_task
 from harness.models import resolve_model
 from harness.profiles import Profile, load_profile
 from harness.runlog import QUIET, RunLog
-from harness.status import FAILED, STAGES, record_failure
-from harness.store import LOCK, RunDir, RunSpec, out_of_space, read_json, stage_name, write_json
+from harness.store import (FAILED, LOCK, STAGES, RunDir, RunSpec, out_of_space, read_json,
+                           record_failure, stage_name, write_json)
 from harness.summary import Summary, finish_run, read_summary, stage_predictions
 from harness.synthetic import tokenizer_corpus
 from harness.textio import Batcher
@@ -418,27 +418,34 @@ class Runner:
                 "consolidate_seconds": consolidate_seconds, "eval_seconds": eval_seconds}),
                 **{f"method/{k}": v for k, v in numbers.items()}}, steps)
             if self.world.main:
-                stage_dir = run_dir.write_stage(
-                    stage_name(stage + 1, labels[stage]),
-                    {"stage": stage + 1, "task": labels[stage], "accuracy": accuracy,
-                     "train": {**asdict(result), "ranks": self.world.size,
-                               "prepare_seconds": prepare_seconds,
-                               "consolidate_seconds": consolidate_seconds},
-                     "eval_seconds": eval_seconds, "saved_tensors": sorted(saved.names),
-                     **({"method": numbers} if numbers else {}),
-                     **({"warnings": notes} if (notes := runlog.take()) else {})},
-                    predictions, checkpoint=saved.tensors(ctx.model), method_state=method.state_dict(),
-                    deltas=deltas)
-                faults.point("stage_done")
-                if previous is not None:  # only the latest stage's checkpoint is kept
-                    RunDir.drop_checkpoint(previous)
+                metrics = {"stage": stage + 1, "task": labels[stage], "accuracy": accuracy,
+                           "train": {**asdict(result), "ranks": self.world.size,
+                                     "prepare_seconds": prepare_seconds,
+                                     "consolidate_seconds": consolidate_seconds},
+                           "eval_seconds": eval_seconds, "saved_tensors": sorted(saved.names),
+                           **({"method": numbers} if numbers else {}),
+                           **({"warnings": notes} if (notes := runlog.take()) else {})}
+                previous = self._write_stage(run_dir, stage_name(stage + 1, labels[stage]), metrics,
+                                             predictions, saved.tensors(ctx.model), method, deltas,
+                                             previous)
                 checkpoints.clear()
-                previous = stage_dir
                 bar.set_postfix(acc=f"{accuracy[ctx.task.name]:.1f}")
             self.world.barrier()
             bar.update(1)
         bar.close()
         return steps
+
+    @staticmethod
+    def _write_stage(run_dir: RunDir, name: str, metrics: dict, predictions: list[dict],
+                     checkpoint: dict, method, deltas, previous: Path | None) -> Path:
+        """A stage's folder, renamed into place; then the previous stage's checkpoint is dropped
+        (only the latest is kept). Returns the new stage's folder."""
+        stage_dir = run_dir.write_stage(name, metrics, predictions, checkpoint=checkpoint,
+                                        method_state=method.state_dict(), deltas=deltas)
+        faults.point("stage_done")
+        if previous is not None:
+            RunDir.drop_checkpoint(previous)
+        return stage_dir
 
     def fit_settings(self, spec: RunSpec, stage: int, label: str, ctx: Context,
                      on_step=None, checkpoints: StepCheckpoints | None = None) -> FitSettings:

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.store import RunDir, read_json, write_atomic
+from harness.store import FAILED, STAGES, RunDir, read_json, write_atomic
 
-FAILED = "failed.json"
-STAGES = "stages.json"  # the labels of the stages a run trains, written when it starts
 SWEEPS = "sweeps"
 STATES = ("complete", "running", "failed", "partial", "not started")
 
@@ -45,17 +42,6 @@ def record_sweep(results: Path, folders: list[Path], argv: list[str],
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(record, indent=1) + "\n")
     return path
-
-
-def record_failure(folder: Path, error: BaseException) -> None:
-    """Keep the error a run stopped with (the next attempt at the run clears it). Best effort: on
-    a full disk the record cannot be written, and the error itself says why the run stopped."""
-    lines = traceback.format_exception(error)
-    try:
-        write_atomic(folder / FAILED, json.dumps({"error": f"{type(error).__name__}: {error}",
-                                                  "traceback": "".join(lines)}, indent=1) + "\n")
-    except OSError:
-        pass
 
 
 def run_status(results: Path, folder: Path) -> RunStatus:

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,3 +252,18 @@ class RunDir:
             write_atomic(metrics_path, json.dumps(metrics, indent=2))
         for name in names:
             (stage_dir / name).unlink(missing_ok=True)
+
+
+FAILED = "failed.json"   # the error a run stopped with (`record_failure`)
+STAGES = "stages.json"   # the labels of the stages a run trains, written when it starts
+
+
+def record_failure(folder: Path, error: BaseException) -> None:
+    """Keep the error a run stopped with (the next attempt at the run clears it). Best effort: on
+    a full disk the record cannot be written, and the error itself says why the run stopped."""
+    lines = traceback.format_exception(error)
+    try:
+        write_atomic(folder / FAILED, json.dumps({"error": f"{type(error).__name__}: {error}",
+                                                  "traceback": "".join(lines)}, indent=1) + "\n")
+    except OSError:
+        pass

@@ -187,14 +187,13 @@ def _format_matrix(folders: list[Path], rows: list[dict], names: list[str],
     """O: for each cell of R, the share (%) of its predictions outside the task's label set
     (normalised as the evaluator compares); NaN where the stage stored no predictions."""
     from harness.benchmark import load_benchmark
-    from harness.evaluator import normalize
 
     tasks = load_benchmark().tasks
     O = np.full(shape, np.nan)
     for folder, row in zip(folders, rows):
         for task, records in stage_predictions(folder).items():
-            labels = {normalize(label) for label in tasks[task].labels}
-            outside = [normalize(r["prediction"]) not in labels for r in records if "prediction" in r]
+            labels = {metrics.normalize(label) for label in tasks[task].labels}
+            outside = [metrics.normalize(r["prediction"]) not in labels for r in records if "prediction" in r]
             if outside and row["stage"] < shape[0]:
                 O[row["stage"], names.index(task)] = 100.0 * float(np.mean(outside))
     return O

@@ -207,26 +207,7 @@ def compare_published(df: pd.DataFrame, backbone: str, fmt: str = "github",
                           for paper, label in zip(published["paper"], published["order"])]
     out = []
     for where, group in _blocks(df[df["order"].notna()]):
-        ours = group.groupby(["method", "order"])["AA"].mean()
-        rows = []
-        for method in sorted_methods(group["method"].unique()):
-            cells = {str(int(k)): v for (m, k), v in ours.items() if m == method}
-            for name, orders in (("avg_1_3", "123"), ("avg_4_6", "456")):
-                if all(k in cells for k in orders):
-                    cells[name] = float(np.mean([cells[k] for k in orders]))
-            paper_name = table_entry(plugin_of(method))[1]
-            for order, value in cells.items():
-                matches = published[(published["method"] == paper_name)
-                                    & (published["order"] == order)]
-                for _, pub in (matches.iterrows() if len(matches) else [(None, None)]):
-                    rows.append({"method": method, "order": order, "ours": value,
-                                 "published": np.nan if pub is None else pub["value"],
-                                 "ours - published": np.nan if pub is None
-                                 else value - pub["value"],
-                                 "source": "-" if pub is None else
-                                 f"{pub['paper']} {pub['table'].split('[')[0].strip()}",
-                                 "secondary": "-" if pub is None else
-                                 ("yes" if "SECONDARY" in pub["table"] else "no")})
+        rows = _beside_published(group, published)
         if not rows:
             continue
         table = pd.DataFrame(rows).set_index("method")
@@ -239,15 +220,38 @@ def compare_published(df: pd.DataFrame, backbone: str, fmt: str = "github",
         title += ("\nsecondary = read in another paper's reprint or in notes, not in the paper "
                   "itself (baselines/SOURCES.md)")
         out.append(render(table, fmt, title, correlation))
-        published = everything[everything["model"] == backbone]
-        pair = published_pair(published)
-        parameters = compare_parameters(group, published, pair) if pair else None
+        same_backbone = everything[everything["model"] == backbone]
+        pair = published_pair(same_backbone)
+        parameters = compare_parameters(group, same_backbone, pair) if pair else None
         if parameters is not None:
             out.append(render(parameters, fmt, f"Parameter metrics: ours vs published ({backbone}); "
                                f"ours: {where}, mean over runs", parameter_definitions(pair)))
     if not out:
         raise HarnessError("no runs on the benchmark orders 1-6 to compare with published numbers")
     return "\n\n".join(out)
+
+
+def _beside_published(group: pd.DataFrame, published: pd.DataFrame) -> list[dict]:
+    """One row per method, order (and order-group average) and matching published AA."""
+    ours = group.groupby(["method", "order"])["AA"].mean()
+    rows = []
+    for method in sorted_methods(group["method"].unique()):
+        cells = {str(int(k)): v for (m, k), v in ours.items() if m == method}
+        for name, orders in (("avg_1_3", "123"), ("avg_4_6", "456")):
+            if all(k in cells for k in orders):
+                cells[name] = float(np.mean([cells[k] for k in orders]))
+        paper_name = table_entry(plugin_of(method))[1]
+        for order, value in cells.items():
+            matches = published[(published["method"] == paper_name) & (published["order"] == order)]
+            for _, pub in (matches.iterrows() if len(matches) else [(None, None)]):
+                rows.append({"method": method, "order": order, "ours": value,
+                             "published": np.nan if pub is None else pub["value"],
+                             "ours - published": np.nan if pub is None else value - pub["value"],
+                             "source": "-" if pub is None else
+                             f"{pub['paper']} {pub['table'].split('[')[0].strip()}",
+                             "secondary": "-" if pub is None else
+                             ("yes" if "SECONDARY" in pub["table"] else "no")})
+    return rows
 
 
 def per_example_tests(group: pd.DataFrame, best: str) -> dict[str, stats.McNemar]:

@@ -212,9 +212,7 @@ def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -
     resume at a stage boundary with the same result). The gradient of a step is the mean over its
     micro-batches of their mean losses, so W ranks compute exactly what one process with
     accumulation W * grad_accum computes. With `checkpoints`, the stage goes on from its latest
-    step checkpoint, writes one every `checkpoints.every` steps, and one before a preemption signal
-    takes its course (harness.checkpoints).
-    """
+    step checkpoint and writes them (harness.checkpoints: every N steps, and on preemption)."""
     s, world = settings, settings.world
     ctx.model.train()
     rows = method.training_data(ctx).to_list()
@@ -224,10 +222,7 @@ def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -
     for p in params:  # `step` starts from empty gradients, whatever a hook before it left
         p.grad = None
     stepper = _stepper(ctx, method, s, params)
-    generator = torch.Generator().manual_seed(s.seed)
-    per_step = s.batch_size * s.grad_accum * world.size
-    lengths = batcher.source_lengths([r["source"] for r in rows]) if s.group_by_length else None
-    total_steps = -(-len(rows) // per_step) * s.epochs  # the last step of an epoch may be smaller
+    steps, total_steps = _stage_steps(rows, batcher, s)
     losses = _restore(s.checkpoints, method, params, stepper)
     done = len(losses)
     start = tick = time.perf_counter()
@@ -235,29 +230,20 @@ def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -
                disable=not s.progress or not world.main, unit="step")
     try:
         with Preemption(enabled=s.checkpoints is not None) as preemption:
-            position = 0
-            for _ in range(s.epochs):
-                perm = torch.randperm(len(rows), generator=generator).tolist()
-                for ids in epoch_steps(perm, per_step, lengths, generator):
-                    position += 1
-                    if position <= done:  # trained before the step checkpoint
-                        continue
-                    micro = _micro_batches(batcher, [rows[i] for i in ids], s)
-                    parts = {} if s.on_step is not None else None
-                    closure = _closure(ctx, method, stepper, micro, parts,
-                                       partial(_micro_batches, batcher, s=s))
-                    losses.append(method.step(ctx, closure).detach())
-                    stepper.step()
-                    if s.on_step is not None:
-                        now = time.perf_counter()
-                        s.on_step(len(losses), _step_values(losses[-1], parts, stepper, len(ids),
-                                                            now - tick))
-                        tick = now
-                    bar.update(1)
-                    if len(losses) % 10 == 0 and not bar.disable:
-                        bar.set_postfix(loss=f"{float(sum(losses[-10:])) / 10:.3f}")
-                    faults.point("train_step")
-                    _checkpoint(s.checkpoints, preemption, world, method, params, stepper, losses)
+            for position, ids in enumerate(steps, start=1):
+                if position <= done:  # trained before the step checkpoint
+                    continue
+                loss, parts = _train_step(ctx, method, batcher, stepper, [rows[i] for i in ids], s)
+                losses.append(loss)
+                if s.on_step is not None:
+                    now = time.perf_counter()
+                    s.on_step(len(losses), _step_values(loss, parts, stepper, len(ids), now - tick))
+                    tick = now
+                bar.update(1)
+                if len(losses) % 10 == 0 and not bar.disable:
+                    bar.set_postfix(loss=f"{float(sum(losses[-10:])) / 10:.3f}")
+                faults.point("train_step")
+                _checkpoint(s.checkpoints, preemption, world, method, params, stepper, losses)
     finally:
         stepper.close()
         bar.close()
@@ -266,6 +252,32 @@ def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -
                      mean_loss=sum(values) / max(1, len(values)),
                      last_loss=values[-1] if values else float("nan"),
                      seconds=time.perf_counter() - start)
+
+
+def _stage_steps(rows: list[dict], batcher: Batcher, s: FitSettings):
+    """Every optimizer step of the stage (example ids), epoch after epoch, and how many there
+    are. Each epoch's shuffle is drawn from the stage's generator when the epoch starts."""
+    generator = torch.Generator().manual_seed(s.seed)
+    per_step = s.batch_size * s.grad_accum * s.world.size
+    lengths = batcher.source_lengths([r["source"] for r in rows]) if s.group_by_length else None
+
+    def steps():
+        for _ in range(s.epochs):
+            perm = torch.randperm(len(rows), generator=generator).tolist()
+            yield from epoch_steps(perm, per_step, lengths, generator)
+
+    return steps(), -(-len(rows) // per_step) * s.epochs  # an epoch's last step may be smaller
+
+
+def _train_step(ctx: Context, method: Method, batcher: Batcher, stepper, rows: list[dict],
+                s: FitSettings) -> tuple[torch.Tensor, dict | None]:
+    """One optimizer step on `rows`: its loss (on the device) and, when tracked, its parts."""
+    micro = _micro_batches(batcher, rows, s)
+    parts = {} if s.on_step is not None else None
+    closure = _closure(ctx, method, stepper, micro, parts, partial(_micro_batches, batcher, s=s))
+    loss = method.step(ctx, closure).detach()
+    stepper.step()
+    return loss, parts
 
 
 def _restore(checkpoints: StepCheckpoints | None, method: Method, params, stepper) -> list:

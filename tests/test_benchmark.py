@@ -48,7 +48,8 @@ def test_an_alias_naming_an_unknown_task_is_refused(tmp_path):
 
 
 def test_a_task_list_that_is_an_order_runs_as_that_order():
-    from harness.cli import _sweep_contents, build_parser
+    from harness.cli import build_parser
+    from harness.cli.run import _sweep_contents
 
     bench = load_benchmark()
     args = build_parser().parse_args(["run", "--method", "seqlora", "--tasks", ",".join(bench.orders[3])])

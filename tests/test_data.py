@@ -6,7 +6,7 @@ import pytest
 from harness.benchmark import Task, load_benchmark
 from harness.data import build_source, load_instructions, load_task, stratified_sample
 from harness.errors import HarnessError
-from harness.evaluator import normalize
+from harness.metrics import normalize
 from tests.conftest import SHARED_DATA, write_task
 
 SC = Task("amazon", "SC", ("very negative", "negative", "neutral", "positive", "very positive"))

@@ -9,7 +9,7 @@ import torch
 
 from harness.backbone import load_backbone
 from harness.cli import main
-from harness.evaluator import normalize
+from harness.metrics import normalize
 from harness.textio import Batcher
 
 

@@ -6,7 +6,8 @@ import json
 from types import SimpleNamespace
 
 from harness.cli import main
-from harness.status import STAGES, record_failure, record_sweep, sweep_status
+from harness.status import record_sweep, sweep_status
+from harness.store import STAGES, record_failure
 from harness.store import LOCK, RunDir
 from tests.test_table import write_summary
 

@@ -201,7 +201,7 @@ def tracked_profile(tmp_path, monkeypatch):
 def test_a_profile_names_the_trackers_unless_the_command_line_does(tracked_profile):
     from types import SimpleNamespace
 
-    from harness.cli import _trackers
+    from harness.cli.run import _trackers
     from harness.profiles import load_profile
     from harness.tracking import TrackingSettings, profile_tracking
 
