@@ -1,7 +1,7 @@
 """`run --all --executor slurm|local`: a sweep as a job array, through submitit.
 
-Array task i runs run i of the sweep (`--shard i/N`, N the number of runs) by the same code path as
-a local run, under the DeepSpeed launcher when `--launcher deepspeed` asks for it. When Slurm is
+Array task i runs run i of the sweep's plan (harness.sweep.SweepPlan) by the function a local job
+process calls, or under the DeepSpeed launcher when `--launcher deepspeed` asks for it. When Slurm is
 about to stop a task (its time limit, or preemption), submitit requeues it and the run resumes at
 its last complete stage; a task that Slurm requeues on its own (`scontrol requeue`, a node
 failure) starts the same call again, with the same effect. Job logs go to `RESULTS/slurm/`.
@@ -14,10 +14,13 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from harness.sweep import SweepPlan
 
 try:  # the job object is pickled for the cluster: its class must exist without submitit too
     from submitit.helpers import Checkpointable
@@ -110,33 +113,41 @@ def _check_meaning(params: dict, where: str) -> None:
 
 
 class SweepTask(Checkpointable):
-    """One array task: run `index` of the sweep, by the command line of a local run (`entry`, the
-    command line's own entry point, handed down so that this module does not import it; pickled
-    by reference). Requeued by submitit (Checkpointable: the same call again) when Slurm is about
-    to stop it."""
+    """One array task: run `index` of the sweep plan (harness.sweep), in this process by the same
+    function a local job process calls, or, under `--launcher deepspeed`, on the ranks the
+    DeepSpeed launcher starts with the plan's command line and this task's shard. Requeued by
+    submitit (Checkpointable: the same call again) when Slurm is about to stop it."""
 
-    def __init__(self, entry: Callable[[list[str]], int], argv: list[str], threads: int):
-        self.entry, self.argv, self.threads = entry, argv, threads
+    def __init__(self, plan: "SweepPlan", threads: int):
+        self.plan, self.threads = plan, threads
 
-    def __call__(self, index: int, count: int) -> int:
+    def __call__(self, index: int, count: int) -> str:
+        from harness import sweep
+
+        sweep.start_job_process(self.threads)
+        if self.plan.ranks_argv is None:
+            line = sweep.run_one(self.plan, index)
+            print(line, flush=True)
+            return line
         import torch
 
-        os.environ["OMP_NUM_THREADS"] = str(self.threads)  # DeepSpeed ranks and jobs inherit it
-        torch.set_num_threads(self.threads)
-        code = self.entry([*self.argv, "--shard", f"{index}/{count}", "--jobs", "1", "--no-progress"])
+        from harness.distributed import launch_command
+
+        ranks = self.plan.num_gpus or max(1, torch.cuda.device_count())
+        argv = [*self.plan.ranks_argv, "--shard", f"{index}/{count}", "--jobs", "1", "--no-progress"]
+        code = subprocess.call(launch_command(argv, ranks))
         if code:
-            raise RuntimeError(f"run {index} of {count} exited with code {code} (its log: this "
-                               "job's .out and .err files)")
-        return code
+            raise RuntimeError(f"run {index} of {count}: its DeepSpeed ranks exited with code {code} "
+                               "(their log: this job's .out and .err files)")
+        return f"run {index} of {count} done on {ranks} rank(s)"
 
 
-def submit(kind: str, entry: Callable[[list[str]], int], argv: list[str], runs: int,
-           settings: dict[str, str], results: Path, where: str):
-    """Submit the sweep's `runs` as one job array, each task `entry(argv + its shard)`; returns
-    the submitit jobs."""
+def submit(kind: str, plan: "SweepPlan", params: dict, results: Path, where: str):
+    """Submit the plan's runs as one job array, task i running run i; `params` are submitit's
+    (`slurm_parameters`). Returns the submitit jobs."""
     import submitit
 
-    params = executor_parameters(settings, where)
+    runs = len(plan.specs)
     if kind == "slurm":  # a task's CPU threads: the CPUs Slurm gives it
         threads = params.get("cpus_per_task", 1)
     else:  # the cores divided between the tasks that run at once
@@ -145,9 +156,22 @@ def submit(kind: str, entry: Callable[[list[str]], int], argv: list[str], runs: 
     executor = submitit.AutoExecutor(folder=Path(results).resolve() / "slurm" / "%j", cluster=kind)
     executor.update_parameters(name="harness", **params)
     try:
-        return executor.map_array(SweepTask(entry, argv, threads), range(runs), [runs] * runs)
+        return executor.map_array(SweepTask(plan, threads), range(runs), [runs] * runs)
     except (subprocess.CalledProcessError, OSError, RuntimeError) as exc:
         raise HarnessError(f"{where}: submitting the job array failed ({str(exc).strip()})") from exc
+
+
+def slurm_parameters(profile: str, overrides, text: str | None, num_gpus: int | None = None) -> dict:
+    """submitit's parameters for a submission: the profile's [slurm] section, then `--slurm`
+    (`text`) over it, checked once; with `num_gpus` (DeepSpeed ranks per run) the GPUs a task
+    needs."""
+    settings = {**profile_slurm(profile, overrides), **parse_slurm(text or "")}
+    if num_gpus:
+        settings.setdefault("gpus_per_node", str(num_gpus))
+        if settings["gpus_per_node"].isdigit() and int(settings["gpus_per_node"]) < num_gpus:
+            raise HarnessError(f"--slurm gpus_per_node={settings['gpus_per_node']}: each task "
+                               f"starts --num-gpus {num_gpus} ranks; give at least as many GPUs")
+    return executor_parameters(settings, "--slurm")
 
 
 ENDED = {"completed", "failed", "cancelled", "timeout", "node_fail", "out_of_memory", "boot_fail",

@@ -16,6 +16,21 @@ RUN_LOG = "run.log"
 QUIET = ("harness_methods", "harness")  # loggers whose warnings a run collects, not prints
 
 
+def configure_process_logging() -> None:
+    """How every process of the harness logs (the command line, a job process, an array task):
+    INFO and up on stderr, other libraries' chatter and the deprecations nobody can act on off."""
+    import warnings
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "datasets", "transformers", "peft", "DeepSpeed", "fontTools", "mlflow",
+                  "alembic"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    # peft still calls a transformers API deprecated for v6; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # DeepSpeed's ZeRO calls a torch.distributed API deprecated in torch 2.x; nothing to act on.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+
+
 def _ours(record: logging.LogRecord, sources: tuple[str, ...]) -> bool:
     return record.levelno == logging.WARNING and record.name.split(".")[0] in sources
 

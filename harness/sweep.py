@@ -10,7 +10,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from harness.store import RunSpec
@@ -18,6 +18,21 @@ from harness.store import RunSpec
 if TYPE_CHECKING:  # pragma: no cover
     from harness.runner import Options
     from harness.summary import Summary
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """What a `run` command hands to whoever carries out its runs (job processes here, array
+    tasks on a cluster), picklable: the runs, the profile and the run options. `ranks_argv` is set
+    under `--launcher deepspeed`: the command line each rank runs (a shard of it), since the
+    DeepSpeed launcher starts the ranks as new processes."""
+
+    profile: str
+    options: "Options"
+    specs: tuple[RunSpec, ...]
+    force: bool = False
+    ranks_argv: tuple[str, ...] | None = None
+    num_gpus: int | None = None  # with ranks_argv: ranks per run (None: every visible GPU)
 
 
 def expand(methods: list[str], sequences: list[tuple[int | None, tuple[str, ...]]], seeds: list[int],
@@ -97,15 +112,14 @@ def run_here(runner, specs: list[RunSpec], *, force: bool, progress: bool, world
     return 0
 
 
-def longest_first(specs: list[RunSpec]) -> list[RunSpec]:
-    """The runs in the order side-by-side jobs take them: the longest task sequences first (a run's
-    time grows with its stages), so that the sweep ends on short runs and no job waits long for
-    another's last one; the sweep's order otherwise."""
-    return sorted(specs, key=lambda spec: -len(spec.tasks))
+def longest_first(indices: list[int], plan: SweepPlan) -> list[int]:
+    """The plan's runs in the order side-by-side jobs take them: the longest task sequences first
+    (a run's time grows with its stages), so that the sweep ends on short runs and no job waits
+    long for another's last one; the sweep's order otherwise."""
+    return sorted(indices, key=lambda i: -len(plan.specs[i].tasks))
 
 
-def run_in_jobs(profile: str, options: "Options", specs: list[RunSpec], jobs: int, *, force: bool,
-                progress: bool) -> int:
+def run_in_jobs(plan: SweepPlan, jobs: int, *, progress: bool) -> int:
     """`--jobs J`: J processes with cores/J threads each, which take the runs one at a time from
     one queue (`longest_first`), so a job that finishes early takes the next run instead of
     waiting on a fixed share. Each result line is printed here, under one progress bar. A run that
@@ -115,17 +129,16 @@ def run_in_jobs(profile: str, options: "Options", specs: list[RunSpec], jobs: in
     from tqdm.auto import tqdm
 
     threads = threads_per_job(jobs)
-    options = replace(options, progress=False)  # one bar, here
-    start, left, failed = time.perf_counter(), longest_first(specs), 0
-    bar = tqdm(total=len(specs), desc="runs", unit="run", disable=not progress)
+    plan = replace(plan, options=replace(plan.options, progress=False))  # one bar, here
+    start, left, failed = time.perf_counter(), longest_first(list(range(len(plan.specs))), plan), 0
+    bar = tqdm(total=len(plan.specs), desc="runs", unit="run", disable=not progress)
     for attempt in range(RESTARTS + 1):
-        left, errors = _pool_pass(profile, options, left, jobs, threads, force, bar,
-                                  last=attempt == RESTARTS)
+        left, errors = _pool_pass(plan, left, jobs, threads, bar, last=attempt == RESTARTS)
         failed += errors
         if not left:
             break
     bar.close()
-    print(f"done: {len(specs)} run(s) in {time.perf_counter() - start:.1f}s, {jobs} jobs x {threads} "
+    print(f"done: {len(plan.specs)} run(s) in {time.perf_counter() - start:.1f}s, {jobs} jobs x {threads} "
           f"thread(s){f', {failed} failed' if failed else ''}", flush=True)
     return 1 if failed else 0
 
@@ -133,23 +146,24 @@ def run_in_jobs(profile: str, options: "Options", specs: list[RunSpec], jobs: in
 RESTARTS = 2
 
 
-def _pool_pass(profile: str, options: "Options", specs: list[RunSpec], jobs: int, threads: int,
-               force: bool, bar, last: bool) -> tuple[list[RunSpec], int]:
-    """The runs in one process pool: (those a dying job process left unfinished, the failures)."""
+def _pool_pass(plan: SweepPlan, indices: list[int], jobs: int, threads: int, bar,
+               last: bool) -> tuple[list[int], int]:
+    """The plan's runs `indices` in one process pool: (those a dying job process left unfinished,
+    the failures)."""
     from tqdm.auto import tqdm
 
     left, failed = [], 0
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_start_job, initargs=(threads,)) as pool:
+                             initializer=start_job_process, initargs=(threads,)) as pool:
         try:
-            pending = {pool.submit(run_one, profile, options, spec, force): spec for spec in specs}
+            pending = {pool.submit(run_one, plan, i): i for i in indices}
             for done in as_completed(pending):
-                spec = pending[done]
+                spec = plan.specs[pending[done]]
                 try:
                     tqdm.write(done.result())
                 except BrokenProcessPool as exc:
                     if not last:
-                        left.append(spec)
+                        left.append(pending[done])
                         continue
                     failed += 1
                     tqdm.write(f"failed: {spec.method} {spec.sequence_name} seed{spec.seed}: {exc}",
@@ -162,30 +176,37 @@ def _pool_pass(profile: str, options: "Options", specs: list[RunSpec], jobs: int
         except KeyboardInterrupt:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
-    return [spec for spec in specs if spec in left], failed
+    return [i for i in indices if i in left], failed
 
 
-def _start_job(threads: int) -> None:
+def start_job_process(threads: int) -> None:
+    """A process that carries out runs of a plan (a job process, an array task): its threads
+    (which DeepSpeed ranks it starts inherit), its logging, no progress bars of its own."""
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     import torch
     from transformers.utils import logging as hf_logging
 
+    from harness.runlog import configure_process_logging
+
     torch.set_num_threads(threads)
-    hf_logging.disable_progress_bar()  # the parent draws the one bar
+    configure_process_logging()
+    hf_logging.disable_progress_bar()
 
 
 _runner = None  # a job process's runner (it serves one sweep), built at its first run
 
 
-def run_one(profile: str, options: "Options", spec: RunSpec, force: bool) -> str:
-    """One run in a job process; its result line (or why it was skipped)."""
+def run_one(plan: SweepPlan, index: int) -> str:
+    """Run `index` of the plan in this process (a job process, an array task); its result line
+    (or why it was skipped)."""
     global _runner
     from harness.runner import RunBusy, runner_for
 
     if _runner is None:
-        _runner = runner_for(profile, options)
+        _runner = runner_for(plan.profile, plan.options)
+    spec = plan.specs[index]
     try:
-        summary = _runner.run(spec, force=force)
+        summary = _runner.run(spec, force=plan.force)
     except RunBusy as exc:
         return f"skipped: {exc}"
     return result_line(spec, summary)

@@ -277,6 +277,7 @@ def _train_step(ctx: Context, method: Method, batcher: Batcher, stepper, rows: l
     closure = _closure(ctx, method, stepper, micro, parts, partial(_micro_batches, batcher, s=s))
     loss = method.step(ctx, closure).detach()
     stepper.step()
+    method.after_step(ctx)
     return loss, parts
 
 

@@ -213,6 +213,10 @@ class Method:
         """
         return closure()
 
+    def after_step(self, ctx: Context) -> None:
+        """After each optimizer step: put the parameters back where the method constrains them (a
+        projection onto a subspace), by the same in-place change on every rank."""
+
     def select_for_eval(self, ctx: Context, task: "Task | None") -> None:
         """Called before each task is evaluated (and with None after the last one): methods that
         keep a separate parametrisation per task (an oracle of task identity) switch to it here."""

@@ -44,7 +44,7 @@ class Modifier(Method):
 # Every hook but the step goes to the base method unchanged; `trainable_parameters` is forwarded
 # above, where the modifier also keeps what it returns.
 FORWARDED = ("stages", "check", "setup", "before_task", "training_data", "make_optimizer", "penalty",
-             "select_for_eval", "evaluates_as_before", "after_task", "task_deltas", "stage_metrics",
+             "after_step", "select_for_eval", "evaluates_as_before", "after_task", "task_deltas", "stage_metrics",
              "state_dict", "load_state_dict", "fit_state", "load_fit_state")
 
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
-import warnings
 
 from harness.errors import HarnessError
 
@@ -40,21 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "datasets", "transformers", "peft", "DeepSpeed", "fontTools", "mlflow",
-                  "alembic"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    # peft still calls a transformers API deprecated for v6; nothing a user can act on.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    # DeepSpeed's ZeRO calls a torch.distributed API deprecated in torch 2.x; nothing to act on.
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
-
-
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
+    from harness.runlog import configure_process_logging
     from harness.sweep import without
 
+    configure_process_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)

@@ -92,6 +92,7 @@ def handle(args) -> int:
     _check_run_flags(args)
     methods, sequences, seeds = _sweep_contents(args, load_benchmark())
     options = _checked_options(args, methods)
+    slurm = _slurm_parameters(args) if args.executor else None  # checked before anything is written
     world, runner = _runner(args, options)
     for name in methods:
         runner.create_method(name)  # unknown names, bad settings and combinations fail first
@@ -101,7 +102,7 @@ def handle(args) -> int:
         prepare_mlflow(args.results, options.mlflow_uri)
     everything = sweep.expand(methods, sequences, seeds, args.profile)
     if args.executor and world.main:
-        return _submit(args, runner, everything)
+        return _submit(args, runner, _plan(args, options, everything), slurm)
     if world is SINGLE and args.launcher == "deepspeed":
         import subprocess
 
@@ -114,7 +115,7 @@ def handle(args) -> int:
 
         record_sweep(args.results, [runner.run_dir(s).path for s in everything], args.argv)
     specs = sweep.expand(methods, sequences, seeds, args.profile, args.shard)
-    code = _carry_out(args, runner, options, specs, world)
+    code = _carry_out(args, runner, _plan(args, options, specs), world)
     if code == 0 and args.all and world.main and args.shard is None:
         _print_leaderboard(args.results, args.profile)
     return code
@@ -134,10 +135,24 @@ def _checked_options(args, methods: list[str]):
     return options
 
 
-def _carry_out(args, runner, options, specs, world) -> int:
+def _plan(args, options, specs):
+    """The sweep plan: the runs, profile and options (and, to submit under `--launcher deepspeed`,
+    the command line each task's ranks run)."""
+    from harness.sweep import SweepPlan, without
+
+    ranks_argv = None
+    if args.executor and args.launcher == "deepspeed":
+        ranks_argv = tuple(without(args.argv, ("--executor", "--slurm", "--jobs", "--shard"),
+                                   flags=("--wait",)))
+    return SweepPlan(args.profile, options, tuple(specs), force=args.force, ranks_argv=ranks_argv,
+                     num_gpus=args.num_gpus)
+
+
+def _carry_out(args, runner, plan, world) -> int:
     """The runs here, one after another, or in side-by-side job processes (`--jobs`)."""
     from harness import sweep
 
+    specs = list(plan.specs)
     jobs = args.jobs if args.jobs != "auto" else sweep.auto_jobs(len(specs), world)
     if world.main:
         ranks = f"; {world.size} DeepSpeed rank(s)" if world.engine else ""
@@ -145,8 +160,7 @@ def _carry_out(args, runner, options, specs, world) -> int:
         print(f"benchmark: {runner.data_kind} ({runner.data_dir}); profile: {args.profile}{ranks}; "
               f"{len(specs)} run(s){split} -> {args.results}", flush=True)
     if jobs > 1:
-        return sweep.run_in_jobs(args.profile, options, specs, jobs, force=args.force,
-                                 progress=not args.no_progress)
+        return sweep.run_in_jobs(plan, jobs, progress=not args.no_progress)
     return sweep.run_here(runner, specs, force=args.force, progress=not args.no_progress,
                           world=world)
 
@@ -163,10 +177,6 @@ def _check_run_flags(args) -> None:
     if args.executor and (args.shard or args.jobs not in ("auto", 1)):
         raise HarnessError("run: --executor runs each run as an array task; it takes no --shard "
                            "or --jobs")
-    if args.slurm:
-        from harness.executor import executor_parameters, parse_slurm
-
-        executor_parameters(parse_slurm(args.slurm), "--slurm")
     if args.executor == "slurm" and shutil.which("sbatch") is None:
         raise HarnessError("run: --executor slurm needs Slurm's sbatch on the PATH (run it on a "
                            "login node of the cluster)")
@@ -234,23 +244,22 @@ def _runner(args, options):
     return world, runner
 
 
-def _submit(args, runner, specs) -> int:
+def _slurm_parameters(args) -> dict:
+    """The job array's settings: the profile's [slurm] section and `--slurm`, parsed once."""
+    from harness.executor import slurm_parameters
+
+    overrides = [o for o in args.overrides if not o.startswith("method.")]
+    return slurm_parameters(args.profile, overrides, args.slurm,
+                            args.num_gpus if args.launcher == "deepspeed" else None)
+
+
+def _submit(args, runner, plan, slurm: dict) -> int:
     """`--executor`: the sweep as one job array (one run per task), recorded for `harness status`."""
     from harness import executor
     from harness.status import record_sweep
-    from harness.sweep import without
 
-    settings = {**executor.profile_slurm(runner.profile.name, runner.profile.overrides),
-                **executor.parse_slurm(args.slurm or "")}
-    if args.launcher == "deepspeed" and args.num_gpus:
-        settings.setdefault("gpus_per_node", str(args.num_gpus))
-        if settings["gpus_per_node"].isdigit() and int(settings["gpus_per_node"]) < args.num_gpus:
-            raise HarnessError(f"--slurm gpus_per_node={settings['gpus_per_node']}: each task "
-                               f"starts --num-gpus {args.num_gpus} ranks; give at least as many GPUs")
-    from harness.cli import main
-
-    argv = without(args.argv, ("--executor", "--slurm", "--jobs", "--shard"), flags=("--wait",))
-    jobs = executor.submit(args.executor, main, argv, len(specs), settings, args.results, "--slurm")
+    specs = plan.specs
+    jobs = executor.submit(args.executor, plan, slurm, args.results, "--slurm")
     job_id = str(jobs[0].job_id).split("_")[0]
     folders = [runner.run_dir(s).path for s in specs]
     runs = [str(folder.relative_to(args.results)) for folder in folders]  # task i runs runs[i]
