@@ -81,6 +81,10 @@ def pool_prompt(embedding: nn.Module, input_ids: torch.Tensor, mask: torch.Tenso
     mask = torch.ones_like(input_ids) if mask is None else mask
     if labels is None:
         return pooled_embeddings(embedding, input_ids, mask)
+    if labels.shape[1] < input_ids.shape[1]:  # labels of the last columns only (the harness's
+        # causal batches end every row at the last column and keep the head there)
+        pad = labels.new_full((labels.shape[0], input_ids.shape[1] - labels.shape[1]), -100)
+        labels = torch.cat([pad, labels], dim=1)
     prompt = mask.float() * (labels == -100).float()
     total = (embedding(input_ids).float() * prompt[..., None]).sum(1)
     return total / prompt.sum(1, keepdim=True).clamp(min=1)

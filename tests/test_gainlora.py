@@ -131,3 +131,17 @@ def test_the_gate_memories_take_the_threshold_schedule(synthetic_dir, monkeypatc
     seen.clear()
     method.after_task(ctx)
     assert seen == [(0.9 + (0.98 - 0.9) * 1 / 2, False)] * 3  # t = 1 of T = 2 tasks
+
+
+def test_a_causal_gate_reads_the_prompt_positions_only():
+    """A causal batch holds the answer too: the gate's input is the mean embedding of the prompt's
+    positions (labels -100 and not padding), with labels given for the last columns only."""
+    from harness_methods.gainlora import pool_prompt
+
+    embedding = torch.nn.Embedding(10, 4)
+    ids = torch.tensor([[0, 1, 2, 7, 8], [3, 4, 5, 7, 8]])  # left-padded; 7, 8 the answer
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    labels = torch.tensor([[-100, 7, 8], [-100, 7, 8]])  # the last three columns, as the batcher
+    E = embedding.weight.detach()
+    expected = torch.stack([(E[1] + E[2]) / 2, (E[3] + E[4] + E[5]) / 3])
+    assert_close(pool_prompt(embedding, ids, mask, labels).detach(), expected, ops=4)
