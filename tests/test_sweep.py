@@ -25,9 +25,12 @@ def test_a_jobs_command_line_drops_the_options_it_replaces():
 def test_side_by_side_jobs_take_the_longest_sequences_first():
     """A job that finishes early takes the next run from the queue: with the long sequences first,
     the sweep ends on short runs; the sweep's order is kept otherwise."""
-    from harness.sweep import longest_first
+    from harness.runner import Options
+    from harness.sweep import SweepPlan, longest_first
 
     specs = expand(["m1", "m2"], [(1, ("a", "b")), (4, ("a", "b", "c")), (2, ("b", "a"))], [0],
                    "default")
-    assert [(s.order, s.method) for s in longest_first(specs)] == [
+    plan = SweepPlan("default", Options(), tuple(specs))
+    order = longest_first(list(range(len(specs))), plan)
+    assert [(specs[i].order, specs[i].method) for i in order] == [
         (4, "m1"), (4, "m2"), (1, "m1"), (1, "m2"), (2, "m1"), (2, "m2")]
