@@ -182,8 +182,8 @@ class InfLoRA(IncLoRA):
                 A.copy_(designed.to(A.dtype))
             A.requires_grad_(False)  # designed, frozen: only B_t trains
         if short:  # one line per stage, not one per layer
-            log.warning("inflora: stage %d (%s): %d of %d layers have fewer free input directions "
-                        "than the branch rank %d (as few as %d)", ctx.stage + 1, ctx.task.name,
+            log.warning("%s: stage %d (%s): %d of %d layers have fewer free input directions "
+                        "than the branch rank %d (as few as %d)", self.name, ctx.stage + 1, ctx.task.name,
                         len(short), len(layers), max(r for _, r in short), min(f for f, _ in short))
 
     def after_task(self, ctx: Context) -> None:
