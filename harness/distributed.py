@@ -232,8 +232,12 @@ class EngineStep:
 
             wrapper.scaled_global_norm = partition_norm
         elif not (engine.bfloat16_enabled() or engine.zero_optimization()):
+            # What the optimizer steps, in its order, as the plain loop clips: a method may train
+            # tensors of its own beside the model's (OSFT's factors).
+            stepped = [p for group in getattr(wrapper, "optimizer", wrapper).param_groups
+                       for p in group["params"]]
             engine.clip_fp32_gradients = lambda: clip_(
-                [p.grad for p in engine.module.parameters() if p.grad is not None], max_norm)
+                [p.grad for p in stepped if p.grad is not None], max_norm)
 
     def forward(self, batch: dict) -> Any:
         return self.engine(**batch)
