@@ -138,8 +138,8 @@ def run_in_jobs(plan: SweepPlan, jobs: int, *, progress: bool) -> int:
         if not left:
             break
     bar.close()
-    print(f"done: {len(plan.specs)} run(s) in {time.perf_counter() - start:.1f}s, {jobs} jobs x {threads} "
-          f"thread(s){f', {failed} failed' if failed else ''}", flush=True)
+    print(f"done: {len(plan.specs)} run(s) in {time.perf_counter() - start:.1f}s, {jobs} jobs x "
+          f"{threads} thread(s){f', {failed} failed' if failed else ''}", flush=True)
     return 1 if failed else 0
 
 
@@ -161,14 +161,10 @@ def _pool_pass(plan: SweepPlan, indices: list[int], jobs: int, threads: int, bar
                 spec = plan.specs[pending[done]]
                 try:
                     tqdm.write(done.result())
-                except BrokenProcessPool as exc:
-                    if not last:
-                        left.append(pending[done])
-                        continue
-                    failed += 1
-                    tqdm.write(f"failed: {spec.method} {spec.sequence_name} seed{spec.seed}: {exc}",
-                               file=sys.stderr)
                 except Exception as exc:  # noqa: BLE001 - reported; the other runs go on
+                    if isinstance(exc, BrokenProcessPool) and not last:
+                        left.append(pending[done])  # to the next pool
+                        continue
                     failed += 1
                     tqdm.write(f"failed: {spec.method} {spec.sequence_name} seed{spec.seed}: {exc}",
                                file=sys.stderr)

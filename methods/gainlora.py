@@ -74,18 +74,21 @@ def pooled_embeddings(embedding: nn.Module, input_ids: torch.Tensor,
 
 
 def pool_prompt(embedding: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor | None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
-    """A gate's input. An encoder's input: `pooled_embeddings`. A causal model's (`labels` given
-    while training): the mean embedding of the prompt's positions, the answer's left out; the
-    reference's divisor (the padded length) would differ between training and generation there."""
+                labels: torch.Tensor | None = None, seq2seq: bool = True) -> torch.Tensor:
+    """A gate's input. An encoder's input: `pooled_embeddings`. A causal model's: the mean
+    embedding of the prompt's real positions (while training, `labels` mark the answer's, left
+    out), in training and generation alike; the reference's divisor, the padded length, would
+    count the answer's positions in training only."""
     mask = torch.ones_like(input_ids) if mask is None else mask
-    if labels is None:
+    if seq2seq:
         return pooled_embeddings(embedding, input_ids, mask)
-    if labels.shape[1] < input_ids.shape[1]:  # labels of the last columns only (the harness's
-        # causal batches end every row at the last column and keep the head there)
-        pad = labels.new_full((labels.shape[0], input_ids.shape[1] - labels.shape[1]), -100)
-        labels = torch.cat([pad, labels], dim=1)
-    prompt = mask.float() * (labels == -100).float()
+    prompt = mask.float()
+    if labels is not None:
+        if labels.shape[1] < input_ids.shape[1]:  # the harness's causal batches end every row
+            # at the last column and give the labels of the last columns only
+            pad = labels.new_full((labels.shape[0], input_ids.shape[1] - labels.shape[1]), -100)
+            labels = torch.cat([pad, labels], dim=1)
+        prompt = prompt * (labels == -100).float()
     total = (embedding(input_ids).float() * prompt[..., None]).sum(1)
     return total / prompt.sum(1, keepdim=True).clamp(min=1)
 
@@ -158,7 +161,7 @@ class GainLoRA(InfLoRA):
             if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length():
                 return  # a generated token: the prompt's gates stay
             pooled = pool_prompt(embedding, kwargs["input_ids"], kwargs.get("attention_mask"),
-                                 None if seq2seq else kwargs.get("labels"))
+                                 kwargs.get("labels"), seq2seq)
             self._set_gates(ctx, pooled)
 
         base = ctx.model.get_base_model()
@@ -216,7 +219,7 @@ class GainLoRA(InfLoRA):
             rows = train[start:start + size]
             batch = ctx.batcher.train_batch(rows["source"], rows["target"])
             pooled.append(pool_prompt(embedding, batch["input_ids"], batch.get("attention_mask"),
-                                      None if ctx.backbone.is_seq2seq else batch["labels"]))
+                                      batch.get("labels"), ctx.backbone.is_seq2seq))
         x = torch.cat(pooled)
         hidden, out = gate.features(x)
         return x, hidden.float(), out.float()

@@ -135,7 +135,8 @@ def test_the_gate_memories_take_the_threshold_schedule(synthetic_dir, monkeypatc
 
 def test_a_causal_gate_reads_the_prompt_positions_only():
     """A causal batch holds the answer too: the gate's input is the mean embedding of the prompt's
-    positions (labels -100 and not padding), with labels given for the last columns only."""
+    positions (labels -100 and not padding), with labels given for the last columns only; in
+    generation the same mean over the prompt."""
     from harness_methods.gainlora import pool_prompt
 
     embedding = torch.nn.Embedding(10, 4)
@@ -144,4 +145,7 @@ def test_a_causal_gate_reads_the_prompt_positions_only():
     labels = torch.tensor([[-100, 7, 8], [-100, 7, 8]])  # the last three columns, as the batcher
     E = embedding.weight.detach()
     expected = torch.stack([(E[1] + E[2]) / 2, (E[3] + E[4] + E[5]) / 3])
-    assert_close(pool_prompt(embedding, ids, mask, labels).detach(), expected, ops=4)
+    assert_close(pool_prompt(embedding, ids, mask, labels, seq2seq=False).detach(), expected, ops=4)
+    # generation: the prompt alone, left-padded; the same mean over its real positions
+    assert_close(pool_prompt(embedding, ids[:, :3], mask[:, :3], None, seq2seq=False).detach(),
+                 expected, ops=4)
