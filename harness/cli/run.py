@@ -138,12 +138,16 @@ def _checked_options(args, methods: list[str]):
 def _plan(args, options, specs):
     """The sweep plan: the runs, profile and options (and, to submit under `--launcher deepspeed`,
     the command line each task's ranks run)."""
+    from dataclasses import replace
+
     from harness.sweep import SweepPlan, without
 
     ranks_argv = None
-    if args.executor and args.launcher == "deepspeed":
-        ranks_argv = tuple(without(args.argv, ("--executor", "--slurm", "--jobs", "--shard"),
-                                   flags=("--wait",)))
+    if args.executor:
+        options = replace(options, progress=False)  # an array task's log takes no bars
+        if args.launcher == "deepspeed":
+            ranks_argv = tuple(without(args.argv, ("--executor", "--slurm", "--jobs", "--shard"),
+                                       flags=("--wait",)))
     return SweepPlan(args.profile, options, tuple(specs), force=args.force, ranks_argv=ranks_argv,
                      num_gpus=args.num_gpus)
 
