@@ -76,7 +76,8 @@ class Method:
 
     Hook order per run: `check` and `setup` once; then per stage (`stages` names them)
     `before_task`, `training_data`, `trainable_parameters`, `make_optimizer`, training steps
-    (`step` wraps a closure that runs forward and backward, adding `penalty`), `after_task`,
+    (`step` wraps a closure that runs forward and backward, adding `penalty`; `after_step` follows
+    the optimizer's step), `after_task`,
     `task_deltas`, `stage_metrics`; evaluation follows each stage (`select_for_eval`, `evaluates_as_before`).
     `state_dict`/`load_state_dict` carry what a resumed run needs beyond the model's tensors.
     """
