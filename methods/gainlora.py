@@ -123,7 +123,7 @@ class GainLoRA(InfLoRA):
         self.gate_memory: list[torch.Tensor | None] = [None, None, None]  # M0, M1, M2
         self.start: dict[str, torch.Tensor] = {}  # the trained gate's values at the task's start
         self.gates: torch.Tensor | None = None    # (batch, branches) of the latest forward
-        self.hooks: list = []
+        self.inputs: torch.Tensor | None = None   # the gate inputs x of the task's training set
 
     # -- growing a branch and its gate ---------------------------------------------------------
     def _grow(self, ctx: Context, stage: int) -> None:
@@ -143,8 +143,8 @@ class GainLoRA(InfLoRA):
         train_only(ctx.model, branch_name(stage))  # the newest branch and gate; the rest frozen
         index = len(self.branches) - 1
         for layer in lora_layers(ctx.model):
-            self.hooks.append(layer.lora_B[branch_name(stage)].register_forward_hook(
-                lambda module, args, out, i=index: out * self._gate_of(i, out)))
+            layer.lora_B[branch_name(stage)].register_forward_hook(
+                lambda module, args, out, i=index: out * self._gate_of(i, out))
 
     def _gate_of(self, index: int, out: torch.Tensor) -> torch.Tensor:
         return self.gates[:, index].to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
@@ -168,7 +168,8 @@ class GainLoRA(InfLoRA):
         # peft calls the causal model's `forward` itself in training (no hook of it runs), and
         # generation calls the causal model, not peft's: one hook on each.
         watched = [base.get_encoder()] if seq2seq else [ctx.model, base]
-        self.hooks += [m.register_forward_pre_hook(on_input, with_kwargs=True) for m in watched]
+        for module in watched:
+            module.register_forward_pre_hook(on_input, with_kwargs=True)
 
     def _set_gates(self, ctx: Context, pooled: torch.Tensor) -> None:
         gates = getattr(ctx.model, GATES)
@@ -179,7 +180,8 @@ class GainLoRA(InfLoRA):
         super().before_task(ctx)  # the branch, its gate, A_t designed and frozen
         gate = getattr(ctx.model, GATES)[branch_name(ctx.stage)]
         with torch.no_grad():
-            outputs = self._gate_features(ctx, gate)[2]
+            self.inputs = self._task_inputs(ctx)  # the embedding is frozen: x stays as it is
+            outputs = self._gate_features(gate)[2]
             C3 = second_moment(outputs)
             M2 = self.gate_memory[2]
             if M2 is not None:
@@ -203,15 +205,15 @@ class GainLoRA(InfLoRA):
         gate = getattr(ctx.model, GATES)[branch_name(ctx.stage)]
         eps = self.gate_eps_lo + (self.gate_eps_hi - self.gate_eps_lo) * ctx.stage / len(ctx.tasks)
         with torch.no_grad():
-            features = self._gate_features(ctx, gate)
+            features = self._gate_features(gate)
         self.gate_memory = [
             (first_memory(second_moment(v), eps, dual=False)[0] if M is None
              else update_memory(M, "remove", second_moment(v), eps, dual=False)[0]
              ).contiguous().clone()
             for v, M in zip(features, self.gate_memory)]
 
-    def _gate_features(self, ctx: Context, gate: Gate) -> tuple[torch.Tensor, ...]:
-        """(x, SiLU(W1 x), f(x)) for every training input of the task, one row each."""
+    def _task_inputs(self, ctx: Context) -> torch.Tensor:
+        """The gate input x of every training input of the task, one row each."""
         train, size = ctx.task_data.train, ctx.profile.eval_batch_size
         embedding = ctx.model.get_input_embeddings()
         pooled = []
@@ -220,9 +222,12 @@ class GainLoRA(InfLoRA):
             batch = ctx.batcher.train_batch(rows["source"], rows["target"])
             pooled.append(pool_prompt(embedding, batch["input_ids"], batch.get("attention_mask"),
                                       batch.get("labels"), ctx.backbone.is_seq2seq))
-        x = torch.cat(pooled)
-        hidden, out = gate.features(x)
-        return x, hidden.float(), out.float()
+        return torch.cat(pooled)
+
+    def _gate_features(self, gate: Gate) -> tuple[torch.Tensor, ...]:
+        """(x, SiLU(W1 x), f(x)) for the task's training inputs, one row each."""
+        hidden, out = gate.features(self.inputs)
+        return self.inputs, hidden.float(), out.float()
 
     # -- resume --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

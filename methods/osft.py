@@ -29,13 +29,13 @@ task, lr 1e-5, batch 8, one epoch on T5-large).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 
 from harness.errors import HarnessError
 from harness_methods.base import Context, Method
+from harness_methods.lora import matching_modules
 
 
 class Factors:
@@ -88,13 +88,11 @@ class OSFT(Method):
         self.linears: dict[str, torch.nn.Linear] = {}  # the targets, found once per stage
 
     def _targets(self, ctx: Context) -> dict[str, torch.nn.Linear]:
-        """The linear layers the backbone's targets select (peft's rule: a regular expression the
-        whole name matches, or a list of name suffixes)."""
+        """The linear layers the backbone's targets select (peft's rule, as LoRA targets)."""
         targets = self.targets["targets" if ctx.backbone.is_seq2seq else "causal_targets"]
+        names = set(matching_modules(ctx.model, targets)) if targets is not None else set()
         return {n: m for n, m in ctx.model.named_modules()
-                if isinstance(m, torch.nn.Linear) and targets is not None
-                and (re.fullmatch(targets, n) if isinstance(targets, str)
-                     else n.rsplit(".", 1)[-1] in targets)}
+                if n in names and isinstance(m, torch.nn.Linear)}
 
     def check(self, ctx: Context) -> None:
         if not self._targets(ctx):

@@ -77,7 +77,7 @@ def test_second_task_gate_key_branch_sum_and_step_correction(synthetic_dir):
     assert all(p.requires_grad for p in new.parameters())
 
     with torch.no_grad():
-        x, _, out = method._gate_features(ctx, new)
+        x, _, out = method._gate_features(new)
     M2 = method.gate_memory[2]
     C3 = out.T @ out / out.shape[0]
     U, _, _ = torch.linalg.svd(C3 - M2 @ (M2.T @ C3))
