@@ -31,10 +31,9 @@ class PromptPrefix:
 
     @classmethod
     def of(cls, model: torch.nn.Module, batcher: Batcher, sources: list[str]) -> "PromptPrefix | None":
-        # A model that puts soft prompts before the text (methods.prompts) sees another prefix;
-        # one that reads the whole prompt at once (GainLoRA's gates) cannot take it in two parts.
-        if batcher.is_seq2seq or not sources or getattr(model, "prepends_to_input", False) \
-                or getattr(model, "reads_whole_prompt", False):
+        # A model that must read the prompt whole cannot take it in two parts: soft prompts put
+        # before the text (methods.prompts), gates on the whole prompt (GainLoRA).
+        if batcher.is_seq2seq or not sources or getattr(model, "reads_whole_prompt", False):
             return None
         rows = batcher.prompt_rows(sources)
         n = min(len(os.path.commonprefix(rows)), min(map(len, rows)) - 1)  # leave each row a token

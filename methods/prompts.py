@@ -37,8 +37,8 @@ class PromptedModel(torch.nn.Module):
     model, trained, saved and restored with it, and named `prompts.*` in its checkpoints."""
 
     # Generation cannot reuse a key/value cache of the prompt text's tokens: the soft prompt
-    # comes before them (harness.evaluator reads this).
-    prepends_to_input = True
+    # comes before them, so the prompt must be read whole (harness.evaluator reads this).
+    reads_whole_prompt = True
 
     def __init__(self, model: torch.nn.Module, prompt: PromptFn, after: bool = False):
         super().__init__()
