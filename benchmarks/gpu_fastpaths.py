@@ -47,6 +47,15 @@ SHAPES = {
     "tiny": dict(d_model=64, d_ff=128, num_heads=2, d_kv=32, num_layers=2, num_decoder_layers=2,
                  vocab_size=512),
 }
+# Causal shapes (Llama family): SmolLM2-135M's configuration, and a tiny one for the CPU test.
+CAUSAL_SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         tie_word_embeddings=True, max_position_embeddings=2048),
+    "tiny-causal": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, vocab_size=512,
+                        tie_word_embeddings=True),
+}
 TARGET_LEN = 8
 
 
@@ -67,15 +76,24 @@ def sync(device):
 
 def build(shape: str, variant: Variant, device: torch.device):
     from peft import LoraConfig, get_peft_model
-    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-    config = T5Config(**SHAPES[shape], dropout_rate=0.1, feed_forward_proj="relu",
-                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     torch.manual_seed(0)
-    with device:
-        model = T5ForConditionalGeneration._from_config(config, attn_implementation=variant.attn)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1,
-                                             target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"))
+    if shape in CAUSAL_SHAPES:
+        config = LlamaConfig(**CAUSAL_SHAPES[shape], pad_token_id=0, eos_token_id=1)
+        with device:
+            model = LlamaForCausalLM._from_config(config, attn_implementation=variant.attn)
+        lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1,
+                          target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    else:
+        config = T5Config(**SHAPES[shape], dropout_rate=0.1, feed_forward_proj="relu",
+                          decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        with device:
+            model = T5ForConditionalGeneration._from_config(config,
+                                                            attn_implementation=variant.attn)
+        lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=["q", "v"],
+                          task_type="SEQ_2_SEQ_LM")
+    model = get_peft_model(model, lora)
     if variant.bf16_base:
         for p in model.parameters():
             if not p.requires_grad:
@@ -85,12 +103,19 @@ def build(shape: str, variant: Variant, device: torch.device):
 
 
 def batches(shape: str, batch: int, source_len: int, device, count: int = 4):
+    """Fixed-shape batches; a causal model reads prompt and target in one sequence and is scored
+    on the target's positions only."""
     g = torch.Generator().manual_seed(1)
-    vocab = SHAPES[shape]["vocab_size"]
+    causal = shape in CAUSAL_SHAPES
+    vocab = (CAUSAL_SHAPES if causal else SHAPES)[shape]["vocab_size"]
     out = []
     for _ in range(count):
         ids = torch.randint(2, vocab, (batch, source_len), generator=g)
         labels = torch.randint(2, vocab, (batch, TARGET_LEN), generator=g)
+        if causal:
+            ids = torch.cat([ids, labels], dim=1)
+            labels = ids.clone()
+            labels[:, :source_len] = -100
         out.append(dict(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
                         labels=labels.to(device)))
     return out
@@ -273,7 +298,7 @@ class Bench:
         out.parent.mkdir(parents=True, exist_ok=True)
         head = (f"# GPU fast paths\n\nMeasured with `python benchmarks/gpu_fastpaths.py --shape "
                 f"{a.shape} --source-len {a.source_len} --steps {a.steps}` on {self.device_name} "
-                f"(torch {torch.__version__}). T5 of the {a.shape} shape, random weights, LoRA r8 "
+                f"(torch {torch.__version__}). Model of the {a.shape} shape, random weights, LoRA r8 "
                 f"on q,v; sources of {a.source_len} tokens, targets of {TARGET_LEN}. "
                 f"ms/step over {a.steps} steps after {a.warmup} warm-up steps (warm-up includes "
                 f"compilation). Share of peak: achieved FLOP/s (FlopCounterMode, forward and "
@@ -319,7 +344,8 @@ def variants(batch_small: int, batch_large: int, attn: str) -> list[Variant]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", choices=sorted(SHAPES), default="t5-large")
+    p.add_argument("--shape", choices=sorted(SHAPES) + sorted(CAUSAL_SHAPES),
+                   default="t5-large")
     p.add_argument("--source-len", type=int, default=128)
     p.add_argument("--batch", type=int, nargs=2, default=[8, 64], metavar=("SMALL", "LARGE"))
     p.add_argument("--steps", type=int, default=20)
@@ -332,9 +358,10 @@ def main(argv=None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import peft
     import transformers
-    from transformers import T5ForConditionalGeneration
+    from transformers import LlamaForCausalLM, T5ForConditionalGeneration
 
-    attn = "sdpa" if getattr(T5ForConditionalGeneration, "_supports_sdpa", False) else "eager"
+    family = LlamaForCausalLM if args.shape in CAUSAL_SHAPES else T5ForConditionalGeneration
+    attn = "sdpa" if getattr(family, "_supports_sdpa", False) else "eager"
     bench = Bench(args)
     bench.notes.append(f"transformers {transformers.__version__}, peft {peft.__version__}; "
                        f"fast paths use {attn} attention")
