@@ -21,3 +21,14 @@ def test_fast_path_script_writes_its_rows(tmp_path):
     assert [b for _, b in named[5:]] == [2, 4] and named[5][0].startswith("eager bf16 weights ")
     assert all(r["ms_per_step"] > 0 and r["tflops"] > 0 for r in rows)
     assert "| eager fp32 | 2 |" in out.read_text()
+
+
+def test_fast_path_script_runs_a_causal_shape(tmp_path):
+    out = tmp_path / "causal.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_fastpaths.py"), "--shape",
+                    "tiny-causal", "--source-len", "8", "--batch", "2", "4", "--steps", "1",
+                    "--warmup", "1", "--only", "eager fp32", "--out", str(out)],
+                   check=True, capture_output=True)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["variant"], r["batch"]) for r in rows] == [("eager fp32", 2)]
+    assert rows[0]["tflops"] > 0
