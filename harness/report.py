@@ -145,8 +145,20 @@ def _provenance(results: Path, profile: str | None) -> str:
                      "versions": ", ".join(f"{k} {v}" for k, v in versions.items()) or "-",
                      "fingerprint": s.fingerprint or "-", "AA": s.metrics.get("AA"),
                      "train+eval s": s.train_eval_seconds, "train s": s.train_seconds,
-                     "eval s": s.eval_seconds, "folder": str(s.folder.relative_to(results))})
+                     "eval s": s.eval_seconds, **_efficiency_cells(s.efficiency),
+                     "folder": str(s.folder.relative_to(results))})
     frame = pd.DataFrame(rows).set_index("method")
     return table.render(frame, "html", f"{len(frame)} runs",
-                        "train+eval s: the stages' training and evaluation; the fingerprint names the "
-                        "configuration, data and code version that produced the run.")
+                        "train+eval s: the stages' training and evaluation; train TFLOP/s: the "
+                        "training FLOPs over the training time, and its share of the device's "
+                        "peak (peak: its source); the fingerprint names the configuration, data "
+                        "and code version that produced the run.")
+
+
+def _efficiency_cells(efficiency: dict | None) -> dict:
+    if not efficiency:
+        return {"train TFLOP/s": None, "% of peak": None, "peak": "-"}
+    return {"train TFLOP/s": round(efficiency["achieved_flops"] / 1e12, 4),
+            "% of peak": round(100 * efficiency["share_of_peak"], 2),
+            "peak": f"{efficiency['peak_flops'] / 1e12:.3g} TFLOP/s "
+                    f"({efficiency['peak_source']})"}

@@ -29,6 +29,7 @@ from harness.checkpoints import StepCheckpoints
 from harness.data import (TaskData, load_instructions, load_task, note_dev_copies,
                           resolve_data_dir)
 from harness.distributed import SINGLE, World, device_for
+from harness.efficiency import device_peak, stage_efficiency
 from harness.errors import HarnessError
 from harness.evaluator import evaluate_task
 from harness.models import resolve_model
@@ -384,6 +385,10 @@ class Runner:
                 RunDir.drop_checkpoint(older)
         return done
 
+    @property
+    def shows_progress(self) -> bool:
+        return self.options.progress and self.world.main
+
     def _train_stages(self, spec: RunSpec, method, ctx: Context, run_dir: RunDir, done: list[Path],
                       evaluation: "StageEvaluation", last: dict, tracking: Tracking,
                       steps: int, runlog: RunLog) -> int:
@@ -395,8 +400,7 @@ class Runner:
         saved = SavedTensors(ctx.model, last.get("saved_tensors", []))  # the base stage has none
         previous = done[-1] if len(done) > 1 else None
         bar = tqdm(total=len(labels), initial=first, desc=f"{spec.method} {spec.sequence_name} "
-                   f"seed{spec.seed}", leave=False, unit="task",
-                   disable=not self.options.progress or not self.world.main)
+                   f"seed{spec.seed}", leave=False, unit="task", disable=not self.shows_progress)
         for stage in range(first, len(labels)):
             ctx.stage = stage
             seed_everything(stage_seed(spec.seed, stage))
@@ -413,13 +417,14 @@ class Runner:
             deltas = method.task_deltas(ctx)
             numbers = method_numbers(method, ctx)
             accuracy, predictions, eval_seconds = evaluation(stage + 1)
-            tracking.scalars("stage", {**stage_values(accuracy, labels[:stage + 1], {
+            efficiency = stage_efficiency(result.flops, result.seconds, device_peak(ctx.device))
+            tracking.scalars("stage", stage_scalars(accuracy, labels[:stage + 1], {
                 "prepare_seconds": prepare_seconds, "train_seconds": result.seconds,
-                "consolidate_seconds": consolidate_seconds, "eval_seconds": eval_seconds}),
-                **{f"method/{k}": v for k, v in numbers.items()}}, steps)
+                "consolidate_seconds": consolidate_seconds, "eval_seconds": eval_seconds},
+                efficiency, numbers), steps)
             if self.world.main:
                 metrics = {"stage": stage + 1, "task": labels[stage], "accuracy": accuracy,
-                           "train": {**asdict(result), "ranks": self.world.size,
+                           "train": {**asdict(result), **efficiency, "ranks": self.world.size,
                                      "prepare_seconds": prepare_seconds,
                                      "consolidate_seconds": consolidate_seconds},
                            "eval_seconds": eval_seconds, "saved_tensors": sorted(saved.names),
@@ -482,6 +487,16 @@ def stage_values(accuracy: dict[str, float], seen: list[str], seconds: dict[str,
     return {**{f"accuracy/{t}": v for t, v in accuracy.items()},
             "AA_seen": sum(seen_values) / len(seen_values) if seen_values else float("nan"),
             **seconds}
+
+
+def stage_scalars(accuracy: dict[str, float], seen: list[str], seconds: dict[str, float],
+                  efficiency: dict, numbers: dict[str, float]) -> dict:
+    """What the trackers show of a stage: `stage_values`, the training's TFLOP/s and share of
+    the device's peak (harness.efficiency), and the method's numbers."""
+    return {**stage_values(accuracy, seen, seconds),
+            "train_tflops": efficiency["achieved_flops"] / 1e12,
+            "share_of_peak": efficiency["share_of_peak"],
+            **{f"method/{k}": v for k, v in numbers.items()}}
 
 
 def trained_steps(done: list[Path]) -> int:

@@ -21,6 +21,10 @@ Fields (percentages are exact-match accuracies, 0-100; null where a cell or metr
 - `train_seconds`, `eval_seconds`, `train_eval_seconds` (their sum: the stages' training and
   evaluation, over every process that worked on the run; not wall time, which a resumed run
   spreads over several processes), `threads` (torch's, in the writing process);
+- `efficiency`: training FLOPs (harness.efficiency: counted once per batch shape) and what they
+  make of the device: `train_flops`, `achieved_flops` (FLOP/s over `train_seconds`),
+  `peak_flops` and `peak_source`, `share_of_peak`, and `stage_share_of_peak` (one per trained
+  stage); null for runs imported or made before it was recorded;
 - `warnings`: what the method or the engine warned of while training, one object per warning:
   `stage` (1-based), `task` (the stage's), `message` (the stage folders' `metrics.json` keep their
   own; the whole log of every process that worked on the run is `run.log` in its folder);
@@ -75,6 +79,7 @@ class Summary:
     train_eval_seconds: float = 0.0
     fingerprint: str = ""
     threads: int | None = None
+    efficiency: dict[str, Any] | None = None
     warnings: list[dict[str, Any]] = field(default_factory=list)
     # The run folder it was read from (not part of the file).
     folder: Path | None = field(default=None, repr=False, compare=False, metadata={"stored": False})
@@ -212,6 +217,19 @@ def _cells(M: np.ndarray) -> list[list[float | None]]:
     return [[None if np.isnan(v) else v for v in row] for row in M.tolist()]
 
 
+def run_efficiency(stages: list[dict]) -> dict[str, Any] | None:
+    """The run's training FLOPs over its training time, against the peak its stages recorded
+    (harness.efficiency); None when a stage recorded none (an imported or older run)."""
+    if not stages or any("flops" not in t or "peak_flops" not in t for t in stages):
+        return None
+    flops, seconds = sum(t["flops"] for t in stages), sum(t["seconds"] for t in stages)
+    achieved = flops / seconds if seconds > 0 else 0.0
+    peak = stages[-1]["peak_flops"]
+    return {"train_flops": flops, "achieved_flops": achieved, "peak_flops": peak,
+            "peak_source": stages[-1]["peak_source"], "share_of_peak": achieved / peak,
+            "stage_share_of_peak": [t["share_of_peak"] for t in stages]}
+
+
 def finish_run(run_dir: RunDir, spec: RunSpec, names: list[str], config: dict) -> Summary:
     """Write accuracy_matrix.csv and summary.json from the run's complete stage folders (also used
     for runs imported from other codebases). A stage that is missing leaves NaN cells."""
@@ -242,6 +260,7 @@ def finish_run(run_dir: RunDir, spec: RunSpec, names: list[str], config: dict) -
         train_seconds=round(train_seconds, 3), eval_seconds=round(eval_seconds, 3),
         train_eval_seconds=round(train_seconds + eval_seconds, 3),
         fingerprint=config["fingerprint"], threads=torch.get_num_threads(),
+        efficiency=run_efficiency([r["train"] for r in rows if "train" in r]),
         warnings=[{"stage": r["stage"], "task": r["task"], "message": message}
                   for r in rows for message in r.get("warnings", [])])
     faults.point("summary")

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from harness import faults
 from harness.checkpoints import Preemption, StepCheckpoints
+from harness.efficiency import FlopMeter, batch_shape, computation_key
 from harness.grad_norm import clip_
 from harness.distributed import SINGLE, World
 from harness.textio import Batcher
@@ -26,6 +27,7 @@ class FitResult:
     mean_loss: float
     last_loss: float
     seconds: float
+    flops: float = 0.0  # the steps' FLOPs (harness.efficiency), those before a resume excluded
 
 
 class LocalStep:
@@ -216,15 +218,12 @@ def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -
     s, world = settings, settings.world
     ctx.model.train()
     rows = method.training_data(ctx).to_list()
-    params = method.trainable_parameters(ctx)
-    if not params:
-        raise RuntimeError(f"method {method.name!r} left no trainable parameters at stage {ctx.stage}")
-    for p in params:  # `step` starts from empty gradients, whatever a hook before it left
-        p.grad = None
+    params = _trainable(ctx, method)
     stepper = _stepper(ctx, method, s, params)
     steps, total_steps = _stage_steps(rows, batcher, s)
     losses = _restore(s.checkpoints, method, params, stepper)
     done = len(losses)
+    meter = FlopMeter(computation_key(method.name, ctx.model, params))
     start = tick = time.perf_counter()
     bar = tqdm(total=total_steps, initial=done, desc=s.desc, leave=False,
                disable=not s.progress or not world.main, unit="step")
@@ -233,7 +232,8 @@ def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -
             for position, ids in enumerate(steps, start=1):
                 if position <= done:  # trained before the step checkpoint
                     continue
-                loss, parts = _train_step(ctx, method, batcher, stepper, [rows[i] for i in ids], s)
+                loss, parts = _train_step(ctx, method, batcher, stepper, [rows[i] for i in ids], s,
+                                          meter)
                 losses.append(loss)
                 if s.on_step is not None:
                     now = time.perf_counter()
@@ -251,7 +251,18 @@ def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -
     return FitResult(steps=len(values), examples=len(rows) * s.epochs,
                      mean_loss=sum(values) / max(1, len(values)),
                      last_loss=values[-1] if values else float("nan"),
-                     seconds=time.perf_counter() - start)
+                     seconds=time.perf_counter() - start, flops=meter.total)
+
+
+def _trainable(ctx: Context, method: Method) -> list[torch.nn.Parameter]:
+    """The parameters the method trains at this stage, their gradients emptied (`step` starts
+    from none, whatever a hook before it left)."""
+    params = method.trainable_parameters(ctx)
+    if not params:
+        raise RuntimeError(f"method {method.name!r} left no trainable parameters at stage {ctx.stage}")
+    for p in params:
+        p.grad = None
+    return params
 
 
 def _stage_steps(rows: list[dict], batcher: Batcher, s: FitSettings):
@@ -270,12 +281,14 @@ def _stage_steps(rows: list[dict], batcher: Batcher, s: FitSettings):
 
 
 def _train_step(ctx: Context, method: Method, batcher: Batcher, stepper, rows: list[dict],
-                s: FitSettings) -> tuple[torch.Tensor, dict | None]:
-    """One optimizer step on `rows`: its loss (on the device) and, when tracked, its parts."""
+                s: FitSettings, meter: FlopMeter) -> tuple[torch.Tensor, dict | None]:
+    """One optimizer step on `rows`: its loss (on the device) and, when tracked, its parts;
+    `meter` counts its FLOPs."""
     micro = _micro_batches(batcher, rows, s)
     parts = {} if s.on_step is not None else None
     closure = _closure(ctx, method, stepper, micro, parts, partial(_micro_batches, batcher, s=s))
-    loss = method.step(ctx, closure).detach()
+    with meter.step(batch_shape(batch for batch, _, _ in micro)):
+        loss = method.step(ctx, closure).detach()
     stepper.step()
     method.after_step(ctx)
     return loss, parts

@@ -12,7 +12,7 @@ from harness.summary import Summary, read_summaries, read_summary
 DOCUMENTED = ["method", "sequence", "order", "tasks", "seed", "profile", "benchmark", "model",
               "tuned", "metrics", "stage_average_accuracy", "accuracy_matrix", "format_matrix", "row_labels",
               "missing_stages", "parameter_metrics", "train_seconds", "eval_seconds",
-              "train_eval_seconds", "fingerprint", "threads", "warnings"]
+              "train_eval_seconds", "fingerprint", "threads", "efficiency", "warnings"]
 
 
 def minimal(**extra):

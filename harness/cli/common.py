@@ -102,8 +102,12 @@ def setup_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_options(args, **fields):
-    """Options from the arguments `run` and `tune` share, and `fields` besides."""
+    """Options from the arguments `run` and `tune` share, and `fields` besides (the machine's
+    peak FLOP/s, if set in the environment, checked here: before anything is written)."""
+    from harness.efficiency import peak_from_environment
     from harness.runner import Options
+
+    peak_from_environment()
 
     method_sets = [o for o in args.overrides if o.split("=", 1)[0].startswith("method.")]
     return Options(data_dir=args.data_dir, model=args.model,

@@ -1,0 +1,137 @@
+"""How much of the device's arithmetic a run uses: FLOPs per training step, counted once per batch
+shape with `torch.utils.flop_counter`, over the stage's training time, against the device's peak.
+
+The peak is, in order: the `HARNESS_PEAK_TFLOPS` environment variable (the machine's figure, in
+TFLOP/s); on a GPU named in `PEAK_BF16_TFLOPS`, its data-sheet dense bf16 figure; otherwise a
+matrix product measured once per process (bf16 on a GPU, fp32 on the CPU, the dtype the CPU trains
+in), which is what the device can do on dense work with the threads the run has.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from harness.errors import HarnessError
+
+PEAK_ENV = "HARNESS_PEAK_TFLOPS"
+# Dense bf16 tensor-core TFLOP/s from the vendors' data sheets (SXM parts where there are two),
+# matched as a substring of torch.cuda.get_device_name(); the longer names first.
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.1,
+                    "A10G": 70.0, "A10": 125.0, "L4": 121.0, "A6000": 154.8, "RTX 4090": 165.2,
+                    "RTX 3090": 71.0, "MI300X": 1307.4, "MI250X": 383.0}
+
+
+@dataclass(frozen=True)
+class Peak:
+    flops: float     # FLOP/s
+    source: str      # where the figure comes from, for the record
+
+
+def peak_from_environment() -> float | None:
+    """The machine's peak set by the user (FLOP/s), checked: a bad value is a clear error."""
+    text = os.environ.get(PEAK_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise HarnessError(f"{PEAK_ENV}={text!r}: must be a positive number of TFLOP/s")
+    return value * 1e12
+
+
+_measured: dict[tuple[str, int], float] = {}
+
+
+def measured_matmul(device: torch.device) -> float:
+    """FLOP/s of a square matrix product on `device` (bf16 on a GPU, fp32 on the CPU): the best of
+    five after a warm-up, once per process and thread count."""
+    key = (str(device), torch.get_num_threads())
+    if key not in _measured:
+        cuda = device.type == "cuda"
+        n, dtype = (8192, torch.bfloat16) if cuda else (512, torch.float32)
+        generator = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+        b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+        best = float("inf")
+        for k in range(6):
+            if cuda:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            a @ b
+            if cuda:
+                torch.cuda.synchronize(device)
+            if k:  # the first is the warm-up
+                best = min(best, time.perf_counter() - start)
+        _measured[key] = 2 * n ** 3 / best
+    return _measured[key]
+
+
+def device_peak(device: torch.device) -> Peak:
+    """The peak a run's FLOP/s is compared with (see the module's docstring)."""
+    if (flops := peak_from_environment()) is not None:
+        return Peak(flops, PEAK_ENV)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for known in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+            if known in name:
+                return Peak(PEAK_BF16_TFLOPS[known] * 1e12, f"{name}: data-sheet dense bf16")
+        return Peak(measured_matmul(device), f"{name}: measured bf16 matmul")
+    return Peak(measured_matmul(device), "CPU: measured fp32 matmul")
+
+
+def batch_shape(batches) -> tuple:
+    """What fixes a step's FLOPs: the shapes of every tensor its micro-batches hold."""
+    return tuple(tuple((k, tuple(v.shape)) for k, v in sorted(batch.items())
+                       if isinstance(v, torch.Tensor)) for batch in batches)
+
+
+# FLOPs counted in this process, by (computation, batch shape): a job process that runs many
+# runs counts each shape of each computation once.
+_counted: dict[tuple, float] = {}
+
+
+def computation_key(method_name: str, model: torch.nn.Module, trainable) -> tuple:
+    """What, beside the batch shape, fixes a step's FLOPs: the method, the model's class and size
+    (a LoRA branch or prompt added at a stage changes it) and how much of it trains."""
+    return (method_name, type(model).__name__, sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in trainable))
+
+
+class FlopMeter:
+    """A stage's training FLOPs: the first step of each batch shape runs under a FLOP counter
+    (forward, backward and what the method adds to the step: its penalty, its extra pass), and
+    every later step of that computation and shape counts what it counted. Counting observes the
+    operations and changes none of them; it costs that one step a few times its time on a small
+    model, so the counts are kept for the process (`_counted`)."""
+
+    def __init__(self, computation: tuple):
+        self.computation = computation
+        self.total = 0.0
+
+    @contextmanager
+    def step(self, shape: tuple):
+        key = (self.computation, shape)
+        if key in _counted:
+            yield
+            self.total += _counted[key]
+            return
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            yield
+        _counted[key] = float(counter.get_total_flops())
+        self.total += _counted[key]
+
+
+def stage_efficiency(flops: float, seconds: float, peak: Peak) -> dict[str, float | str]:
+    """What a stage's record and the trackers show: its FLOPs, achieved FLOP/s and share of peak."""
+    achieved = flops / seconds if seconds > 0 else 0.0
+    return {"flops": flops, "achieved_flops": achieved, "peak_flops": peak.flops,
+            "peak_source": peak.source, "share_of_peak": achieved / peak.flops}
