@@ -26,6 +26,12 @@ PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "GH200": 989.4, "A100": 312.0,
                     "RTX 3090": 71.0, "MI300X": 1307.4, "MI250X": 383.0}
 
 
+# What a run records of its efficiency: measurements of the machine and the run's course (FLOPs
+# count only the steps a process ran, after a resume too), never results.
+RECORDED = frozenset({"flops", "achieved_flops", "peak_flops", "peak_source", "share_of_peak",
+                      "efficiency"})
+
+
 @dataclass(frozen=True)
 class Peak:
     flops: float     # FLOP/s

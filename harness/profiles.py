@@ -41,6 +41,7 @@ class Profile:
     bf16: bool = False               # bf16 weights and autocast (GPU; DeepSpeed's bf16 section)
     gradient_checkpointing: bool = False
     group_by_length: bool = False    # training batches of similar length (less padding)
+    padding_free: bool = False       # causal models: a step's rows packed into one, no padding
     deepspeed_config: str = "zero2"  # a shipped config (zero0/zero1/zero2) or a JSON file
     # A step checkpoint every that many optimizer steps (0: only on a preemption signal); it
     # changes no result (a resumed stage is bitwise the uninterrupted one), so it is no part of a
@@ -54,8 +55,9 @@ class Profile:
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
                if k != "checkpoint_every"}
         out["overrides"] = [o for o in self.overrides if not o.startswith(f"{RESULT_FREE}=")]
-        if not self.group_by_length:  # so that runs made before the setting existed keep their
-            del out["group_by_length"]  # fingerprint
+        for key in ("group_by_length", "padding_free"):
+            if not out[key]:  # so that runs made before the setting existed keep their fingerprint
+                del out[key]
         return out
 
 
@@ -85,7 +87,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], where: str) -> di
 _OPTIONAL = {
     "data": ("train_per_task", "test_per_task", "seed"),
     "train": ("grad_accum", "max_grad_norm", "max_source_length", "max_target_length", "bf16",
-              "gradient_checkpointing", "group_by_length", "checkpoint_every"),
+              "gradient_checkpointing", "group_by_length", "padding_free", "checkpoint_every"),
     "eval": ("batch_size", "max_new_tokens"),
     "deepspeed": ("config",),
     "embedded": ("pretrain_steps", "pretrain_batch", "pretrain_lr"),  # harness.backbone.EmbeddedSpec
@@ -133,6 +135,7 @@ def load_profile(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Prof
             bf16=train.get("bf16", False),
             gradient_checkpointing=train.get("gradient_checkpointing", False),
             group_by_length=train.get("group_by_length", False),
+            padding_free=train.get("padding_free", False),
             checkpoint_every=train.get("checkpoint_every", 0),
             deepspeed_config=raw["deepspeed"].get("config", "zero2"),
             lora=raw.get("lora", {}), embedded=raw.get("embedded", {}),
@@ -162,7 +165,7 @@ def _validate(profile: Profile, where: str) -> None:
             or profile.max_grad_norm < 0:
         raise HarnessError(f"{where}: max_grad_norm must be a number >= 0 (0 = no clipping), "
                            f"got {profile.max_grad_norm!r}")
-    for key in ("bf16", "gradient_checkpointing", "group_by_length"):
+    for key in ("bf16", "gradient_checkpointing", "group_by_length", "padding_free"):
         if not isinstance(getattr(profile, key), bool):
             raise HarnessError(f"{where}: {key} must be true or false, got {getattr(profile, key)!r}")
     if "r" in profile.lora:

@@ -61,7 +61,13 @@ class Batcher:
                 for r, f in zip(rows, fill)]
         return torch.tensor(ids), torch.tensor(mask)
 
-    def train_batch(self, sources: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
+    def train_batch(self, sources: list[str], targets: list[str],
+                    packed: bool = False) -> dict[str, torch.Tensor]:
+        """A training batch; `packed`: a causal model's rows one after another in one row, no
+        padding (where the model can compute its head at chosen positions; a seq2seq model's
+        batch is padded whatever `packed` says)."""
+        if packed and self.head_at_labels:
+            return self._to_device(self._packed_batch(sources, targets))
         return self._to_device(self._train_batch(sources, targets))
 
     def eval_batch(self, sources: list[str]) -> dict[str, torch.Tensor]:
@@ -73,6 +79,41 @@ class Batcher:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
                 for k, v in batch.items()}
 
+    def _causal_rows(self, sources: list[str], targets: list[str]
+                     ) -> tuple[list[list[int]], list[list[int]]]:
+        """Each causal training row (BOS + source + label + EOS) and its label tokens (label + EOS).
+        Source and label are tokenised together (a label alone can split differently), and the
+        label's tokens taken as what follows the source's own tokens."""
+        rows, label_rows = [], []
+        plain = self._ids(sources, add_special_tokens=False)
+        joint = self._ids([src + " " + tgt for src, tgt in zip(sources, targets)],
+                          add_special_tokens=False)
+        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
+        for s, full in zip(plain, joint):
+            t = full[len(s):][: self.max_target_length] + [self.tok.eos_token_id]
+            rows.append(bos + s[: self.max_source_length] + t)
+            label_rows.append(t)
+        return rows, label_rows
+
+    def _packed_batch(self, sources: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
+        """Padding-free: the rows one after another in a single row, position ids restarting at
+        each (transformers then masks attention to each row's own tokens: its packed-sequence
+        mask, which needs no attention mask and no cache). The head runs only where the loss reads
+        it: for each row the K + 1 positions from the last source token to EOS, whose labels
+        (-100, then the K label tokens) the loss shifts as it would a whole row's; a row's EOS
+        logit meets the next row's -100."""
+        rows, label_rows = self._causal_rows(sources, targets)
+        keep, labels, start = [], [], 0
+        for row, label in zip(rows, label_rows):
+            end = start + len(row)
+            keep += range(end - len(label) - 1, end)
+            labels += [-100] + label
+            start = end
+        return {"input_ids": torch.tensor([sum(rows, [])]),
+                "position_ids": torch.tensor([[i for row in rows for i in range(len(row))]]),
+                "labels": torch.tensor([labels]), "logits_to_keep": torch.tensor(keep),
+                "use_cache": False}
+
     def _train_batch(self, sources: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
         """Labels are the target tokens (+ EOS); pad positions are -100 so the loss ignores them."""
         if self.is_seq2seq:
@@ -82,17 +123,7 @@ class Batcher:
                                             truncation=True), -100)
             return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
         # Causal: BOS + source + label + EOS, loss on the label and EOS only.
-        rows, label_rows = [], []
-        # Tokenise source and label together (a label alone can split differently), and take the
-        # label's tokens as what follows the source's own tokens.
-        plain = self._ids(sources, add_special_tokens=False)
-        joint = self._ids([src + " " + tgt for src, tgt in zip(sources, targets)],
-                          add_special_tokens=False)
-        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
-        for s, full in zip(plain, joint):
-            t = full[len(s):][: self.max_target_length] + [self.tok.eos_token_id]
-            rows.append(bos + s[: self.max_source_length] + t)
-            label_rows.append(t)
+        rows, label_rows = self._causal_rows(sources, targets)
         if not self.head_at_labels:
             input_ids, mask = self._pad(rows, self.tok.pad_token_id)
             labels, _ = self._pad([[-100] * (len(r) - len(t)) + t for r, t in zip(rows, label_rows)],

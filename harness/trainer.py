@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable
 
@@ -93,6 +93,7 @@ class FitSettings:
     max_grad_norm: float = 1.0
     seed: int = 0                    # seeds the stage's shuffles
     group_by_length: bool = False
+    padding_free: bool = False       # causal models: each micro-batch's rows packed into one
     autocast: bool = False           # bf16 autocast (the plain loop on a GPU)
     progress: bool = True
     desc: str = "train"
@@ -105,7 +106,8 @@ class FitSettings:
     def of_profile(cls, profile, **rest) -> "FitSettings":
         return cls(batch_size=profile.batch_size, grad_accum=profile.grad_accum,
                    epochs=profile.epochs, max_grad_norm=profile.max_grad_norm,
-                   group_by_length=profile.group_by_length, **rest)
+                   group_by_length=profile.group_by_length,
+                   padding_free=profile.padding_free, **rest)
 
 
 def rank_micro_batches(step: list[int], batch_size: int, grad_accum: int, rank: int = 0,
@@ -139,7 +141,7 @@ def _micro_batches(batcher: Batcher, rows: list[dict], s: FitSettings
                                        s.world.rank, s.world.size, s.engine_config is not None):
         mine = [rows[i] for i in chunk]
         micro.append((batcher.train_batch([r["source"] for r in mine],
-                                          [r["target"] for r in mine]), w, mine))
+                                          [r["target"] for r in mine], s.padding_free), w, mine))
     return micro
 
 
@@ -216,6 +218,8 @@ def fit(ctx: Context, method: Method, batcher: Batcher, settings: FitSettings) -
     accumulation W * grad_accum computes. With `checkpoints`, the stage goes on from its latest
     step checkpoint and writes them (harness.checkpoints: every N steps, and on preemption)."""
     s, world = settings, settings.world
+    if getattr(ctx.model, "reads_whole_prompt", False):  # it needs each row's prompt on its own
+        s = replace(s, padding_free=False)
     ctx.model.train()
     rows = method.training_data(ctx).to_list()
     params = _trainable(ctx, method)

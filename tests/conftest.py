@@ -22,9 +22,11 @@ if _WORKERS > 1:
 # statistics and the plugin conformance checks. `make test` runs them a second time under another
 # arithmetic path (ATEN_CPU_CAPABILITY=default: no vector kernels; one thread), so that a tolerance
 # that holds on one CPU's kernels only fails here rather than on a user's machine.
-NUMERIC = {"test_clipping.py", "test_deltas.py", "test_gorp.py", "test_gradient_memory.py", "test_growth_methods.py", "test_inflora.py", "test_lfpt5.py",
-           "test_methods_core.py", "test_metrics.py", "test_modifiers.py", "test_mtl.py",
-           "test_param_metrics.py", "test_pertask.py", "test_plugins.py", "test_prompts.py", "test_regularisers.py",
+NUMERIC = {"test_clipping.py", "test_deltas.py", "test_efficiency.py", "test_gainlora.py",
+           "test_gorp.py", "test_gradient_memory.py", "test_growth_methods.py", "test_inflora.py",
+           "test_lfpt5.py", "test_methods_core.py", "test_metrics.py", "test_modifiers.py",
+           "test_migu.py", "test_mtl.py", "test_osft.py", "test_padding_free.py", "test_param_metrics.py",
+           "test_pertask.py", "test_plugins.py", "test_prompts.py", "test_regularisers.py",
            "test_stats.py", "test_summary.py", "test_table.py", "test_trainer_steps.py"}
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from harness import efficiency
 from harness.checkpoints import Preemption, decode, encode, is_intact
 from tests.test_kill_resume import PER_STAGE, harness_run, run_dir
 
@@ -25,7 +26,7 @@ KILLS = {m: sorted(_draw.sample([s for s in range(1, 2 * PER_STAGE) if s != PER_
          for m in METHODS}
 # Not results: timings, and whether the base row was evaluated by this run or shared in a sweep.
 TIMINGS = {"seconds", "train_seconds", "eval_seconds", "train_eval_seconds", "prepare_seconds",
-           "consolidate_seconds", "reused"}
+           "consolidate_seconds", "reused", *efficiency.RECORDED}
 
 
 def resumed_at(first: int, second: int, every: int = 2, per_stage: int = PER_STAGE) -> int | None:

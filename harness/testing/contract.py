@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from harness import faults
+from harness import efficiency, faults
 from harness.errors import HarnessError
 from harness.store import RunDir, RunSpec
 from harness.testing.kit import make_context, prepared_run, synthetic_benchmark, train_stage
@@ -33,7 +33,7 @@ EVERY_STEP = ("train.checkpoint_every=1",)
 # Warnings are left out too: one that `setup` or `load_state_dict` logs lands in another stage's
 # record when a run resumes.
 TIMINGS = {"seconds", "train_seconds", "eval_seconds", "train_eval_seconds", "prepare_seconds",
-           "consolidate_seconds", "reused", "files", "warnings"}
+           "consolidate_seconds", "reused", "files", "warnings", *efficiency.RECORDED}
 
 
 @dataclass
