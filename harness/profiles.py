@@ -42,6 +42,7 @@ class Profile:
     gradient_checkpointing: bool = False
     group_by_length: bool = False    # training batches of similar length (less padding)
     padding_free: bool = False       # causal models: a step's rows packed into one, no padding
+    compile: str = ""                # torch.compile backend of the training forward ("": none)
     deepspeed_config: str = "zero2"  # a shipped config (zero0/zero1/zero2) or a JSON file
     # A step checkpoint every that many optimizer steps (0: only on a preemption signal); it
     # changes no result (a resumed stage is bitwise the uninterrupted one), so it is no part of a
@@ -55,7 +56,7 @@ class Profile:
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
                if k != "checkpoint_every"}
         out["overrides"] = [o for o in self.overrides if not o.startswith(f"{RESULT_FREE}=")]
-        for key in ("group_by_length", "padding_free"):
+        for key in ("group_by_length", "padding_free", "compile"):
             if not out[key]:  # so that runs made before the setting existed keep their fingerprint
                 del out[key]
         return out
@@ -87,7 +88,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], where: str) -> di
 _OPTIONAL = {
     "data": ("train_per_task", "test_per_task", "seed"),
     "train": ("grad_accum", "max_grad_norm", "max_source_length", "max_target_length", "bf16",
-              "gradient_checkpointing", "group_by_length", "padding_free", "checkpoint_every"),
+              "gradient_checkpointing", "group_by_length", "padding_free", "compile",
+              "checkpoint_every"),
     "eval": ("batch_size", "max_new_tokens"),
     "deepspeed": ("config",),
     "embedded": ("pretrain_steps", "pretrain_batch", "pretrain_lr"),  # harness.backbone.EmbeddedSpec
@@ -136,6 +138,7 @@ def load_profile(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Prof
             gradient_checkpointing=train.get("gradient_checkpointing", False),
             group_by_length=train.get("group_by_length", False),
             padding_free=train.get("padding_free", False),
+            compile=train.get("compile", ""),
             checkpoint_every=train.get("checkpoint_every", 0),
             deepspeed_config=raw["deepspeed"].get("config", "zero2"),
             lora=raw.get("lora", {}), embedded=raw.get("embedded", {}),
@@ -144,6 +147,19 @@ def load_profile(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Prof
         raise HarnessError(f"{where}: missing setting {exc}") from exc
     _validate(profile, where)
     return profile
+
+
+def _validate_compile(backend: Any, where: str) -> None:
+    """`train.compile`: "" (none) or a backend torch.compile knows ("inductor", "aot_eager", ...)."""
+    if not isinstance(backend, str):
+        raise HarnessError(f"{where}: compile must be a torch.compile backend name or \"\" (none), "
+                           f"got {backend!r}")
+    if backend:
+        import torch._dynamo
+
+        if backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise HarnessError(f"{where}: compile: unknown torch.compile backend {backend!r}; known: "
+                               f"{', '.join(torch._dynamo.list_backends())}")
 
 
 def _validate(profile: Profile, where: str) -> None:
@@ -165,6 +181,7 @@ def _validate(profile: Profile, where: str) -> None:
             or profile.max_grad_norm < 0:
         raise HarnessError(f"{where}: max_grad_norm must be a number >= 0 (0 = no clipping), "
                            f"got {profile.max_grad_norm!r}")
+    _validate_compile(profile.compile, where)
     for key in ("bf16", "gradient_checkpointing", "group_by_length", "padding_free"):
         if not isinstance(getattr(profile, key), bool):
             raise HarnessError(f"{where}: {key} must be true or false, got {getattr(profile, key)!r}")

@@ -35,17 +35,21 @@ class LocalStep:
     any split of the gradient gives), the optimizer's step."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 params: list[torch.nn.Parameter], max_grad_norm: float, autocast: bool = False):
+                 params: list[torch.nn.Parameter], max_grad_norm: float, autocast: bool = False,
+                 compile_backend: str = ""):
         self.model, self.optimizer, self.params = model, optimizer, params
         self.max_grad_norm = max_grad_norm
         self.autocast = autocast  # bf16 autocast on GPU when the profile asks
         self.grad_norm: torch.Tensor | None = None
+        # `train.compile`: the training forward (and so its backward) compiled by torch.compile;
+        # the model itself stays as it is (its state dict, hooks and evaluation untouched).
+        self.call = torch.compile(model, backend=compile_backend) if compile_backend else model
 
     def forward(self, batch: dict):
         if self.autocast:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                return self.model(**batch)
-        return self.model(**batch)
+                return self.call(**batch)
+        return self.call(**batch)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         loss.backward()
@@ -94,6 +98,7 @@ class FitSettings:
     seed: int = 0                    # seeds the stage's shuffles
     group_by_length: bool = False
     padding_free: bool = False       # causal models: each micro-batch's rows packed into one
+    compile_backend: str = ""        # torch.compile's backend for the training forward; "": none
     autocast: bool = False           # bf16 autocast (the plain loop on a GPU)
     progress: bool = True
     desc: str = "train"
@@ -107,7 +112,7 @@ class FitSettings:
         return cls(batch_size=profile.batch_size, grad_accum=profile.grad_accum,
                    epochs=profile.epochs, max_grad_norm=profile.max_grad_norm,
                    group_by_length=profile.group_by_length,
-                   padding_free=profile.padding_free, **rest)
+                   padding_free=profile.padding_free, compile_backend=profile.compile, **rest)
 
 
 def rank_micro_batches(step: list[int], batch_size: int, grad_accum: int, rank: int = 0,
@@ -151,7 +156,8 @@ def _stepper(ctx: Context, method: Method, settings: FitSettings, params):
         from harness.distributed import EngineStep
 
         return EngineStep(ctx.model, optimizer, settings.engine_config, settings.world)
-    return LocalStep(ctx.model, optimizer, params, settings.max_grad_norm, settings.autocast)
+    return LocalStep(ctx.model, optimizer, params, settings.max_grad_norm, settings.autocast,
+                     settings.compile_backend)
 
 
 def _closure(ctx: Context, method: Method, stepper, micro: list[tuple[dict, float | None, list]],

@@ -1,0 +1,44 @@
+"""`train.compile`: the training forward compiled by torch.compile trains what the plain forward
+trains (the CPU runs the graph-capturing backend `aot_eager`, which compiles nothing to C++; the
+inductor and cudagraphs backends are measured in benchmarks/)."""
+
+import torch
+
+from harness.cli import main
+from harness.trainer import FitSettings, fit
+from tests.helpers import make_context
+from tests.tolerance import assert_close, magnitude
+
+
+def trained(synthetic_dir, backend: str):
+    ctx, method, batcher = make_context(synthetic_dir, "seqlora", tasks=("agnews",), n_train=16)
+    method.setup(ctx)
+    method.before_task(ctx)
+    start = {n: p.detach().clone() for n, p in ctx.model.named_parameters() if p.requires_grad}
+    result = fit(ctx, method, batcher, FitSettings(batch_size=8, epochs=1, seed=0, progress=False,
+                                                   compile_backend=backend))
+    end = {n: p.detach().clone() for n, p in ctx.model.named_parameters() if p.requires_grad}
+    return result, start, end, ctx
+
+
+def test_a_compiled_stage_trains_the_plain_stages_weights(synthetic_dir):
+    plain, start, end, ctx = trained(synthetic_dir, "")
+    compiled, start_c, end_c, ctx_c = trained(synthetic_dir, "aot_eager")
+    assert plain.steps == compiled.steps == 2
+    assert all(torch.equal(start[n], start_c[n]) for n in start)
+    # Two AdamW steps from the same start: the graph computes the same operations, possibly
+    # fused or reordered; a weight's rounding is that of its gradient (a sum over the batch's
+    # tokens through the model's widths) times the learning rate, on the update's magnitude.
+    for name in end:
+        update = end[name] - start[name]
+        assert_close(end_c[name] - start_c[name], update, ops=512, scale=magnitude(update))
+    assert_close(torch.tensor(compiled.mean_loss), torch.tensor(plain.mean_loss), ops=512)
+    assert not hasattr(ctx_c.model, "_orig_mod")  # the model itself is not replaced
+
+
+def test_an_unknown_backend_is_refused_before_anything_is_written(tmp_path, capsys):
+    assert main(["run", "--method", "seqlora", "--order", "1", "--results", str(tmp_path / "r"),
+                 "--set", "train.compile=fastest"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown torch.compile backend 'fastest'" in err[0]
+    assert not (tmp_path / "r").exists()
