@@ -109,7 +109,7 @@ class Batcher:
             keep += range(end - len(label) - 1, end)
             labels += [-100] + label
             start = end
-        return {"input_ids": torch.tensor([sum(rows, [])]),
+        return {"input_ids": torch.tensor([[token for row in rows for token in row]]),
                 "position_ids": torch.tensor([[i for row in rows for i in range(len(row))]]),
                 "labels": torch.tensor([labels]), "logits_to_keep": torch.tensor(keep),
                 "use_cache": False}
