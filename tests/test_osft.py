@@ -67,3 +67,25 @@ def test_the_protected_share_grows_from_nothing_to_max_fraction(synthetic_dir):
         k = method.factors[name].U_h.shape[1]
         assert k == int(0.5 * 1 / 1 * min(linear.weight.shape))  # T = 2: the last task
     assert {n.rsplit(".", 1)[-1] for n in method.linears} <= {"q", "k", "v", "o", "wi", "wo"}
+
+
+def test_the_cost_benchmark_counts_memory_and_times_both_steps(tmp_path):
+    """benchmarks/osft_cost.py at a tiny shape: OSFT's bytes beside the weight, by the count of
+    its tensors, and both steps timed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "osft.md"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "osft_cost.py"), "--models", "tiny",
+                    "--repeats", "1", "--out", str(out)], check=True, capture_output=True)
+    sys.path.insert(0, str(root))
+    from benchmarks.osft_cost import memory
+
+    # 64 x 32, k = 16: full FT 4 m n; OSFT U S V (64x32 + 32 + 32x32), 3x the low half
+    # (64x16 + 16 + 16x32), W's gradient and the starting copy
+    assert memory(64, 32, 16) == (4 * 4 * 64 * 32,
+                                  4 * (64 * 32 + 32 + 32 * 32 + 3 * (64 * 16 + 16 + 16 * 32)
+                                       + 2 * 64 * 32))
+    assert "| tiny | 64x32 x 2 |" in out.read_text()
