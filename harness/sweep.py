@@ -187,6 +187,24 @@ def start_job_process(threads: int) -> None:
     torch.set_num_threads(threads)
     configure_process_logging()
     hf_logging.disable_progress_bar()
+    end_with_parent()
+
+
+def end_with_parent(poll_seconds: float = 1.0) -> None:
+    """A job process whose sweep process is gone (killed, terminated: its pool can no longer
+    hand out runs or read results) ends as a preempted process does, by SIGTERM to itself: a
+    stage being trained writes its step checkpoint first, and the run resumes from it later."""
+    import signal
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
 
 
 _runner = None  # a job process's runner (it serves one sweep), built at its first run

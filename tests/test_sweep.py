@@ -34,3 +34,50 @@ def test_side_by_side_jobs_take_the_longest_sequences_first():
     order = longest_first(list(range(len(specs))), plan)
     assert [(specs[i].order, specs[i].method) for i in order] == [
         (4, "m1"), (4, "m2"), (1, "m1"), (1, "m2"), (2, "m1"), (2, "m2")]
+
+
+def test_job_processes_end_when_the_sweep_process_is_killed(synthetic_dir, tmp_path):
+    """A sweep process killed outright (SIGKILL: no handler runs) leaves no job process running
+    on unseen: each ends as a preempted process does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    def children(pid: int) -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(stat.parent.name))
+        return found
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "harness", "run", "--all", "--methods", "seqlora", "--tasks",
+         "agnews,SST-2", "--seeds", "0-3", "--jobs", "2", "--data-dir", str(synthetic_dir),
+         "--results", str(tmp_path / "r"), "--train-per-task", "64", "--test-per-task", "8",
+         "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "r").rglob("stage_01-*")):
+        time.sleep(0.2)  # a run is under way in a job process
+    jobs = [pid for pid in children(sweep.pid) if "spawn_main" in
+            Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+    assert jobs, "no job process found"
+    sweep.send_signal(signal.SIGKILL)
+    sweep.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline and any(alive(pid) for pid in jobs):
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in jobs)
