@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from harness.backbone import load_backbone  # noqa: E402
 from harness.benchmark import load_benchmark  # noqa: E402
 from harness.data import load_instructions, load_task  # noqa: E402
+from harness.efficiency import sheet_peak  # noqa: E402
 from harness.evaluator import evaluate_task, normalize  # noqa: E402
 from harness.models import resolve_model  # noqa: E402
 from harness.profiles import load_profile  # noqa: E402
@@ -43,7 +44,6 @@ from harness_methods import registry  # noqa: E402
 from harness_methods.base import Context  # noqa: E402
 
 SEED = 0
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s
 
 
 def sync(device: torch.device) -> None:
@@ -181,7 +181,7 @@ class CausalBench:
         if flops is None:
             return
         name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        peak = sheet_peak(name)
         share = f"{100 * flops / seconds / peak:.1f}% of bf16 peak" if peak else "peak unknown"
         self.add(row, f"{what}: achieved FLOP/s ({name})", f"{flops / seconds / 1e12:.2f} TFLOP/s",
                  "", share)

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from harness.backbone import EmbeddedSpec, embedded_backbone_dir, load_backbone  # noqa: E402
+from harness.efficiency import sheet_peak  # noqa: E402
 from harness.evaluator import evaluate_task  # noqa: E402
 from harness.profiles import load_profile  # noqa: E402
 from harness.runner import Options, Runner, seed_everything  # noqa: E402
@@ -53,8 +54,6 @@ T5_LARGE = EmbeddedSpec(d_model=1024, d_ff=4096, num_heads=16, d_kv=64, num_laye
                         num_decoder_layers=24, vocab_size=32128, dropout_rate=0.1)
 TINY = EmbeddedSpec(d_model=64, d_ff=128, num_heads=2, d_kv=32, num_layers=1, num_decoder_layers=1,
                     vocab_size=2000)
-# Peak dense bf16 tensor-core FLOP/s from the vendors' data sheets (SXM parts).
-PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 REFERENCE = "reference T5-large logs: 16.4 train / 89-109 eval samples/s on 2 GPUs"
 
 
@@ -66,8 +65,7 @@ def sync() -> None:
 def peak_flops() -> float | None:
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return sheet_peak(torch.cuda.get_device_name())
 
 
 class GpuBench:

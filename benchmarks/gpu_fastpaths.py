@@ -39,8 +39,9 @@ from pathlib import Path
 
 import torch
 
-# Peak dense bf16 tensor-core FLOP/s from the vendors' data sheets (SXM parts).
-PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness.efficiency import measured_matmul, sheet_peak  # noqa: E402 (torch only)
+
 SHAPES = {
     "t5-large": dict(d_model=1024, d_ff=4096, num_heads=16, d_kv=64, num_layers=24,
                      num_decoder_layers=24, vocab_size=32128),
@@ -189,21 +190,6 @@ def step_flops(model, batch, amp: bool, device) -> float:
     return float(counter.get_total_flops())
 
 
-def matmul_peak(device) -> float:
-    """bf16 FLOP/s of a large square matmul, the mean of ten after three warm-ups."""
-    n = 8192 if device.type == "cuda" else 512
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    sync(device)
-    return 10 * 2 * n ** 3 / (time.perf_counter() - start)
-
-
 def profile_step(stepper: Stepper, data, device, steps: int = 3) -> dict:
     """Kernels launched per step, GPU busy time against wall time, and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
@@ -233,9 +219,9 @@ class Bench:
         self.profile_table = ""  # the profiler table of `--profile-variant`, once measured
         name = torch.cuda.get_device_name() if self.device.type == "cuda" else "CPU"
         self.device_name = name
-        self.sheet_peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-        self.measured_peak = matmul_peak(self.device)
-        self.notes.append(f"bf16 matmul measured: {self.measured_peak / 1e12:.1f} TFLOP/s")
+        self.sheet_peak = sheet_peak(name)
+        self.measured_peak = measured_matmul(self.device)  # bf16 on a GPU, fp32 on a CPU
+        self.notes.append(f"matmul measured: {self.measured_peak / 1e12:.1f} TFLOP/s")
 
     def left(self) -> float:
         return self.args.budget - (time.perf_counter() - self.start)

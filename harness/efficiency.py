@@ -20,7 +20,7 @@ from harness.errors import HarnessError
 
 PEAK_ENV = "HARNESS_PEAK_TFLOPS"
 # Dense bf16 tensor-core TFLOP/s from the vendors' data sheets (SXM parts where there are two),
-# matched as a substring of torch.cuda.get_device_name(); the longer names first.
+# matched as a substring of torch.cuda.get_device_name() (`sheet_peak`).
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.1,
                     "A10G": 70.0, "A10": 125.0, "L4": 121.0, "A6000": 154.8, "RTX 4090": 165.2,
                     "RTX 3090": 71.0, "MI300X": 1307.4, "MI250X": 383.0}
@@ -79,15 +79,23 @@ def measured_matmul(device: torch.device) -> float:
     return _measured[key]
 
 
+def sheet_peak(name: str) -> float | None:
+    """The data-sheet dense bf16 FLOP/s of the GPU `name` (torch.cuda.get_device_name()), or None
+    for one not in `PEAK_BF16_TFLOPS`; the longest matching entry wins (A10G before A10)."""
+    for known in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if known in name:
+            return PEAK_BF16_TFLOPS[known] * 1e12
+    return None
+
+
 def device_peak(device: torch.device) -> Peak:
     """The peak a run's FLOP/s is compared with (see the module's docstring)."""
     if (flops := peak_from_environment()) is not None:
         return Peak(flops, PEAK_ENV)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for known in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
-            if known in name:
-                return Peak(PEAK_BF16_TFLOPS[known] * 1e12, f"{name}: data-sheet dense bf16")
+        if (flops := sheet_peak(name)) is not None:
+            return Peak(flops, f"{name}: data-sheet dense bf16")
         return Peak(measured_matmul(device), f"{name}: measured bf16 matmul")
     return Peak(measured_matmul(device), "CPU: measured fp32 matmul")
 

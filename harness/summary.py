@@ -45,6 +45,7 @@ import torch
 from safetensors.torch import load_file
 
 from harness import faults, metrics
+from harness.efficiency import Peak, stage_efficiency
 from harness.errors import HarnessError
 from harness.param_metrics import parameter_metrics
 from harness.store import DELTAS, RunDir, RunSpec, read_json, write_atomic, write_json
@@ -222,11 +223,9 @@ def run_efficiency(stages: list[dict]) -> dict[str, Any] | None:
     (harness.efficiency); None when a stage recorded none (an imported or older run)."""
     if not stages or any("flops" not in t or "peak_flops" not in t for t in stages):
         return None
-    flops, seconds = sum(t["flops"] for t in stages), sum(t["seconds"] for t in stages)
-    achieved = flops / seconds if seconds > 0 else 0.0
-    peak = stages[-1]["peak_flops"]
-    return {"train_flops": flops, "achieved_flops": achieved, "peak_flops": peak,
-            "peak_source": stages[-1]["peak_source"], "share_of_peak": achieved / peak,
+    run = stage_efficiency(sum(t["flops"] for t in stages), sum(t["seconds"] for t in stages),
+                           Peak(stages[-1]["peak_flops"], stages[-1]["peak_source"]))
+    return {"train_flops": run.pop("flops"), **run,
             "stage_share_of_peak": [t["share_of_peak"] for t in stages]}
 
 
