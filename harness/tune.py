@@ -3,7 +3,9 @@
 `harness tune` searches, for every method, the learning rate and the method's main coefficient
 (`Method.search_space`) with Optuna's TPE sampler: the same number of trials, the same training
 budget and the same sequences for every method, each trial a whole run scored by its AA on the
-held-out split (`--eval-split heldout`), never on the test split. The studies live in an Optuna
+held-out split (`--eval-split heldout`), never on the test split. A study's first trial is the
+method's own settings (its config file), so the choice is never worse on that split than not
+tuning. The studies live in an Optuna
 storage (SQLite by default), so several processes or machines can share one study. The chosen
 settings go to `tuned.json`, which `run --tuned FILE` applies and every run's config records.
 """
@@ -59,6 +61,25 @@ def suggest(trial, key: str, low: float, high: float) -> float | int:
     return trial.suggest_float(key, low, high, log=True)
 
 
+def config_trial(name: str, profile: str, space: dict[str, tuple[float, float]],
+                 overrides: tuple[str, ...] = ()) -> dict[str, float | int]:
+    """The method's own values of the searched settings (its config file for `profile`, with
+    `--set method.*`), those within their ranges; a key outside its range is left to the sampler."""
+    from harness_methods import registry
+
+    config = registry.create(base_method(name), profile, overrides).config
+    own = {}
+    for key, (low, high) in space.items():
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(low, int) and isinstance(high, int) and not isinstance(value, int):
+            continue
+        if low <= value <= high:
+            own[key] = value
+    return own
+
+
 def base_method(name: str) -> str:
     return name.split("+")[0]
 
@@ -89,6 +110,9 @@ def tune_method(runner, name: str, sequences: list[tuple[int | None, tuple[str, 
                                 direction="maximize", load_if_exists=True)
     _check_setup(study, setup, storage.url)
     options = runner.options
+    if not study.trials:  # a new study starts from the method's own settings
+        study.enqueue_trial(config_trial(name, setup["profile"], space, options.method_overrides),
+                            user_attrs={"config_file": True})
 
     def objective(trial) -> float:
         settings = {k: suggest(trial, k, low, high) for k, (low, high) in space.items()}
@@ -105,15 +129,17 @@ def tune_method(runner, name: str, sequences: list[tuple[int | None, tuple[str, 
         values = [s.metrics.get("AA") for s in summaries]
         score = math.nan if None in values else sum(values) / len(values)
         shown = "  ".join(f"{k} {v:.3g}" for k, v in settings.items())
+        own = "  (config file)" if trial.user_attrs.get("config_file") else ""
         print(f"{name:10s} trial {trial.number + 1:3d}/{setup['trials']}  {shown}  "
-              f"held-out AA {score:.2f}  ({time.perf_counter() - start:.1f}s)", flush=True)
+              f"held-out AA {score:.2f}  ({time.perf_counter() - start:.1f}s){own}", flush=True)
         return score
 
     done = optuna.trial.TrialState.COMPLETE
     while len(study.get_trials(states=(done,))) < setup["trials"]:  # others may share the study
         # A sampler seeded per trial: one process repeats itself exactly, and processes sharing
         # the study do not all draw the same first (random) trials, as one seed each would.
-        # Half the trials explore at random, the rest follow TPE (its default waits for 10).
+        # Half the trials explore at random (the config file's first), the rest follow TPE (its
+        # default waits for 10).
         study.sampler = optuna.samplers.TPESampler(
             seed=setup["seed"] * 10007 + len(study.trials),
             n_startup_trials=max(1, setup["trials"] // 2))

@@ -17,7 +17,8 @@ BUDGET = ["--tasks", "agnews,SST-2", "--train-per-task", "16", "--test-per-task"
 
 @pytest.fixture(scope="module")
 def tuned(synthetic_dir, tmp_path_factory):
-    """Two methods x 2 trials, with the test split made unreadable."""
+    """Two methods x 2 trials, with the test split made unreadable. The learning rates' range
+    leaves out the config files' (2e-3), so that a tuned run's differs from a plain one's."""
     out = tmp_path_factory.mktemp("tune")
     real = data.read_labelled
 
@@ -28,7 +29,7 @@ def tuned(synthetic_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(data, "read_labelled", train_only)
         assert main(["tune", "--methods", "seqlora,olora", "--trials", "2", "--lr-range",
-                     "1e-3,3e-2", "--data-dir", str(synthetic_dir), "--out", str(out), *BUDGET]) == 0
+                     "3e-3,3e-2", "--data-dir", str(synthetic_dir), "--out", str(out), *BUDGET]) == 0
     return out
 
 
@@ -38,7 +39,7 @@ def test_each_method_gets_the_same_trials_and_keeps_its_best(tuned):
     for method, keys in (("seqlora", {"lr"}), ("olora", {"lr", "lambda1"})):
         chosen = result["methods"][method]
         assert chosen["trials"] == 2 and set(chosen["settings"]) == keys
-        assert 1e-3 <= chosen["settings"]["lr"] <= 3e-2
+        assert 3e-3 <= chosen["settings"]["lr"] <= 3e-2
         trials = {}
         for folder in (tuned / "trials" / method).iterdir():
             [s] = read_summaries(folder)
@@ -53,7 +54,7 @@ def test_each_method_gets_the_same_trials_and_keeps_its_best(tuned):
 def test_a_shared_study_is_continued_not_repeated_and_another_setup_is_refused(tuned, synthetic_dir,
                                                                               capsys):
     before = (tuned / "tuned.json").read_text()
-    argv = ["tune", "--methods", "seqlora", "--trials", "2", "--lr-range", "1e-3,3e-2",
+    argv = ["tune", "--methods", "seqlora", "--trials", "2", "--lr-range", "3e-3,3e-2",
             "--data-dir", str(synthetic_dir), "--out", str(tuned), *BUDGET]
     assert main(argv) == 0  # its 2 trials are complete: nothing runs again
     assert len(list((tuned / "trials" / "seqlora").iterdir())) == 2
@@ -112,6 +113,28 @@ def test_the_best_of_exactly_the_budgeted_trials_is_chosen(tmp_path):
     best = max(runner.seen, key=runner.score)
     assert result["settings"] == best and result["heldout_AA"] == pytest.approx(runner.score(best), abs=1e-4)
     assert runner.options.tuned is None  # the runner's own options are restored
+
+
+def test_a_study_starts_from_the_methods_own_settings(tmp_path):
+    """Trial 1 is the config file's values (with `--set method.*`): a method whose own settings
+    score best on the held-out split keeps them; a value outside its searched range is drawn."""
+    from harness import tune
+    from harness_methods import registry
+
+    own = registry.method_config("olora", "default")
+    runner = ScoredRuns(lambda s: -abs(s["lr"] - own["lr"]) - abs(s["lambda1"] - own["lambda1"]))
+    setup = {"profile": "default", "seed": 0, "trials": 3, "lr_range": [1e-5, 1e-2]}
+    storage = tune.open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    result = tune.tune_method(runner, "olora", [(1, ("a", "b"))], setup, storage, tmp_path)
+    assert runner.seen[0] == {"lr": own["lr"], "lambda1": own["lambda1"]}
+    assert result["settings"] == runner.seen[0] and result["trial"] == 0
+    assert len({s["lr"] for s in runner.seen}) == 3  # the other trials are drawn
+
+    space = {"lr": (1e-5, own["lr"] / 2), "lambda1": (1e-3, 10.0)}
+    assert tune.config_trial("olora", "default", space) == {"lambda1": own["lambda1"]}
+    assert tune.config_trial("olora", "default", space, ("method.lambda1=0.25",)) == {"lambda1": 0.25}
+    memory = registry.method_config("ogd", "default")["memory_size"]
+    assert tune.config_trial("ogd", "default", {"memory_size": (20, 500)}) == {"memory_size": memory}
 
 
 def test_a_method_coefficient_is_searched_with_its_type():
