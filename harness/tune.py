@@ -5,9 +5,9 @@
 budget and the same sequences for every method, each trial a whole run scored by its AA on the
 held-out split (`--eval-split heldout`), never on the test split. A study's first trial is the
 method's own settings (its config file), so the choice is never worse on that split than not
-tuning. The studies live in an Optuna
-storage (SQLite by default), so several processes or machines can share one study. The chosen
-settings go to `tuned.json`, which `run --tuned FILE` applies and every run's config records.
+tuning. The studies live in an Optuna storage (SQLite by default), so several processes or
+machines can share one study. The chosen settings go to `tuned.json`, which `run --tuned FILE`
+applies and every run's config records.
 """
 
 from __future__ import annotations
@@ -110,9 +110,10 @@ def tune_method(runner, name: str, sequences: list[tuple[int | None, tuple[str, 
                                 direction="maximize", load_if_exists=True)
     _check_setup(study, setup, storage.url)
     options = runner.options
-    if not study.trials:  # a new study starts from the method's own settings
-        study.enqueue_trial(config_trial(name, setup["profile"], space, options.method_overrides),
-                            user_attrs={"config_file": True})
+    own = config_trial(name, setup["profile"], space, options.method_overrides)
+    if own and not study.trials:  # a new study starts from the method's own settings (once,
+        # should several processes start it together)
+        study.enqueue_trial(own, user_attrs={"config_file": True}, skip_if_exists=True)
 
     def objective(trial) -> float:
         settings = {k: suggest(trial, k, low, high) for k, (low, high) in space.items()}
