@@ -145,7 +145,16 @@ def tune_method(runner, name: str, sequences: list[tuple[int | None, tuple[str, 
             seed=setup["seed"] * 10007 + len(study.trials),
             n_startup_trials=max(1, setup["trials"] // 2))
         study.optimize(objective, n_trials=1)
-    first = sorted(study.get_trials(states=(done,)), key=lambda t: t.number)[:setup["trials"]]
+    return _best_of_budget(study, setup["trials"], name)
+
+
+def _best_of_budget(study, trials: int, name: str) -> dict[str, Any]:
+    """The best of the study's first `trials` complete trials (by number): its settings, held-out
+    AA and trial, and how many were compared."""
+    import optuna
+
+    done = optuna.trial.TrialState.COMPLETE
+    first = sorted(study.get_trials(states=(done,)), key=lambda t: t.number)[:trials]
     scored = [t for t in first if not math.isnan(t.value)]
     if not scored:
         raise HarnessError(f"tune: every trial of {name} ended without an AA")
