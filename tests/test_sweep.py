@@ -46,22 +46,22 @@ def test_job_processes_end_when_the_sweep_process_is_killed(synthetic_dir, tmp_p
     import time
     from pathlib import Path
 
-    def children(pid: int) -> list[int]:
-        found = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(stat.parent.name))
-        return found
+    def state_and_parent(pid: int) -> tuple[str, int] | None:
+        """From /proc/PID/stat (fields after the command name); None once the process is gone."""
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return fields[0], int(fields[1])
 
     def alive(pid: int) -> bool:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
+        found = state_and_parent(pid)
+        return found is not None and found[0] != "Z"
+
+    def children(pid: int) -> list[int]:
+        found = {int(p.name): state_and_parent(int(p.name)) for p in Path("/proc").glob("[0-9]*")}
+        return [child for child, sp in found.items() if sp is not None and sp[0] != "Z"
+                and sp[1] == pid]
 
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     sweep = subprocess.Popen(
