@@ -24,7 +24,7 @@ from harness.paths import cache_dir, cached_folder
 
 # Bump when the embedded backbone's build changes (tokenizer training, model construction), so
 # folders cached by an earlier version are not taken for this one's.
-BUILD_VERSION = 3
+BUILD_VERSION = 4
 BUILD_THREADS = 2  # pretraining's threads, whatever the caller's (see embedded_backbone_dir)
 
 
@@ -125,14 +125,16 @@ class EmbeddedSpec:
         return cls(**raw)
 
 
-def _train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A T5-style tokenizer (metaspace pieces; pad=0, eos=1, unk=2; `</s>` appended).
+def _train_tokenizer(texts: list[str], vocab_size: int,
+                     phrases: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A T5-style tokenizer (metaspace pieces; pad=0, eos=1, unk=2; `</s>` appended), with one
+    piece for each of `phrases`, wherever it stands (the spaces around it taken into the piece).
 
     BPE rather than T5's unigram model: on a corpus of a few thousand short texts the unigram
     trainer prunes its vocabulary to a few hundred pieces and splits common words into letters.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, \
-        trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, \
+        processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     # Like T5's SentencePiece model, newlines and runs of spaces become one space.
@@ -144,6 +146,7 @@ def _train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFa
                                   initial_alphabet=[chr(c) for c in range(33, 127)],
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_tokens([AddedToken(phrase, lstrip=True, rstrip=True, normalized=True) for phrase in phrases])
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
@@ -158,7 +161,7 @@ def pretrain(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBa
     from harness.synthetic import pretraining_examples
 
     examples = pretraining_examples(spec.init_seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.pretrain_lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.pretrain_lr, fused=True)
     model.train()
     for _ in range(spec.pretrain_steps):
         sources, targets = zip(*(next(examples) for _ in range(spec.pretrain_batch)))
@@ -172,10 +175,11 @@ def pretrain(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBa
     model.eval()
 
 
-def embedded_backbone_dir(corpus: list[str], spec: EmbeddedSpec) -> Path:
-    """Build (once) and return the folder of the embedded default for this corpus and spec.
+def embedded_backbone_dir(corpus: list[str], spec: EmbeddedSpec, phrases: tuple[str, ...] = ()) -> Path:
+    """Build (once) and return the folder of the embedded default for this corpus, spec and the
+    phrases its tokenizer keeps whole (`_train_tokenizer`).
 
-    The folder name is a hash of the corpus and the spec, so another data dir gets its own
+    The folder name is a hash of the corpus, phrases and spec, so another text gets its own
     tokenizer; the folder is written to a temporary name and renamed, so it is never half-built.
     """
     from harness.synthetic import PRETRAINING_VERSION
@@ -185,13 +189,13 @@ def embedded_backbone_dir(corpus: list[str], spec: EmbeddedSpec) -> Path:
     digest.update(json.dumps(spec.__dict__, sort_keys=True).encode())
     if spec.pretrain_steps:  # a new version of the pretraining examples is another model
         digest.update(f"pretraining:{PRETRAINING_VERSION}".encode())
-    for text in corpus:
+    for text in (*corpus, "\0phrases", *phrases):
         digest.update(text.encode())
         digest.update(b"\0")
     target = cache_dir() / "backbones" / f"t5-embedded-{digest.hexdigest()[:16]}"
 
     def build(folder: Path) -> None:
-        tokenizer = _train_tokenizer(corpus, spec.vocab_size)
+        tokenizer = _train_tokenizer(corpus, spec.vocab_size, phrases)
         config = T5Config(
             vocab_size=len(tokenizer), d_model=spec.d_model, d_ff=spec.d_ff, d_kv=spec.d_kv,
             num_heads=spec.num_heads, num_layers=spec.num_layers,

@@ -66,7 +66,8 @@ def evaluate_task(model: torch.nn.Module, batcher: Batcher, data: TaskData, *, b
     model reuses the cache of the prompt prefix the task's examples share (`reuse_prefix`).
     """
     was_training = model.training
-    model.eval()
+    if was_training:  # a switch walks every module (and transformers' kernel hooks): only if needed
+        model.eval()
     sources = list(data.test["source"])
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
@@ -88,7 +89,8 @@ def evaluate_task(model: torch.nn.Module, batcher: Batcher, data: TaskData, *, b
         for i, text in zip(chunk, batcher.decode(out, batch["input_ids"].shape[1])):
             mine[i] = text
         faults.point("eval_batch")
-    model.train(was_training)
+    if was_training:
+        model.train()
     gathered = world.gather(mine)
     if gathered is None:
         return float("nan"), []

@@ -38,7 +38,7 @@ from harness.runlog import QUIET, RunLog
 from harness.store import (FAILED, LOCK, STAGES, RunDir, RunSpec, out_of_space, read_json,
                            record_failure, stage_name, write_json)
 from harness.summary import Summary, finish_run, read_summary, stage_predictions
-from harness.synthetic import tokenizer_corpus
+from harness.synthetic import tokenizer_corpus, tokenizer_phrases
 from harness.textio import Batcher
 from harness.tracking import Tracking, open_tracking
 from harness.trainer import FitSettings, fit
@@ -136,8 +136,8 @@ class Runner:
             return str(resolve_model(model))
         # One backbone per machine and setting, whatever the data folder: the tokenizer is trained
         # on the synthetic generator's own text, as a pretrained model's is on its own corpus.
-        return str(embedded_backbone_dir(tokenizer_corpus(),
-                                         EmbeddedSpec.from_dict(self.profile.embedded)))
+        return str(embedded_backbone_dir(tokenizer_corpus(), EmbeddedSpec.from_dict(self.profile.embedded),
+                                         tokenizer_phrases()))
 
     def create_method(self, name: str):
         """The method plugin, refused early if the DeepSpeed config partitions what it needs."""
@@ -549,6 +549,8 @@ class StageEvaluation:
         """The row after `stage` stages: accuracy by task, the prediction records, the seconds."""
         start = time.perf_counter()
         accuracy, predictions = {}, []
+        was_training = self.ctx.model.training
+        self.ctx.model.eval()  # once for the row, not once per task (a switch walks every module)
         for task in self.scope(stage):
             if (task.name in self.row and task.name in self.latest
                     and self.method.evaluates_as_before(self.ctx, task)):
@@ -560,6 +562,7 @@ class StageEvaluation:
             predictions += preds
             self.latest[task.name] = preds
         self.method.select_for_eval(self.ctx, None)
+        self.ctx.model.train(was_training)
         self.row = accuracy
         return accuracy, predictions, time.perf_counter() - start
 

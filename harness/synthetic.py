@@ -406,6 +406,15 @@ def pretraining_examples(seed: int, n_tasks: int = 48):
             yield _two_option_example(rng, rng.choice(pairs))
 
 
+def tokenizer_phrases() -> tuple[str, ...]:
+    """What the embedded tokenizer keeps as one piece each: the instructions. Each is the same in
+    every example of its task type, so it tells the model only which type the task is, as one
+    piece does; word by word it was 10-13 pieces, a quarter of an input (as the "Task:" and
+    "Dataset:" prefixes are pieces of their own, see below). The option lists stay words: reading
+    an option and writing it back is what the pretraining teaches."""
+    return tuple(text.strip() for text in INSTRUCTIONS.values())
+
+
 def tokenizer_corpus(n_pretraining: int = 4000) -> list[str]:
     """The text the embedded backbone's tokenizer is trained on: the synthetic benchmark's training
     examples (200 per task) and pretraining examples; the same on every machine and for every data
@@ -418,7 +427,9 @@ def tokenizer_corpus(n_pretraining: int = 4000) -> list[str]:
         # not 16 letters and pairs: they were a third of every input.
         header = f"Task:{task.category}\nDataset:{task.name}\n"
         corpus += [header + r["sentence"] for r in generate_task(task, 200, 0, seed=0)["train"]]
-        corpus += list(task.labels)
+        # Its option line too, so that "negative," is one piece in the benchmark's inputs as such
+        # words are in the pretraining examples' option lists (not a word and a comma).
+        corpus += [*task.labels, f"Option: {', '.join(task.labels)}"]
     examples = pretraining_examples(0)
     for _ in range(n_pretraining):
         corpus += next(examples)

@@ -11,7 +11,8 @@ from transformers import AutoTokenizer, T5ForConditionalGeneration
 
 from harness.backbone import embedded_backbone_dir
 from harness.benchmark import load_benchmark
-from harness.synthetic import pretraining_examples
+from harness.data import build_source
+from harness.synthetic import INSTRUCTIONS, pretraining_examples, tokenizer_phrases
 from tests.helpers import TINY
 
 CORPUS = [s for s, t in itertools.islice(pretraining_examples(7), 200) for s in (s, t)]
@@ -53,3 +54,22 @@ def test_benchmark_labels_are_names_never_answers_in_the_benchmark_format():
     assert two_option == {"A", "B"}
     assert len(examples) == sum(1 for s, _ in examples if "Option:" in s or s.endswith("\nTheme:")
                                 or "Answer A or B" in s)
+
+
+def test_the_tokenizer_keeps_each_instruction_whole(tmp_path, monkeypatch):
+    """Each instruction is one piece wherever it stands (after the prefixes, at the start of a
+    pretraining example); the text around it gets the pieces it gets without it; the phrases are
+    part of the cached folder's name."""
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path))
+    plain = embedded_backbone_dir(CORPUS, TINY)
+    whole = embedded_backbone_dir(CORPUS, TINY, tokenizer_phrases())
+    assert plain.name != whole.name
+    words, phrases = AutoTokenizer.from_pretrained(plain), AutoTokenizer.from_pretrained(whole)
+    instruction = INSTRUCTIONS["SC"]  # 11 words
+    for source in (build_source(load_benchmark().task("yelp"), "Text: fine words", instruction),
+                   instruction + "Option: good, bad \nText: fine words\nAnswer:"):
+        pieces = phrases.convert_ids_to_tokens(phrases(source).input_ids)
+        assert pieces.count(instruction.strip()) == 1
+        around = [p for p in pieces if p != instruction.strip()]
+        assert around == words.convert_ids_to_tokens(words(source.replace(instruction, "")).input_ids)
+        assert len(pieces) <= len(words(source).input_ids) - 10

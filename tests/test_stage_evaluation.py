@@ -3,6 +3,8 @@
 
 from types import SimpleNamespace
 
+import torch
+
 from harness.runner import StageEvaluation
 from harness_methods.base import Method
 
@@ -25,7 +27,8 @@ class Frozen(Method):
 
 def evaluation(method, seen_and_next, row=None, n_stages=4):
     calls = []
-    ctx = SimpleNamespace(tasks=TASKS, data={t.name: t.name for t in TASKS}, model=None, stage=0)
+    ctx = SimpleNamespace(tasks=TASKS, data={t.name: t.name for t in TASKS}, model=torch.nn.Module(),
+                          stage=0)
     ctx.task = TASKS[0]
 
     def evaluate(model, data):
