@@ -8,6 +8,7 @@ file and what is wrong with it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -137,6 +138,12 @@ class TaskData:
     train: datasets.Dataset   # columns: source, target, label, index
     test: datasets.Dataset
     unlabelled_in_test: int   # test records whose label is outside the label set (kept or dropped)
+
+    @functools.cached_property
+    def test_columns(self) -> dict[str, list]:
+        """The test split's columns as lists, read once: the test set is scored after every stage,
+        and each read of an Arrow column costs about as much as scoring it (0.3 ms)."""
+        return self.test.to_dict()
 
 
 def read_labelled(data_dir: Path, task: Task, split: str,

@@ -68,7 +68,7 @@ def evaluate_task(model: torch.nn.Module, batcher: Batcher, data: TaskData, *, b
     was_training = model.training
     if was_training:  # a switch walks every module (and transformers' kernel hooks): only if needed
         model.eval()
-    sources = list(data.test["source"])
+    sources = data.test_columns["source"]
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
     mine: dict[int, str] = {}
@@ -104,7 +104,7 @@ def evaluate_task(model: torch.nn.Module, batcher: Batcher, data: TaskData, *, b
 def score(data: TaskData, predictions: list[str]) -> tuple[float, list[dict]]:
     """Accuracy (percent) of the predictions, in the order of the test split, and their records:
     exact match after the reference normalisation."""
-    targets, indices = list(data.test["target"]), list(data.test["index"])
+    targets, indices = data.test_columns["target"], data.test_columns["index"]
     records = []
     correct = 0
     for i, (pred, gold) in enumerate(zip(predictions, targets)):
