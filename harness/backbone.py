@@ -146,7 +146,7 @@ def _train_tokenizer(texts: list[str], vocab_size: int,
                                   initial_alphabet=[chr(c) for c in range(33, 127)],
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
-    tok.add_tokens([AddedToken(phrase, lstrip=True, rstrip=True, normalized=True) for phrase in phrases])
+    tok.add_tokens([AddedToken(p, lstrip=True, rstrip=True, normalized=True) for p in phrases])
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
@@ -175,7 +175,8 @@ def pretrain(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBa
     model.eval()
 
 
-def embedded_backbone_dir(corpus: list[str], spec: EmbeddedSpec, phrases: tuple[str, ...] = ()) -> Path:
+def embedded_backbone_dir(corpus: list[str], spec: EmbeddedSpec,
+                          phrases: tuple[str, ...] = ()) -> Path:
     """Build (once) and return the folder of the embedded default for this corpus, spec and the
     phrases its tokenizer keeps whole (`_train_tokenizer`).
 

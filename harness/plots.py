@@ -280,15 +280,15 @@ def draw_all(results: Path, out_dir: Path, profile: str | None = None,
     figures = [("forgetting", label, forgetting_curves,
                 (group, out_dir / "forgetting" / f"{prof}-{_file_name(label)}-{sequence}", formats))
                for (prof, label, sequence), group in sorted(curves.items()) if "forgetting" in kinds]
-    figures += [("heatmap", s.label, accuracy_heatmap,
-                 (s, out_dir / "heatmaps" / f"{s.profile}-{_file_name(s.label)}-{s.sequence}-seed{s.seed}",
-                  formats)) for s in summaries if "heatmap" in kinds]
+    figures += [("heatmap", s.label, accuracy_heatmap, (s, out_dir / "heatmaps" / (
+                    f"{s.profile}-{_file_name(s.label)}-{s.sequence}-seed{s.seed}"), formats))
+                for s in summaries if "heatmap" in kinds]
     drawn = _drawn([(draw, args) for _, _, draw, args in figures])
     for (kind, label, _, _), paths in zip(figures, drawn):
         yield kind, label, paths
 
 
-PER_PROCESS = 16  # figures worth a process of their own (starting one, imports included, is ~2 s)
+PER_PROCESS = 16  # figures worth a process of their own (one starts in seconds, imports included)
 
 
 def _drawn(figures: list[tuple]) -> Iterator[list[Path]]:

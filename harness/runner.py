@@ -136,8 +136,8 @@ class Runner:
             return str(resolve_model(model))
         # One backbone per machine and setting, whatever the data folder: the tokenizer is trained
         # on the synthetic generator's own text, as a pretrained model's is on its own corpus.
-        return str(embedded_backbone_dir(tokenizer_corpus(), EmbeddedSpec.from_dict(self.profile.embedded),
-                                         tokenizer_phrases()))
+        spec = EmbeddedSpec.from_dict(self.profile.embedded)
+        return str(embedded_backbone_dir(tokenizer_corpus(), spec, tokenizer_phrases()))
 
     def create_method(self, name: str):
         """The method plugin, refused early if the DeepSpeed config partitions what it needs."""

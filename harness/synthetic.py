@@ -409,7 +409,7 @@ def pretraining_examples(seed: int, n_tasks: int = 48):
 def tokenizer_phrases() -> tuple[str, ...]:
     """What the embedded tokenizer keeps as one piece each: the instructions. Each is the same in
     every example of its task type, so it tells the model only which type the task is, as one
-    piece does; word by word it was 10-13 pieces, a quarter of an input (as the "Task:" and
+    piece does; word by word it was 10-14 pieces, a quarter of an input (as the "Task:" and
     "Dataset:" prefixes are pieces of their own, see below). The option lists stay words: reading
     an option and writing it back is what the pretraining teaches."""
     return tuple(text.strip() for text in INSTRUCTIONS.values())

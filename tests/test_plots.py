@@ -2,6 +2,8 @@
 cells and joint runs handled, and the AA chart's confidence intervals around the mean."""
 
 import json
+import os
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -142,3 +144,20 @@ def test_heatmap_draws_the_format_matrix_beside_r_when_the_run_has_one(tmp_path)
     widths = [Image.open(plots.accuracy_heatmap(s, tmp_path / name)[0]).size[0]
               for s, name in ((plain, "r"), (with_format, "ro"))]
     assert widths[1] > 1.7 * widths[0]  # two panels
+
+
+def test_figures_drawn_side_by_side_are_those_drawn_in_one_process(tree, tmp_path, monkeypatch):
+    """Above `PER_PROCESS` figures a process each, they are drawn in a pool of processes; the
+    same figures come back in the same order, with the same pixels."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    serial = list(plots.draw_all(tree, tmp_path / "one", formats={".png": 50}))
+    monkeypatch.setattr(plots, "PER_PROCESS", 4)  # 21 figures: two processes
+    pools = []
+    monkeypatch.setattr(plots, "ProcessPoolExecutor",
+                        lambda *a, **k: pools.append(a) or ProcessPoolExecutor(*a, **k))
+    pooled = list(plots.draw_all(tree, tmp_path / "pool", formats={".png": 50}))
+    assert [a[0] for a in pools] == [2]
+    assert [(k, m, [p.relative_to(tmp_path / "pool") for p in ps]) for k, m, ps in pooled] == \
+        [(k, m, [p.relative_to(tmp_path / "one") for p in ps]) for k, m, ps in serial]
+    for (_, _, a), (_, _, b) in zip(serial, pooled):
+        assert a[0].read_bytes() == b[0].read_bytes()
