@@ -44,9 +44,13 @@ class Factors:
     def __init__(self, weight: torch.Tensor, k: int):
         U, S, Vt = torch.linalg.svd(weight.detach().float(), full_matrices=False)
         self.U_h, self.S_h, self.V_h = U[:, :k], S[:k], Vt[:k]
-        self.U_l = torch.nn.Parameter(U[:, k:].clone())
+        # LAPACK returns U and Vt column-major; the trained factors are made row-major, as the
+        # gradients `take_gradient` writes are: a fused AdamW pairs a parameter's elements with
+        # its gradient's by memory order, so a layout mismatch would update the wrong entries.
+        row_major = torch.contiguous_format
+        self.U_l = torch.nn.Parameter(U[:, k:].clone(memory_format=row_major))
         self.S_l = torch.nn.Parameter(S[k:].clone())
-        self.V_l = torch.nn.Parameter(Vt[k:].clone())
+        self.V_l = torch.nn.Parameter(Vt[k:].clone(memory_format=row_major))
 
     def params(self) -> list[torch.nn.Parameter]:
         return [self.U_l, self.S_l, self.V_l]

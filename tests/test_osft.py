@@ -56,6 +56,21 @@ def test_after_a_step_the_update_leaves_the_high_singular_triplets_as_they_were(
     assert_small(dW @ f.V_h.T, ops=6 * 12, scale=scale)
 
 
+def test_a_fused_adamw_step_moves_each_factor_entry_by_its_own_gradient():
+    """The harness's AdamW is fused (one kernel over memory) when the parameters are row-major;
+    the factors' gradients are written as new row-major tensors, so the factors must be too, or a
+    fused step pairs entries with other entries' gradients (LAPACK's U and Vt are column-major)."""
+    _, fused, G = fixed()
+    _, plain, _ = fixed()
+    assert all(p.is_contiguous() for p in fused.params())
+    for f, kind in ((fused, True), (plain, False)):
+        f.take_gradient(G)
+        torch.optim.AdamW(f.params(), lr=0.05, fused=kind).step()
+    for a, b in zip(fused.params(), plain.params()):
+        # one AdamW update: a handful of element-wise operations on each entry
+        assert_close(a.detach(), b.detach(), ops=8)
+
+
 def test_the_protected_share_grows_from_nothing_to_max_fraction(synthetic_dir):
     """k = floor(f_t min(m, n)) with f_t = max_fraction t / (T - 1): the first task is plain full
     fine-tuning, the last protects max_fraction of every targeted matrix."""
