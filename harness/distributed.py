@@ -211,6 +211,7 @@ class EngineStep:
                  config: dict[str, Any], world: World):
         import deepspeed
 
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self._clip_as_one_process(float(config.get("gradient_clipping", 0.0)), world)
 

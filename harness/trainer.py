@@ -299,9 +299,19 @@ def _train_step(ctx: Context, method: Method, batcher: Batcher, stepper, rows: l
     closure = _closure(ctx, method, stepper, micro, parts, partial(_micro_batches, batcher, s=s))
     with meter.step(batch_shape(batch for batch, _, _ in micro)):
         loss = method.step(ctx, closure).detach()
+    match_layouts(stepper.params)
     stepper.step()
     method.after_step(ctx)
     return loss, parts
+
+
+def match_layouts(params: list[torch.nn.Parameter]) -> None:
+    """Give each gradient its parameter's memory layout. Autograd writes them so; a method that
+    writes `.grad` itself may not (a row-major gradient for a column-major slice of an SVD), and a
+    fused optimizer pairs a parameter's entries with its gradient's by memory order."""
+    for p in params:
+        if p.grad is not None and p.grad.stride() != p.stride():
+            p.grad = torch.empty_like(p).copy_(p.grad)
 
 
 def _restore(checkpoints: StepCheckpoints | None, method: Method, params, stepper) -> list:

@@ -45,8 +45,8 @@ class Factors:
         U, S, Vt = torch.linalg.svd(weight.detach().float(), full_matrices=False)
         self.U_h, self.S_h, self.V_h = U[:, :k], S[:k], Vt[:k]
         # LAPACK returns U and Vt column-major; the trained factors are made row-major, as the
-        # gradients `take_gradient` writes are: a fused AdamW pairs a parameter's elements with
-        # its gradient's by memory order, so a layout mismatch would update the wrong entries.
+        # gradients `take_gradient` writes are (a fused AdamW pairs entries by memory order: the
+        # trainer would otherwise copy each gradient into its factor's layout at every step).
         row_major = torch.contiguous_format
         self.U_l = torch.nn.Parameter(U[:, k:].clone(memory_format=row_major))
         self.S_l = torch.nn.Parameter(S[k:].clone())

@@ -58,8 +58,9 @@ def test_after_a_step_the_update_leaves_the_high_singular_triplets_as_they_were(
 
 def test_a_fused_adamw_step_moves_each_factor_entry_by_its_own_gradient():
     """The harness's AdamW is fused (one kernel over memory) when the parameters are row-major;
-    the factors' gradients are written as new row-major tensors, so the factors must be too, or a
-    fused step pairs entries with other entries' gradients (LAPACK's U and Vt are column-major)."""
+    the factors' gradients are written as new row-major tensors, so the factors are row-major too
+    (LAPACK's U and Vt are column-major), and a fused step, pairing entries by memory order, moves
+    each entry by its own gradient with no copy."""
     _, fused, G = fixed()
     _, plain, _ = fixed()
     assert all(p.is_contiguous() for p in fused.params())

@@ -1,11 +1,13 @@
 """The batches of an epoch (harness.trainer.epoch_steps): plain slices of the shuffle, or grouped
 by length as HF's group_by_length, with every example exactly once; and how a step's micro-batches
-are shared among ranks (rank_micro_batches)."""
+are shared among ranks (rank_micro_batches); each gradient in its parameter's layout before a
+step (match_layouts)."""
 
 import pytest
 import torch
 
-from harness.trainer import epoch_steps, rank_micro_batches
+from harness.trainer import epoch_steps, match_layouts, rank_micro_batches
+from tests.tolerance import assert_close
 
 
 def test_without_lengths_the_steps_are_consecutive_slices():
@@ -106,3 +108,22 @@ def test_hooks_see_the_rows_of_each_micro_batch_with_the_columns_training_data_a
         assert all(train["source"][r["mark"]] == r["source"] for r in rows if "mark" in r)
     assert [rows for rows, _ in seen if "mark" not in rows[0]] == \
         [[{"source": "an extra pass", "target": "World"}]] * 3  # one per step
+
+
+def test_a_gradient_written_in_another_layout_steps_its_own_entries():
+    """A method may write `.grad` as a new row-major tensor for a column-major parameter (OSFT's
+    SVD factors were such); the fused AdamW pairs entries by memory order, so the trainer gives
+    each gradient its parameter's layout first (`match_layouts`), and the fused step then equals
+    the plain one."""
+    base = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
+    grad = torch.randn(5, 7, generator=torch.Generator().manual_seed(1))
+    stepped = []
+    for fused in (True, False):
+        p = torch.nn.Parameter(base.T.contiguous().T)  # column-major, as LAPACK returns U
+        p.grad = grad.clone()  # row-major
+        match_layouts([p])
+        assert p.grad.stride() == p.stride() and torch.equal(p.grad, grad)
+        torch.optim.AdamW([p], lr=0.1, fused=fused).step()
+        stepped.append(p.detach())
+    # one AdamW update: a handful of element-wise roundings on each entry of magnitude ~|base|
+    assert_close(stepped[0], stepped[1], ops=8)
