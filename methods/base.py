@@ -191,8 +191,9 @@ class Method:
     def make_optimizer(self, ctx: Context, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         """A fresh optimizer per stage, as in the reference code (Adam moments reset per task).
         The fused AdamW (one kernel for every parameter instead of several per tensor) when every
-        parameter is row-major: it pairs a parameter's elements with its gradient's and moments'
-        by memory order, and a gradient a method writes itself (a new tensor) is row-major."""
+        parameter is row-major: it pairs a parameter's entries with its moments' by memory order,
+        and moments read back from a step checkpoint are row-major (the trainer gives gradients
+        their parameter's layout, `harness.trainer.match_layouts`)."""
         return torch.optim.AdamW(params, lr=float(self.config["lr"]), betas=(0.9, 0.999), eps=1e-8,
                                  weight_decay=float(self.config.get("weight_decay", 0.0)),
                                  fused=all(p.is_contiguous() for p in params) or None)
