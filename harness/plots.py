@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import math
 import multiprocessing
-import os
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from harness.errors import HarnessError
+from harness.machine import usable_cores
 from harness.rows import method_key
 from harness.stats import describe
 from harness.summary import TUNED, Summary, read_summaries
@@ -294,7 +294,7 @@ PER_PROCESS = 16  # figures worth a process of their own (one starts in seconds,
 def _drawn(figures: list[tuple]) -> Iterator[list[Path]]:
     """Each (draw, args)'s paths, in order; side by side on the machine's cores when there are
     many (matplotlib draws on one core: the 120 runs of `make run` made 19 s of figures)."""
-    workers = min(os.cpu_count() or 1, len(figures) // PER_PROCESS)
+    workers = min(usable_cores(), len(figures) // PER_PROCESS)
     if workers < 2:
         yield from (draw(*args) for draw, args in figures)
         return

@@ -13,6 +13,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from harness.machine import usable_cores
 from harness.store import RunSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,7 +49,7 @@ def expand(methods: list[str], sequences: list[tuple[int | None, tuple[str, ...]
 
 
 def threads_per_job(jobs: int) -> int:
-    return max(1, (os.cpu_count() or 1) // jobs)
+    return max(1, usable_cores() // jobs)
 
 
 def auto_jobs(runs: int, world) -> int:
@@ -63,7 +64,7 @@ def auto_jobs(runs: int, world) -> int:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         free = 1 << 62
-    return max(1, min(os.cpu_count() or 1, runs, int(free // (1.5 * 2**30))))
+    return max(1, min(usable_cores(), runs, int(free // (1.5 * 2**30))))
 
 
 def without(argv: list[str], options: tuple[str, ...], flags: tuple[str, ...] = ()) -> list[str]:

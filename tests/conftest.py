@@ -13,7 +13,9 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     import torch
 
-    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    from harness.machine import usable_cores
+
+    _THREADS = max(1, usable_cores() // _WORKERS)
     torch.set_num_threads(_THREADS)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_THREADS)
 

@@ -149,7 +149,7 @@ def test_heatmap_draws_the_format_matrix_beside_r_when_the_run_has_one(tmp_path)
 def test_figures_drawn_side_by_side_are_those_drawn_in_one_process(tree, tmp_path, monkeypatch):
     """Above `PER_PROCESS` figures a process each, they are drawn in a pool of processes; the
     same figures come back in the same order, with the same pixels."""
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     serial = list(plots.draw_all(tree, tmp_path / "one", formats={".png": 50}))
     monkeypatch.setattr(plots, "PER_PROCESS", 4)  # 21 figures: two processes
     pools = []

@@ -9,6 +9,7 @@ import torch
 
 from harness.backbone import load_backbone
 from harness.cli import main
+from harness.machine import usable_cores
 from harness.metrics import normalize
 from harness.textio import Batcher
 
@@ -258,7 +259,7 @@ def test_jobs_run_the_sweep_in_parallel_processes_with_divided_threads(synthetic
     # The sweep order is sequence, method, seed: runs 0 and 2 are seqlora seed0 and inclora seed0.
     assert runs == [("inclora", "seed0"), ("seqlora", "seed0")]
     threads = {json.loads(p.read_text())["threads"] for p in summaries}
-    assert threads == {max(1, (os.cpu_count() or 1) // 2)}
+    assert threads == {max(1, usable_cores() // 2)}
 
 
 def test_eval_scope_seen_next_keeps_every_table_metric(synthetic_dir, tmp_path):
@@ -335,6 +336,8 @@ def test_base_row_is_the_untouched_backbone_evaluated_once_per_sweep(synthetic_d
 
 
 def test_auto_jobs_is_one_process_per_core_on_a_cpu_sweep(monkeypatch):
+    """One process per core this process may use (its affinity: a Slurm allocation of 4 cores on a
+    64-core node is 4), at most one per 1.5 GiB of free memory, one with a GPU."""
     import os
 
     import torch
@@ -342,7 +345,8 @@ def test_auto_jobs_is_one_process_per_core_on_a_cpu_sweep(monkeypatch):
     from harness.sweep import auto_jobs
     from harness.distributed import SINGLE
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
     monkeypatch.setattr(os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 2**20,
                                                      "SC_PAGE_SIZE": 2**12}[name])  # 4 GiB free
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
