@@ -292,8 +292,9 @@ PER_PROCESS = 16  # figures worth a process of their own (one starts in seconds,
 
 
 def _drawn(figures: list[tuple]) -> Iterator[list[Path]]:
-    """Each (draw, args)'s paths, in order; side by side on the machine's cores when there are
-    many (matplotlib draws on one core: the 120 runs of `make run` made 19 s of figures)."""
+    """Each (draw, args)'s paths, in order; side by side on the cores this process may use when
+    there are many (matplotlib draws on one core: the 120 runs of `make run` made 19 s of
+    figures)."""
     workers = min(usable_cores(), len(figures) // PER_PROCESS)
     if workers < 2:
         yield from (draw(*args) for draw, args in figures)
