@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from harness.errors import HarnessError
-from harness.machine import usable_cores
+from harness.machine import cores_each
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "ds_configs"
 
@@ -103,7 +103,7 @@ def init_world() -> World:
     else:  # ranks on one machine share its cores; more threads than cores only slows every rank
         local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 0)) or
                          dist.get_world_size())
-        torch.set_num_threads(max(1, usable_cores() // max(1, local_size)))
+        torch.set_num_threads(cores_each(local_size))
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank,
                  engine=True)
 

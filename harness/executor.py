@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harness.errors import HarnessError
-from harness.machine import usable_cores
+from harness.machine import cores_each
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.sweep import SweepPlan
@@ -152,7 +152,7 @@ def submit(kind: str, plan: "SweepPlan", params: dict, results: Path, where: str
         threads = params.get("cpus_per_task", 1)
     else:  # the cores divided between the tasks that run at once
         at_once = min(runs, params.get("slurm_array_parallelism", runs))
-        threads = max(1, usable_cores() // max(1, at_once))
+        threads = cores_each(at_once)
     executor = submitit.AutoExecutor(folder=Path(results).resolve() / "slurm" / "%j", cluster=kind)
     executor.update_parameters(name="harness", **params)
     try:

@@ -13,3 +13,8 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0)) or 1
     except AttributeError:  # no affinity call on this platform (macOS, Windows)
         return os.cpu_count() or 1
+
+
+def cores_each(processes: int) -> int:
+    """The threads each of `processes` processes sharing this process's cores gets (at least 1)."""
+    return max(1, usable_cores() // max(1, processes))

@@ -13,7 +13,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from harness.machine import usable_cores
+from harness.machine import cores_each, usable_cores
 from harness.store import RunSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,10 +46,6 @@ def expand(methods: list[str], sequences: list[tuple[int | None, tuple[str, ...]
         index, count = shard
         specs = specs[index::count]
     return specs
-
-
-def threads_per_job(jobs: int) -> int:
-    return max(1, usable_cores() // jobs)
 
 
 def auto_jobs(runs: int, world) -> int:
@@ -129,7 +125,7 @@ def run_in_jobs(plan: SweepPlan, jobs: int, *, progress: bool) -> int:
     the one that was running resumes from its last complete stage (at most `RESTARTS` times)."""
     from tqdm.auto import tqdm
 
-    threads = threads_per_job(jobs)
+    threads = cores_each(jobs)
     plan = replace(plan, options=replace(plan.options, progress=False))  # one bar, here
     start, left, failed = time.perf_counter(), longest_first(list(range(len(plan.specs))), plan), 0
     bar = tqdm(total=len(plan.specs), desc="runs", unit="run", disable=not progress)

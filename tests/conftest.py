@@ -13,9 +13,9 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     import torch
 
-    from harness.machine import usable_cores
+    from harness.machine import cores_each
 
-    _THREADS = max(1, usable_cores() // _WORKERS)
+    _THREADS = cores_each(_WORKERS)
     torch.set_num_threads(_THREADS)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_THREADS)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from harness.cli.common import (int_list, jobs_arg, positive, quiet_transformers, run_options,
                                 setup_arguments, shard_arg, str_list, task_sequences)
 from harness.errors import HarnessError
+from harness.machine import cores_each
 
 
 def add_arguments(sub) -> None:
@@ -160,7 +161,7 @@ def _carry_out(args, runner, plan, world) -> int:
     jobs = args.jobs if args.jobs != "auto" else sweep.auto_jobs(len(specs), world)
     if world.main:
         ranks = f"; {world.size} DeepSpeed rank(s)" if world.engine else ""
-        split = f" ({jobs} jobs x {sweep.threads_per_job(jobs)} thread(s))" if jobs > 1 else ""
+        split = f" ({jobs} jobs x {cores_each(jobs)} thread(s))" if jobs > 1 else ""
         print(f"benchmark: {runner.data_kind} ({runner.data_dir}); profile: {args.profile}{ranks}; "
               f"{len(specs)} run(s){split} -> {args.results}", flush=True)
     if jobs > 1:
