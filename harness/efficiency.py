@@ -109,6 +109,13 @@ def batch_shape(batches) -> tuple:
 # FLOPs counted in this process, by (computation, batch shape): a job process that runs many
 # runs counts each shape of each computation once.
 _counted: dict[tuple, float] = {}
+_counting = False  # a step is being counted now
+
+
+def counting() -> bool:
+    """Whether this process is counting a step now: its operations run under a dispatch mode,
+    which torch.compile does not trace (and a frame it declined once stays uncompiled)."""
+    return _counting
 
 
 def computation_key(method_name: str, model: torch.nn.Module, trainable) -> tuple:
@@ -138,8 +145,13 @@ class FlopMeter:
             return
         from torch.utils.flop_counter import FlopCounterMode
 
-        with FlopCounterMode(display=False) as counter:
-            yield
+        global _counting
+        _counting = True
+        try:
+            with FlopCounterMode(display=False) as counter:
+                yield
+        finally:
+            _counting = False
         _counted[key] = float(counter.get_total_flops())
         self.total += _counted[key]
 

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from harness import faults
 from harness.checkpoints import Preemption, StepCheckpoints
-from harness.efficiency import FlopMeter, batch_shape, computation_key
+from harness.efficiency import FlopMeter, batch_shape, computation_key, counting
 from harness.grad_norm import clip_
 from harness.distributed import SINGLE, World
 from harness.textio import Batcher
@@ -46,10 +46,13 @@ class LocalStep:
         self.call = torch.compile(model, backend=compile_backend) if compile_backend else model
 
     def forward(self, batch: dict):
+        # A counted step runs the plain forward: the first call of a compiled one under the FLOP
+        # counter's dispatch mode would leave it uncompiled for good.
+        call = self.model if counting() else self.call
         if self.autocast:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                return self.call(**batch)
-        return self.call(**batch)
+                return call(**batch)
+        return call(**batch)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         loss.backward()
