@@ -43,6 +43,8 @@ class Profile:
     group_by_length: bool = False    # training batches of similar length (less padding)
     padding_free: bool = False       # causal models: a step's rows packed into one, no padding
     compile: str = ""                # torch.compile backend of the training forward ("": none)
+    pad_to_multiple_of: int = 0      # training batches padded to a multiple of this many tokens
+                                     # (a bounded set of shapes, for compile); 0: to the longest row
     deepspeed_config: str = "zero2"  # a shipped config (zero0/zero1/zero2) or a JSON file
     # A step checkpoint every that many optimizer steps (0: only on a preemption signal); it
     # changes no result (a resumed stage is bitwise the uninterrupted one), so it is no part of a
@@ -56,7 +58,7 @@ class Profile:
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
                if k != "checkpoint_every"}
         out["overrides"] = [o for o in self.overrides if not o.startswith(f"{RESULT_FREE}=")]
-        for key in ("group_by_length", "padding_free", "compile"):
+        for key in ("group_by_length", "padding_free", "compile", "pad_to_multiple_of"):
             if not out[key]:  # so that runs made before the setting existed keep their fingerprint
                 del out[key]
         return out
@@ -89,7 +91,7 @@ _OPTIONAL = {
     "data": ("train_per_task", "test_per_task", "seed"),
     "train": ("grad_accum", "max_grad_norm", "max_source_length", "max_target_length", "bf16",
               "gradient_checkpointing", "group_by_length", "padding_free", "compile",
-              "checkpoint_every"),
+              "pad_to_multiple_of", "checkpoint_every"),
     "eval": ("batch_size", "max_new_tokens"),
     "deepspeed": ("config",),
     "embedded": ("pretrain_steps", "pretrain_batch", "pretrain_lr"),  # harness.backbone.EmbeddedSpec
@@ -139,6 +141,7 @@ def load_profile(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Prof
             group_by_length=train.get("group_by_length", False),
             padding_free=train.get("padding_free", False),
             compile=train.get("compile", ""),
+            pad_to_multiple_of=train.get("pad_to_multiple_of", 0),
             checkpoint_every=train.get("checkpoint_every", 0),
             deepspeed_config=raw["deepspeed"].get("config", "zero2"),
             lora=raw.get("lora", {}), embedded=raw.get("embedded", {}),
@@ -170,10 +173,11 @@ def _validate(profile: Profile, where: str) -> None:
     for key in ("batch_size", "grad_accum", "epochs", "eval_batch_size", "max_new_tokens",
                 "max_source_length", "max_target_length"):
         positive_int(key, getattr(profile, key))
-    if isinstance(profile.checkpoint_every, bool) or not isinstance(profile.checkpoint_every, int) \
-            or profile.checkpoint_every < 0:
-        raise HarnessError(f"{where}: checkpoint_every must be an integer >= 0 (0 = only on a "
-                           f"preemption signal), got {profile.checkpoint_every!r}")
+    for key, zero in (("checkpoint_every", "only on a preemption signal"),
+                      ("pad_to_multiple_of", "to the longest row")):
+        value = getattr(profile, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise HarnessError(f"{where}: {key} must be an integer >= 0 (0 = {zero}), got {value!r}")
     for key in ("train_per_task", "test_per_task"):
         if getattr(profile, key) is not None:
             positive_int(key, getattr(profile, key))

@@ -343,7 +343,7 @@ class Runner:
             backbone.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         batcher = Batcher(backbone, self.profile.max_source_length, self.profile.max_target_length,
-                          device=device)
+                          device=device, pad_to_multiple_of=self.profile.pad_to_multiple_of)
         return Context(model=backbone.model, backbone=backbone, tasks=tasks, data=data,
                        profile=self.profile, seed=spec.seed, order=spec.order, batcher=batcher,
                        device=device)

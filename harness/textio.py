@@ -25,8 +25,14 @@ class Batcher:
     """
 
     def __init__(self, backbone: Backbone, max_source_length: int, max_target_length: int,
-                 device: torch.device | None = None, head_at_labels: bool = True):
+                 device: torch.device | None = None, head_at_labels: bool = True,
+                 pad_to_multiple_of: int = 0):
         self.device = device or torch.device("cpu")  # where the batches go (the model's device)
+        # Training batches padded to a multiple of this many tokens (0: to the longest row): the
+        # widths a stage's steps take are then few, which a compiled step needs (a new shape
+        # retraces it; a CUDA graph is recorded per shape). Masked, the extra padding changes
+        # nothing but rounding; evaluation batches stay as they are.
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.tok = backbone.tokenizer
         self.is_seq2seq = backbone.is_seq2seq
         self.max_source_length = max_source_length
@@ -53,8 +59,11 @@ class Batcher:
             else dict(add_special_tokens=False)
         return [len(ids) for ids in self._ids(sources, **kwargs)]
 
-    def _pad(self, rows: list[list[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pad(self, rows: list[list[int]], value: int, left: bool = False,
+             multiple: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(map(len, rows))
+        if multiple > 1:
+            width = -(-width // multiple) * multiple
         fill = [[value] * (width - len(r)) for r in rows]
         ids = [f + r if left else r + f for r, f in zip(rows, fill)]
         mask = [[0] * len(f) + [1] * len(r) if left else [1] * len(r) + [0] * len(f)
@@ -117,27 +126,28 @@ class Batcher:
 
     def _train_batch(self, sources: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
         """Labels are the target tokens (+ EOS); pad positions are -100 so the loss ignores them."""
+        m = self.pad_to_multiple_of
         if self.is_seq2seq:
             input_ids, mask = self._pad(self._ids(sources, max_length=self.max_source_length,
-                                                  truncation=True), self.tok.pad_token_id)
+                                                  truncation=True), self.tok.pad_token_id, multiple=m)
             labels, _ = self._pad(self._ids(targets, target=True, max_length=self.max_target_length,
-                                            truncation=True), -100)
+                                            truncation=True), -100, multiple=m)
             return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
         # Causal: BOS + source + label + EOS, loss on the label and EOS only.
         rows, label_rows = self._causal_rows(sources, targets)
         if not self.head_at_labels:
-            input_ids, mask = self._pad(rows, self.tok.pad_token_id)
+            input_ids, mask = self._pad(rows, self.tok.pad_token_id, multiple=m)
             labels, _ = self._pad([[-100] * (len(r) - len(t)) + t for r, t in zip(rows, label_rows)],
-                                  -100)
+                                  -100, multiple=m)
             return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
         # The language-model head only where the loss reads it: padded on the left, every row ends
         # at the last column, so the labels sit in the last K columns and the logits that predict
         # them in the K + 1 before the end. transformers computes just those (`logits_to_keep`), and
         # its loss shifts the K + 1 kept labels as it would the whole row. Position ids count real
         # tokens only, so each row is computed as it would be unpadded.
-        input_ids, mask = self._pad(rows, self.tok.pad_token_id, left=True)
-        keep = max(map(len, label_rows)) + 1
-        labels, _ = self._pad(label_rows, -100, left=True)
+        input_ids, mask = self._pad(rows, self.tok.pad_token_id, left=True, multiple=m)
+        labels, _ = self._pad(label_rows, -100, left=True, multiple=m)
+        keep = min(labels.shape[1] + 1, input_ids.shape[1])
         labels = torch.cat([torch.full((len(rows), keep - labels.shape[1]), -100), labels], dim=1)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
                 "position_ids": position_ids(mask), "logits_to_keep": keep}

@@ -130,7 +130,8 @@ class LFPT5(Method):
         # The LM target holds a whole example (the reference allows it twice the input length).
         self.lm_batcher = Batcher(ctx.backbone, b.max_source_length,
                                   b.max_source_length + b.max_target_length, b.device,
-                                  head_at_labels=b.head_at_labels)
+                                  head_at_labels=b.head_at_labels,
+                                  pad_to_multiple_of=b.pad_to_multiple_of)
 
     def initial_prompt(self, ctx: Context) -> torch.Tensor:
         """The reference's start: mean embeddings of the task description, the first task's name
