@@ -1,7 +1,7 @@
 """GPU rows: a T5-large-sized model with random weights on one GPU, side by side in one process.
 
     python benchmarks/gpu.py --data-dir path/to/CL_Benchmark [--train 1000] [--test 500]
-                             [--out benchmarks/RESULTS-gpu.md]
+                             [--parts train,eval,run] [--out benchmarks/RESULTS-gpu.md]
 
 The backbone is the embedded T5 built at T5-large's shape (24+24 layers, d_model 1024, d_ff 4096,
 16 heads; random weights, its tokenizer trained on the data), run with the `t5-large` profile:
@@ -14,6 +14,10 @@ Rows, each measured in this run on the same data, batches and seed:
   hence the achieved FLOP/s as a fraction of the GPU's peak dense bf16 FLOP/s;
 * evaluation samples/s (greedy generation, up to 50 new tokens) against Seq2SeqTrainer.predict,
   with the predictions compared;
+* with `--parts fastpaths`: the harness's own training step (`fit`, seqlora, bf16) with the
+  profile's fast paths, `train.compile` with each backend and `train.pad_to_multiple_of`
+  (`--fast-paths inductor@64,...`), at each of `--fast-batches`: ms per step after a first
+  epoch that compiles, and the share of peak from the FLOPs the fit counts itself;
 * the published throughput of the reference implementation on T5-large for comparison (16.4
   training samples/s and 89-109 evaluation samples/s, on 2 GPUs, from its logs).
 
@@ -236,6 +240,38 @@ class GpuBench:
         self.add(f"{method_name} {precision}: achieved FLOP/s ({flops / n / 1e9:.0f} GFLOP/sample), "
                  f"peak memory {memory:.1f} GiB", f"{flops / ours / 1e12:.1f} TFLOP/s", "", share)
 
+    def fastpath_rows(self, variants: list[str]) -> None:
+        """The harness's own step (`fit`: seqlora, bf16 autocast on a GPU, the profile's clipping)
+        with the profile's fast paths: each variant is `BACKEND@N`, `train.compile = BACKEND`
+        ("" or "plain": none) with `train.pad_to_multiple_of = N`. A variant trains the epoch
+        twice and the second is timed (the first compiles); its FLOPs are the fit's own count
+        (harness.efficiency), so the share of peak is what a run's summary would say."""
+        peak = peak_flops()
+        for variant in variants:
+            backend, _, multiple = variant.partition("@")
+            backend = "" if backend == "plain" else backend
+            ctx, method, batcher = self.context("seqlora", bf16=True)
+            batcher.pad_to_multiple_of = int(multiple or 0)
+            settings = FitSettings(batch_size=self.batch_size, max_grad_norm=ctx.profile.max_grad_norm,
+                                   seed=SEED, autocast=self.device.type == "cuda",
+                                   compile_backend=backend, progress=False)
+            start = time.perf_counter()
+            fit(ctx, method, batcher, settings)
+            sync()
+            warm_up = time.perf_counter() - start
+            result = fit(ctx, method, batcher, settings)
+            sync()
+            achieved = result.flops / result.seconds
+            share = f", {100 * achieved / peak:.1f}% of bf16 peak" if peak else ""
+            precision = "bf16" if settings.autocast else "fp32"
+            self.add(f"seqlora {precision}, batch {self.batch_size}, {backend or 'plain'}, pad to "
+                     f"{int(multiple or 0) or 'longest'}: ms/step (first epoch {warm_up:.0f} s)",
+                     f"{1000 * result.seconds / result.steps:.1f} ms", "",
+                     f"{achieved / 1e12:.2f} TFLOP/s{share}")
+            del ctx, method, batcher
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
     def eval_rows(self, bf16: bool) -> None:
         from harness.evaluator import normalize
 
@@ -303,7 +339,11 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=500, help="test examples")
     parser.add_argument("--task", default="agnews")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (to try the script on CPU)")
-    parser.add_argument("--parts", default="train,eval,run")
+    parser.add_argument("--parts", default="train,eval,run",
+                        help="of train, batch64, fastpaths, eval, run")
+    parser.add_argument("--fast-paths", default="plain@0,inductor@64,cudagraphs@64",
+                        help="fastpaths part: BACKEND@N variants (train.compile, pad_to_multiple_of)")
+    parser.add_argument("--fast-batches", default="64,8", help="fastpaths part: batch sizes")
     parser.add_argument("--out", type=Path, help="write the table as Markdown to this file")
     parser.add_argument("--watchdog", type=float, default=0,
                         help="print every thread's stack every this many seconds (to see a hang)")
@@ -337,6 +377,11 @@ def main() -> None:
         bench.batch_size = 64
         bench.train_rows("seqlora", bf16=True, with_trainer=False)
         bench.batch_size = 8
+    if "fastpaths" in parts:
+        for batch in map(int, args.fast_batches.split(",")):
+            bench.batch_size = batch
+            bench.fastpath_rows(args.fast_paths.split(","))
+        bench.batch_size = 8
     if "eval" in parts:
         bench.eval_rows(bf16=False)
         bench.eval_rows(bf16=True)
@@ -349,8 +394,9 @@ def main() -> None:
     print("\n" + table)
     if args.out:
         args.out.write_text(
-            f"# GPU rows\n\n`python benchmarks/gpu.py --train {args.train} --test {args.test}` on "
-            f"{device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; T5-large shape, "
+            f"# GPU rows\n\n`python benchmarks/gpu.py {' '.join(sys.argv[1:])}` on "
+            f"{device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
+            f"{'a tiny' if args.tiny else 'the T5-large'} shape, "
             f"{params / 1e6:.0f}M parameters, random weights; {args.task} from CL_Benchmark; "
             f"{time.perf_counter() - start:.0f} s in all. {REFERENCE}.\n\n{table}\n")
 

@@ -32,3 +32,15 @@ def test_fast_path_script_runs_a_causal_shape(tmp_path):
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [(r["variant"], r["batch"]) for r in rows] == [("eager fp32", 2)]
     assert rows[0]["tflops"] > 0
+
+
+def test_gpu_script_times_the_harness_step_with_each_fast_path(tmp_path, synthetic_dir):
+    out = tmp_path / "gpu.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--data-dir",
+                    str(synthetic_dir), "--tiny", "--train", "16", "--test", "8", "--parts",
+                    "fastpaths", "--fast-paths", "plain@0,aot_eager@8", "--fast-batches", "4",
+                    "--out", str(out)], check=True, capture_output=True)
+    text = out.read_text()
+    assert "| seqlora fp32, batch 4, plain, pad to longest: ms/step" in text
+    assert "| seqlora fp32, batch 4, aot_eager, pad to 8: ms/step" in text
+    assert text.count("TFLOP/s |") == 2  # the fit's own FLOP count, over its time
