@@ -38,19 +38,39 @@ def _all_reduce(value: torch.Tensor, world: Any, op: str) -> torch.Tensor:
     return value
 
 
-def _chunks(grads: list[torch.Tensor], size: int = 1 << 24):
-    """The entries of `grads` as flat float64 tensors of at most `size` entries: a few large
-    operations instead of several per tensor (any split gives the same norm)."""
-    pieces, count = [], 0
+# The CPU's work buffers, kept between steps: a fresh buffer of a few MB per step is returned to
+# the kernel and faulted in again, which cost more than the arithmetic on it (3x, measured on the
+# embedded default's full fine-tuning). A GPU's caching allocator already keeps its memory.
+_work: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _buffers(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two float64 buffers of `size` entries (kept on the CPU, grown as needed)."""
+    if device.type != "cpu":
+        return tuple(torch.empty(size, dtype=torch.float64, device=device) for _ in range(2))
+    kept = _work.get(device)
+    if kept is None or kept[0].numel() < size:
+        kept = _work[device] = tuple(torch.empty(size, dtype=torch.float64) for _ in range(2))
+    return kept[0][:size], kept[1][:size]
+
+
+def _chunks(grads: list[torch.Tensor], size: int | None = None):
+    """The entries of `grads` as flat float64 tensors of at most `size` entries (4M on the CPU,
+    whose two kept buffers then hold 64 MB at most; 16M on a GPU), each with a scratch tensor of
+    its size: a few large operations instead of several per tensor (any split gives the same
+    norm)."""
+    size = size or (1 << 22 if grads[0].device.type == "cpu" else 1 << 24)
+    work, scratch = _buffers(min(size, sum(g.numel() for g in grads)), grads[0].device)
+    filled = 0
     for g in grads:
         for piece in g.detach().reshape(-1).split(size):
-            if pieces and count + piece.numel() > size:
-                yield torch.cat(pieces).double()
-                pieces, count = [], 0
-            pieces.append(piece.double())
-            count += piece.numel()
-    if pieces:
-        yield torch.cat(pieces)
+            if filled + piece.numel() > size:
+                yield work[:filled], scratch[:filled]
+                filled = 0
+            work[filled:filled + piece.numel()].copy_(piece)
+            filled += piece.numel()
+    if filled:
+        yield work[:filled], scratch[:filled]
 
 
 def global_norm(grads: list[torch.Tensor], world: Any = None) -> torch.Tensor:
@@ -59,8 +79,8 @@ def global_norm(grads: list[torch.Tensor], world: Any = None) -> torch.Tensor:
     split into tensors and ranks."""
     grads = [g for g in grads if g.numel()]
     device = grads[0].device if grads else torch.device("cpu")
-    largest = torch.stack([g.detach().abs().max() for g in grads]).max().double() ** 2 \
-        if grads else torch.zeros((), dtype=torch.float64, device=device)
+    largest = torch.stack([m for g in grads for m in torch.aminmax(g.detach())]).abs().max() \
+        .double() ** 2 if grads else torch.zeros((), dtype=torch.float64, device=device)
     count = torch.tensor(sum(g.numel() for g in grads), dtype=torch.float64, device=device)
     largest = float(_all_reduce(largest, world, "MAX"))
     count = int(_all_reduce(count, world, "SUM"))
@@ -71,9 +91,9 @@ def global_norm(grads: list[torch.Tensor], world: Any = None) -> torch.Tensor:
     coarse = BITS - spare - math.frexp(largest)[1]
     fine = BITS - spare  # the fraction the coarse part leaves, on a grid of 2^-fine
     parts = torch.zeros(2, dtype=torch.float64, device=device)
-    for x in _chunks(grads):  # scaling by a power of two, floor and the fraction are all exact
-        x = x.square_().mul_(2.0 ** coarse)
-        whole = x.floor()
+    for x, whole in _chunks(grads):  # scaling by a power of two, floor and fraction are exact
+        x.square_().mul_(2.0 ** coarse)
+        torch.floor(x, out=whole)
         parts += torch.stack([whole.sum(), x.sub_(whole).mul_(2.0 ** fine).floor_().sum()])
     coarse_sum, fine_sum = (float(v) for v in _all_reduce(parts, world, "SUM"))
     squared = math.ldexp(coarse_sum, -coarse) + math.ldexp(fine_sum, -coarse - fine)

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from harness import grad_norm
 from harness.grad_norm import clip_, clip_scale, global_norm
 from tests.tolerance import assert_close
 
@@ -24,6 +25,19 @@ def test_any_split_of_the_entries_gives_the_same_norm_to_the_bit():
         cuts = sorted(torch.randint(0, flat.numel(), (6,), generator=g).tolist())
         parts = [p for p in torch.tensor_split(shuffled, cuts) if p.numel()]
         assert torch.equal(global_norm(parts), whole)
+
+
+def test_chunks_of_any_size_give_the_same_norm_to_the_bit(monkeypatch):
+    # The entries are processed in chunks of a kept work buffer: pieces cut at a chunk's end, a
+    # tensor larger than a chunk, and the buffer reused by a smaller or larger call after it.
+    flat = entries()
+    whole = global_norm([flat])
+    parts = list(torch.tensor_split(flat, [3000, 3001, 9000]))
+    chunks = grad_norm._chunks
+    for size in (1000, 4096, 8713, 1 << 20):
+        monkeypatch.setattr(grad_norm, "_chunks", lambda grads, size=size: chunks(grads, size))
+        assert torch.equal(global_norm(parts), whole)
+        assert torch.equal(global_norm(parts[:2]), global_norm([flat[:3001]]))
 
 
 def test_the_norm_is_the_float32_rounding_of_the_exact_one():
