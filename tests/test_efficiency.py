@@ -10,7 +10,11 @@ import torch
 from harness import efficiency
 from harness.cli import main
 from harness.efficiency import PEAK_ENV, FlopMeter, device_peak, peak_from_environment
+from harness.backbone import load_backbone
 from harness.errors import HarnessError
+from harness.testing.kit import make_context
+from harness.textio import Batcher
+from tests.test_causal import llama_dir  # noqa: F401 (the fixture)
 
 IN, OUT = 4, 3
 
@@ -21,16 +25,14 @@ def linear_step(model, batch: int):
 
 
 def test_each_shape_is_counted_once_and_every_step_adds_its_count(monkeypatch):
-    from torch.utils import flop_counter
-
     entered = []
 
-    class Counting(flop_counter.FlopCounterMode):
+    class Counting(efficiency.FlopCount):
         def __enter__(self):
             entered.append(1)
             return super().__enter__()
 
-    monkeypatch.setattr(flop_counter, "FlopCounterMode", Counting)
+    monkeypatch.setattr(efficiency, "FlopCount", Counting)
     monkeypatch.setattr(efficiency, "_counted", {})
     model = torch.nn.Linear(IN, OUT, bias=False)
     meter = FlopMeter(("test", "Linear", IN * OUT, IN * OUT))
@@ -45,6 +47,33 @@ def test_each_shape_is_counted_once_and_every_step_adds_its_count(monkeypatch):
     with again.step((5,)):
         linear_step(model, 5)
     assert again.total == 4 * 5 * IN * OUT and len(entered) == 2
+
+
+def library_and_own_counts(model, batch) -> tuple[int, int]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = []
+    for counter in (FlopCounterMode(display=False), efficiency.FlopCount()):
+        model.zero_grad(set_to_none=True)
+        with counter:
+            model(**batch).loss.backward()
+        counts.append(counter.get_total_flops() if isinstance(counter, FlopCounterMode)
+                      else counter.total)
+    return counts[0], counts[1]
+
+
+def test_the_count_is_the_librarys_on_a_seq2seq_and_a_causal_step(synthetic_dir, llama_dir):
+    # FlopCount applies torch.utils.flop_counter's formulas without its per-module sharing out:
+    # the same total for a T5 with LoRA (forward, backward, attention) and a LLaMA.
+    ctx, method, batcher = make_context(synthetic_dir, "seqlora", tasks=("agnews",), n_train=8)
+    method.setup(ctx)
+    batch = batcher.train_batch(["a b c d e", "f g"], ["x", "y z"])
+    library, own = library_and_own_counts(ctx.model, batch)
+    assert own == library > 0
+    backbone = load_backbone(llama_dir)
+    causal = Batcher(backbone, 512, 50).train_batch(["a b c d e", "f g"], ["x", "y z"])
+    library, own = library_and_own_counts(backbone.model, causal)
+    assert own == library > 0
 
 
 def test_counting_changes_no_gradient(monkeypatch):
