@@ -2,6 +2,7 @@ import json
 import logging
 
 import pytest
+import torch
 
 from harness.benchmark import Task, load_benchmark
 from harness.data import build_source, load_instructions, load_task, stratified_sample
@@ -172,3 +173,25 @@ def test_a_dev_split_that_copies_test_is_detected_and_reported_once(tmp_path, sy
     assert len(notes) == 1 and "1 of 15 tasks (SST-2)" in notes[0] and "--eval-split heldout" in notes[0]
     if SHARED_DATA.is_dir():  # the real benchmark: every task's dev is its test
         assert len(data.dev_copies_test(SHARED_DATA, bench.tasks.values())) == 15
+
+
+def test_a_text_is_tokenised_once_per_process_for_a_tokenizer_and_bounds(synthetic_dir, monkeypatch):
+    # A sweep's job process runs many runs on the same tasks: a later run's batcher reuses the ids
+    # (the same batches), and one with other bounds tokenises afresh (truncation differs).
+    from harness import textio
+    from harness.testing.kit import make_context
+
+    monkeypatch.setattr(textio, "_token_ids", {})
+    ctx, _, _ = make_context(synthetic_dir, "seqlora", tasks=("agnews",), n_train=8)
+    calls = []
+    tok = ctx.backbone.tokenizer
+    original = type(tok).__call__
+    monkeypatch.setattr(type(tok), "__call__",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    sources, targets = ["one two three four", "five six"], ["x", "y z"]
+    first = textio.Batcher(ctx.backbone, 512, 50).train_batch(sources, targets)
+    assert len(calls) == 2  # sources, then targets
+    again = textio.Batcher(ctx.backbone, 512, 50).train_batch(sources, targets)
+    assert len(calls) == 2 and all(torch.equal(first[k], again[k]) for k in ("input_ids", "labels"))
+    short = textio.Batcher(ctx.backbone, 3, 50).train_batch(sources, targets)
+    assert len(calls) == 4 and short["input_ids"].shape[1] == 3
