@@ -38,9 +38,10 @@ def _all_reduce(value: torch.Tensor, world: Any, op: str) -> torch.Tensor:
     return value
 
 
-# The CPU's work buffers, kept between steps: a fresh buffer of a few MB per step is returned to
-# the kernel and faulted in again, which cost more than the arithmetic on it (3x, measured on the
-# embedded default's full fine-tuning). A GPU's caching allocator already keeps its memory.
+# The CPU's work buffers, kept between steps: a fresh buffer of a few MB is returned to the kernel
+# when freed and faulted in again at its next use, which cost more than the arithmetic on it (the
+# embedded default's full fine-tuning: 3.5 ms a step with fresh buffers, 1.5 ms with these). A
+# GPU's caching allocator already keeps its memory.
 _work: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
