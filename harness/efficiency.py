@@ -128,11 +128,13 @@ def computation_key(method_name: str, model: torch.nn.Module, trainable) -> tupl
 
 
 class FlopCount(TorchDispatchMode):
-    """The FLOPs of the operations run under it, by `torch.utils.flop_counter`'s formulas. Its
-    `FlopCounterMode` also gives each count to the modules it ran in (a hook on every module's
-    call and on every output's gradient), which made a counted step of the embedded default 4.5
-    times a plain one, against 2.5 times here: the same totals (tests/test_efficiency.py), the
-    sharing out skipped."""
+    """The FLOPs of the operations run under it, by `torch.utils.flop_counter`'s formulas, each
+    operation run as it is. The library's `FlopCounterMode` runs an operation it has no formula
+    for through its decomposition, whose rounding is not the kernel's (GainLoRA's SiLU gradient:
+    a counted step trained other weights than a plain one), and gives each count to the modules
+    it ran in (a hook on every module's call and output), which made a counted step of the
+    embedded default 4.5 times a plain one, against 2.5 times here. The same totals on the
+    harness's models (tests/test_efficiency.py)."""
 
     def __init__(self):
         super().__init__()

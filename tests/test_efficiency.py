@@ -12,7 +12,8 @@ from harness.cli import main
 from harness.efficiency import PEAK_ENV, FlopMeter, device_peak, peak_from_environment
 from harness.backbone import load_backbone
 from harness.errors import HarnessError
-from harness.testing.kit import make_context
+from harness.testing.kit import at_second_stage, make_context
+from harness.trainer import FitSettings, fit
 from harness.textio import Batcher
 from tests.test_causal import llama_dir  # noqa: F401 (the fixture)
 
@@ -74,6 +75,34 @@ def test_the_count_is_the_librarys_on_a_seq2seq_and_a_causal_step(synthetic_dir,
     causal = Batcher(backbone, 512, 50).train_batch(["a b c d e", "f g"], ["x", "y z"])
     library, own = library_and_own_counts(backbone.model, causal)
     assert own == library > 0
+
+
+class CountedAlready(dict):
+    """Every (computation, shape) counted already, at 0 FLOPs: a fit that counts nothing."""
+
+    def __contains__(self, key):
+        return True
+
+    def __getitem__(self, key):
+        return 0.0
+
+
+def test_a_counted_fit_trains_what_an_uncounted_one_trains(synthetic_dir, monkeypatch):
+    # The library's FlopCounterMode runs an operation it has no formula for through its
+    # decomposition: GainLoRA's gate then took SiLU's gradient from Python's reference formula,
+    # not the kernel, and a counted step trained other weights than a plain one.
+    def trained(counted: dict):
+        monkeypatch.setattr(efficiency, "_counted", counted)
+        ctx, method, batcher = at_second_stage(synthetic_dir, "gainlora", n_train=16)
+        result = fit(ctx, method, batcher, FitSettings(batch_size=8, epochs=1, seed=0,
+                                                       progress=False))
+        return result, {n: p.detach().clone() for n, p in ctx.model.named_parameters()
+                        if p.requires_grad}
+
+    counted, weights = trained({})
+    plain, plain_weights = trained(CountedAlready())
+    assert counted.flops > 0 and plain.flops == 0
+    assert all(torch.equal(weights[n], plain_weights[n]) for n in weights)
 
 
 def test_counting_changes_no_gradient(monkeypatch):
