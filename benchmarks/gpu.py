@@ -249,9 +249,9 @@ class GpuBench:
         peak = peak_flops()
         for variant in variants:
             backend, _, multiple = variant.partition("@")
-            backend = "" if backend == "plain" else backend
+            backend, multiple = ("" if backend == "plain" else backend), int(multiple or 0)
             ctx, method, batcher = self.context("seqlora", bf16=True)
-            batcher.pad_to_multiple_of = int(multiple or 0)
+            batcher.pad_to_multiple_of = multiple
             settings = FitSettings(batch_size=self.batch_size, max_grad_norm=ctx.profile.max_grad_norm,
                                    seed=SEED, autocast=self.device.type == "cuda",
                                    compile_backend=backend, progress=False)
@@ -265,7 +265,7 @@ class GpuBench:
             share = f", {100 * achieved / peak:.1f}% of bf16 peak" if peak else ""
             precision = "bf16" if settings.autocast else "fp32"
             self.add(f"seqlora {precision}, batch {self.batch_size}, {backend or 'plain'}, pad to "
-                     f"{int(multiple or 0) or 'longest'}: ms/step (first epoch {warm_up:.0f} s)",
+                     f"{multiple or 'longest'}: ms/step (first epoch {warm_up:.0f} s)",
                      f"{1000 * result.seconds / result.steps:.1f} ms", "",
                      f"{achieved / 1e12:.2f} TFLOP/s{share}")
             del ctx, method, batcher

@@ -26,13 +26,12 @@ if _WORKERS > 1:
 # that holds on one CPU's kernels only fails here rather than on a user's machine.
 NUMERIC = {"test_clipping.py", "test_deltas.py", "test_efficiency.py", "test_gainlora.py",
            "test_gorp.py", "test_gradient_memory.py", "test_growth_methods.py", "test_inflora.py",
-           "test_length_buckets.py", "test_lfpt5.py", "test_methods_core.py", "test_metrics.py", "test_modifiers.py",
-           "test_migu.py", "test_mtl.py", "test_osft.py", "test_padding_free.py", "test_param_metrics.py",
+           "test_length_buckets.py", "test_lfpt5.py", "test_methods_core.py", "test_metrics.py",
+           "test_modifiers.py", "test_migu.py", "test_mtl.py", "test_osft.py", "test_padding_free.py", "test_param_metrics.py",
            "test_pertask.py", "test_plugins.py", "test_prompts.py", "test_regularisers.py",
            "test_stats.py", "test_summary.py", "test_table.py", "test_trainer_steps.py"}
 # In those files but about packaging, not arithmetic (pip install, subprocesses): run once.
-NOT_NUMERIC = {"test_a_plugin_package_installs_passes_its_test_and_the_contract_and_runs",
-               "test_a_negative_multiple_is_refused_before_anything_is_written"}
+NOT_NUMERIC = {"test_a_plugin_package_installs_passes_its_test_and_the_contract_and_runs"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -98,6 +98,10 @@ SETTINGS = [
     ("LoRA rank zero", "seqlora", "lora.r=0", "lora.r must be a positive integer"),
     ("negative clipping norm", "seqlora", "train.max_grad_norm=-1", "max_grad_norm must be"),
     ("negative checkpoint interval", "seqlora", "train.checkpoint_every=-1", "checkpoint_every must be"),
+    ("negative padding multiple", "seqlora", "train.pad_to_multiple_of=-8",
+     "pad_to_multiple_of must be an integer >= 0"),
+    ("unknown compile backend", "seqlora", "train.compile=fastest",
+     "unknown torch.compile backend 'fastest'"),
     ("olora orth_form='bogus'", "olora", "method.orth_form='bogus'",
      "--set method.orth_form='bogus': method olora: orth_form must be one of code_l1, paper_fro2; "
      "got 'bogus'"),

@@ -4,21 +4,13 @@ compiled step) compute the loss and gradients of batches padded to their longest
 import pytest
 import torch
 
-from harness.cli import main
 from harness.textio import Batcher
 from harness.testing.kit import make_context
-from tests.test_padding_free import examples, lora_llama, loss_and_grads  # noqa: F401 (fixture)
+from tests.test_padding_free import examples, grad_ops, lora_llama, loss_and_grads  # noqa: F401
 from tests.test_causal import llama_dir  # noqa: F401 (the fixture)
 from tests.tolerance import assert_close, magnitude
 
 MULTIPLE = 16
-
-
-def grad_ops(config, lengths) -> int:
-    """The rounding chain of a gradient entry: a sum over every token of the batch, each term
-    through the feed-forward width and an attention row."""
-    width = getattr(config, "intermediate_size", None) or config.d_ff
-    return int(lengths.sum()) + width + int(lengths.max())
 
 
 def assert_same_step(model, config, plain: dict, bucketed: dict) -> None:
@@ -50,13 +42,20 @@ def test_a_causal_batch_padded_to_a_multiple_trains_as_the_plain_one(synthetic_d
     assert_same_step(model, backbone.model.config, plain, bucketed)
 
 
-def test_a_seq2seq_batch_padded_to_a_multiple_trains_as_the_plain_one(synthetic_dir):
-    ctx, method, _ = make_context(synthetic_dir, "seqft", tasks=("agnews",), n_train=8)
-    ctx.model.eval()  # no dropout: both passes compute the same function
+def seq2seq_batches(synthetic_dir):
+    """The embedded T5 (no dropout: both passes compute the same function) and the same rows
+    padded to their longest and to a multiple."""
+    ctx, _, _ = make_context(synthetic_dir, "seqft", tasks=("agnews",), n_train=8)
+    ctx.model.eval()
     sources, targets = examples(synthetic_dir)
     plain = Batcher(ctx.backbone, 512, 50).train_batch(sources, targets)
     bucketed = Batcher(ctx.backbone, 512, 50, pad_to_multiple_of=MULTIPLE).train_batch(sources,
                                                                                        targets)
+    return ctx, plain, bucketed
+
+
+def test_a_seq2seq_batch_padded_to_a_multiple_trains_as_the_plain_one(synthetic_dir):
+    ctx, plain, bucketed = seq2seq_batches(synthetic_dir)
     assert all(w % MULTIPLE == 0 for w in widths(bucketed)) and widths(bucketed) > widths(plain)
     assert_same_step(ctx.model, ctx.model.config, plain, bucketed)
 
@@ -64,21 +63,9 @@ def test_a_seq2seq_batch_padded_to_a_multiple_trains_as_the_plain_one(synthetic_
 def test_labels_padded_as_tokens_would_be_told_apart(synthetic_dir):
     """The plausible mistake: the labels' extra columns filled with the pad token, not -100 (the
     loss then also trains the model to write padding): the loss leaves the bound."""
-    ctx, method, _ = make_context(synthetic_dir, "seqft", tasks=("agnews",), n_train=8)
-    ctx.model.eval()
-    sources, targets = examples(synthetic_dir)
-    plain = Batcher(ctx.backbone, 512, 50).train_batch(sources, targets)
-    bucketed = Batcher(ctx.backbone, 512, 50, pad_to_multiple_of=MULTIPLE).train_batch(sources,
-                                                                                       targets)
+    ctx, plain, bucketed = seq2seq_batches(synthetic_dir)
     labels = bucketed["labels"].clone()
     labels[:, plain["labels"].shape[1]:] = ctx.backbone.tokenizer.pad_token_id
     with pytest.raises(AssertionError):
         assert_same_step(ctx.model, ctx.model.config, plain, dict(bucketed, labels=labels))
 
-
-def test_a_negative_multiple_is_refused_before_anything_is_written(tmp_path, capsys):
-    assert main(["run", "--method", "seqlora", "--order", "1", "--results", str(tmp_path / "r"),
-                 "--set", "train.pad_to_multiple_of=-8"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pad_to_multiple_of must be an integer >= 0" in err[0]
-    assert not (tmp_path / "r").exists()

@@ -42,10 +42,12 @@ def loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def grad_ops(backbone, lengths) -> int:
+def grad_ops(config, lengths) -> int:
     """The rounding chain of a gradient entry: a sum over every token of the batch, each term
-    through the feed-forward width and an attention row."""
-    return int(lengths.sum()) + backbone.model.config.intermediate_size + int(lengths.max())
+    through the feed-forward width (a LLaMA's `intermediate_size`, a T5's `d_ff`) and an
+    attention row."""
+    width = getattr(config, "intermediate_size", None) or config.d_ff
+    return int(lengths.sum()) + width + int(lengths.max())
 
 
 def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(synthetic_dir, lora_llama):
@@ -63,7 +65,7 @@ def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(synthetic_dir
     # log-softmax over the vocabulary; a gradient entry as `grad_ops` says.
     assert_close(packed_loss, loss, ops=backbone.model.config.vocab_size)
     for name, grad in grads.items():
-        assert_close(packed_grads[name], grad, ops=grad_ops(backbone, lengths),
+        assert_close(packed_grads[name], grad, ops=grad_ops(backbone.model.config, lengths),
                      scale=magnitude(grad))
 
 
@@ -79,7 +81,7 @@ def test_rows_that_see_each_other_would_be_told_apart(synthetic_dir, lora_llama)
     packed = batcher.train_batch(sources, targets, packed=True)
     running = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1])[None])
     cached = dict(packed, use_cache=True)
-    ops = grad_ops(backbone, padded["attention_mask"].sum(1))
+    ops = grad_ops(backbone.model.config, padded["attention_mask"].sum(1))
     for wrong in (running, cached):
         _, wrong_grads = loss_and_grads(model, wrong)
         with pytest.raises(AssertionError, match="max .difference"):
