@@ -66,7 +66,8 @@ class Options:
     profile_overrides: tuple[str, ...] = ()   # --set section.key=value
     method_overrides: tuple[str, ...] = ()    # --set method.key=value
     deepspeed_config: str | None = None       # a shipped name or a file; None: the profile's
-    eval_scope: str = "all"                   # "all" tasks after every stage, or "seen+next"
+    eval_scope: str = "all"                   # "all" tasks after every stage, "seen+next", or
+    #                                           "last" (the last row only: what AA reads; tuning)
     eval_split: str = "test"                  # or "heldout": train.json records not trained on
     tuned: dict[str, dict[str, float]] | None = None  # --tuned FILE: method -> its chosen settings
     report_to: tuple[str, ...] = ()           # trackers (harness.tracking); not in the config
@@ -284,7 +285,7 @@ class Runner:
         latest = stage_predictions(done[-1]) if done else \
             {t.name: self._base_row[t.name][1] for t in tasks}
         evaluation = StageEvaluation(evaluate, ctx, method, len(method.stages(ctx)),
-                                     self.options.eval_scope == "seen+next", last["accuracy"], latest)
+                                     self.options.eval_scope, last["accuracy"], latest)
         steps = trained_steps(done)  # the global step the tracker curves go on from
         tracking = held.enter_context(self._tracking(spec, run_dir, steps, config))
         steps = self._train_stages(spec, method, ctx, run_dir, done, evaluation, last, tracking,
@@ -434,7 +435,8 @@ class Runner:
                                              predictions, saved.tensors(ctx.model), method, deltas,
                                              previous)
                 checkpoints.clear()
-                bar.set_postfix(acc=f"{accuracy[ctx.task.name]:.1f}")
+                if ctx.task.name in accuracy:
+                    bar.set_postfix(acc=f"{accuracy[ctx.task.name]:.1f}")
             self.world.barrier()
             bar.update(1)
         bar.close()
@@ -529,21 +531,24 @@ class SavedTensors:
 
 
 class StageEvaluation:
-    """Evaluation after each stage: every task; under --eval-scope seen+next, after a stage before
-    the last, only the tasks seen so far and the next one (what LA, BWT, forgetting and FWT read;
-    the base row and the last row, which AA and FWT's baseline need, stay whole). A task the method
-    evaluates with unchanged weights (`evaluates_as_before`) carries over its previous cell and
-    predictions instead of generating them again."""
+    """Evaluation after each stage: every task (scope "all"); under "seen+next", after a stage
+    before the last, only the tasks seen so far and the next one (what LA, BWT, forgetting and FWT
+    read); under "last", after a stage before the last, none (AA alone: what tuning scores). The
+    base row and the last row stay whole. A task the method evaluates with unchanged weights
+    (`evaluates_as_before`) carries over its previous cell and predictions instead of generating
+    them again."""
 
-    def __init__(self, evaluate, ctx: Context, method, n_stages: int, seen_and_next: bool,
+    def __init__(self, evaluate, ctx: Context, method, n_stages: int, scope: str,
                  row: dict[str, float], predictions: dict[str, list[dict]]):
         self.evaluate, self.ctx, self.method = evaluate, ctx, method
-        self.n_stages, self.seen_and_next = n_stages, seen_and_next
+        self.n_stages, self.narrowed = n_stages, scope
         self.row, self.latest = dict(row), dict(predictions)  # the previous row, by task
 
     def scope(self, stage: int) -> tuple[Task, ...]:
         tasks = self.ctx.tasks
-        return tasks[:stage + 1] if self.seen_and_next and 0 < stage < self.n_stages else tasks
+        if not 0 < stage < self.n_stages or self.narrowed == "all":
+            return tasks
+        return tasks[:stage + 1] if self.narrowed == "seen+next" else ()
 
     def __call__(self, stage: int) -> tuple[dict[str, float], list[dict], float]:
         """The row after `stage` stages: accuracy by task, the prediction records, the seconds."""

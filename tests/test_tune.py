@@ -4,6 +4,7 @@ of train.json (never the test split), the best trial's settings are what `tuned.
 
 import json
 
+import numpy as np
 import pytest
 
 from harness import data, table
@@ -44,6 +45,8 @@ def test_each_method_gets_the_same_trials_and_keeps_its_best(tuned):
         for folder in (tuned / "trials" / method).iterdir():
             [s] = read_summaries(folder)
             assert s.benchmark["split"] == "heldout"
+            # AA alone is scored: the rows between the base row and the last are not evaluated
+            assert s.metrics["LA"] is None and not np.isnan(s.accuracy_matrix[-1]).any()
             trials[folder.name] = (s.metrics["AA"], s.tuned)
         assert len(trials) == 2
         best_AA = max(aa for aa, _ in trials.values())

@@ -43,7 +43,9 @@ def handle(args) -> None:
     if args.out.exists() and not args.out.is_dir():
         raise HarnessError(f"--out {args.out}: not a directory")
     quiet_transformers(args)
-    runner = runner_for(args.profile, run_options(args, eval_split="heldout"), SINGLE)
+    # A trial is scored by its AA alone: only the last row is evaluated after the base row.
+    options = run_options(args, eval_split="heldout", eval_scope="last")
+    runner = runner_for(args.profile, options, SINGLE)
     for name in args.methods:
         runner.create_method(name)  # unknown names and bad settings fail first
         tune.search_space(name, args.profile, args.lr_range, dict(args.ranges))
