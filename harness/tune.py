@@ -23,6 +23,7 @@ from harness.errors import HarnessError
 from harness.store import RunSpec, write_atomic
 
 TUNED_FILE = "tuned.json"
+STORAGE_ATTEMPTS = 3
 
 
 def search_space(name: str, profile: str, lr_range: tuple[float, float],
@@ -87,13 +88,21 @@ def base_method(name: str) -> str:
 def open_storage(url: str):
     """The Optuna storage at `url` (created if new), or a one-line error naming it."""
     import optuna
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        storage = optuna.storages.get_storage(url)
-    except (ValueError, ImportError, SQLAlchemyError) as exc:  # a bad URL or an unusable database
-        raise HarnessError(f"--storage {url}: {str(exc).splitlines()[0]}") from None
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            storage = optuna.storages.get_storage(url)
+            break
+        except (IntegrityError, OperationalError) as exc:
+            # Processes starting together on a new database race to create its tables (optuna
+            # issue 1092); the losers find them made on a second try.
+            if attempt + 1 == STORAGE_ATTEMPTS:
+                raise HarnessError(f"--storage {url}: {str(exc).splitlines()[0]}") from None
+            time.sleep(1.0)
+        except (ValueError, ImportError, SQLAlchemyError) as exc:  # a bad URL, an unusable database
+            raise HarnessError(f"--storage {url}: {str(exc).splitlines()[0]}") from None
     storage.url = url  # for messages
     return storage
 

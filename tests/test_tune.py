@@ -157,3 +157,34 @@ def test_a_method_coefficient_is_searched_with_its_type():
     pinned = search_space("ogd", "default", (1e-4, 1e-2), {"memory_size": (100.0, 100.0)})
     assert pinned["memory_size"] == (100, 100)  # --range parses floats; a count stays a count
     assert suggest(trial, "pinned", *pinned["memory_size"]) == 100
+
+
+def _open_together(barrier, url, answers):
+    from harness import tune
+    from harness.errors import HarnessError
+
+    barrier.wait()
+    try:
+        tune.open_storage(url)
+        answers.put("ok")
+    except HarnessError as exc:
+        answers.put(str(exc))
+
+
+def test_processes_starting_together_on_a_new_storage_all_open_it(tmp_path):
+    """Four processes released at once on a database none has made: every one opens it (the
+    losers of the race to create its tables, 2-3 of 4 here without the retry, try again)."""
+    import multiprocessing
+
+    import optuna  # noqa: F401  (imported before the fork: the processes start at once)
+
+    forked = multiprocessing.get_context("fork")
+    barrier, answers = forked.Barrier(4), forked.Queue()
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    processes = [forked.Process(target=_open_together, args=(barrier, url, answers))
+                 for _ in range(4)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join()
+    assert [answers.get() for _ in processes] == ["ok"] * 4
