@@ -16,6 +16,8 @@ import dataclasses
 import json
 import math
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from harness.store import RunSpec, write_atomic
 
 TUNED_FILE = "tuned.json"
 STORAGE_ATTEMPTS = 3
+HEARTBEAT_S, GRACE_S = 60, 600  # a paused process's trial is given up only after 10 minutes
 
 
 def search_space(name: str, profile: str, lr_range: tuple[float, float],
@@ -81,6 +84,14 @@ def config_trial(name: str, profile: str, space: dict[str, tuple[float, float]],
     return own
 
 
+@contextmanager
+def _stable(optuna):
+    """Optuna's retry of killed trials is marked experimental (since 2.8): not a user's concern."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
 def base_method(name: str) -> str:
     return name.split("+")[0]
 
@@ -93,7 +104,13 @@ def open_storage(url: str):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for attempt in range(STORAGE_ATTEMPTS):
         try:
-            storage = optuna.storages.get_storage(url)
+            # Live trials beat every HEARTBEAT_S; one silent for GRACE_S (its process killed, its
+            # job ended) is marked failed and queued again with its settings, and its rerun
+            # resumes the killed run from its folder (`trial_folder`).
+            with _stable(optuna):
+                storage = optuna.storages.get_storage(optuna.storages.RDBStorage(
+                    url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback()))
             break
         except (IntegrityError, OperationalError) as exc:
             # Processes starting together on a new database race to create its tables (optuna
@@ -126,9 +143,8 @@ def tune_method(runner, name: str, sequences: list[tuple[int | None, tuple[str, 
 
     def objective(trial) -> float:
         settings = {k: suggest(trial, k, low, high) for k, (low, high) in space.items()}
-        runner.options = dataclasses.replace(
-            options, results=out / "trials" / name / f"trial{trial.number:03d}",
-            tuned={name: settings})
+        runner.options = dataclasses.replace(options, results=trial_folder(out, name, trial),
+                                             tuned={name: settings})
         start = time.perf_counter()
         try:
             summaries = [runner.run(RunSpec(method=name, tasks=seq, seed=setup["seed"],
@@ -155,6 +171,18 @@ def tune_method(runner, name: str, sequences: list[tuple[int | None, tuple[str, 
             n_startup_trials=max(1, setup["trials"] // 2))
         study.optimize(objective, n_trials=1)
     return _best_of_budget(study, setup["trials"], name)
+
+
+def trial_folder(out: Path, name: str, trial) -> Path:
+    """Where a trial's runs go: a rerun of a killed trial goes on in the first attempt's folder,
+    so that its runs resume from their checkpoints instead of starting over."""
+    import optuna
+
+    frozen = trial.study.get_trials(deepcopy=False)[trial.number]  # numbered from 0 in order
+    with _stable(optuna):
+        first = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+    first = trial.number if first is None else first
+    return out / "trials" / name / f"trial{first:03d}"
 
 
 def _best_of_budget(study, trials: int, name: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@ of train.json (never the test split), the best trial's settings are what `tuned.
 `run --tuned` applies them, records them and keeps such runs apart in the tables."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -93,13 +94,14 @@ class ScoredRuns:
     def __init__(self, score):
         from harness.runner import Options
 
-        self.options, self.score, self.seen = Options(), score, []
+        self.options, self.score, self.seen, self.folders = Options(), score, [], []
 
     def run(self, spec):
         from types import SimpleNamespace
 
         settings = self.options.tuned[spec.method]
         self.seen.append(dict(settings))
+        self.folders.append(self.options.results.name)
         return SimpleNamespace(metrics={"AA": self.score(settings)})
 
 
@@ -188,3 +190,51 @@ def test_processes_starting_together_on_a_new_storage_all_open_it(tmp_path):
     for p in processes:
         p.join()
     assert [answers.get() for _ in processes] == ["ok"] * 4
+
+
+class KilledRuns(ScoredRuns):
+    """A runner whose process is killed (SIGKILL) in the middle of its first run, once the
+    trial's heartbeat has been recorded."""
+
+    def run(self, spec):
+        import os
+        import signal
+
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _tune_and_die(storage_url, setup, out):
+    from harness import tune
+
+    tune.tune_method(KilledRuns(None), "olora", [(1, ("a", "b"))], setup,
+                     tune.open_storage(storage_url), out)
+
+
+def test_a_killed_trial_is_run_again_with_its_settings_in_its_own_folder(tmp_path, monkeypatch):
+    """A process killed in the middle of a trial (the config file's, here): once its heartbeat
+    is older than the grace period, the next process runs that trial's settings again in that
+    trial's folder (where its runs resume from their checkpoints), then draws the others."""
+    import multiprocessing
+
+    from harness import tune
+    from harness_methods import registry
+
+    monkeypatch.setattr(tune, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(tune, "GRACE_S", 1)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    setup = {"profile": "default", "seed": 0, "trials": 2, "lr_range": [1e-5, 1e-2]}
+    killed = multiprocessing.get_context("fork").Process(target=_tune_and_die,
+                                                         args=(url, setup, tmp_path))
+    killed.start()
+    killed.join()
+    assert killed.exitcode == -9
+    time.sleep(2 * tune.GRACE_S)  # its last heartbeat is now older than the grace period
+
+    own = registry.method_config("olora", "default")
+    runner = ScoredRuns(lambda s: s["lr"])
+    result = tune.tune_method(runner, "olora", [(1, ("a", "b"))], setup, tune.open_storage(url),
+                              tmp_path)
+    assert runner.seen[0] == {"lr": own["lr"], "lambda1": own["lambda1"]}
+    assert runner.folders == ["trial000", "trial002"]  # trial 1 was the killed one's rerun
+    assert result["trials"] == 2
