@@ -435,8 +435,7 @@ class Runner:
                                              predictions, saved.tensors(ctx.model), method, deltas,
                                              previous)
                 checkpoints.clear()
-                if ctx.task.name in accuracy:
-                    bar.set_postfix(acc=f"{accuracy[ctx.task.name]:.1f}")
+                bar.set_postfix({"acc": f"{accuracy[t]:.1f}" for t in [ctx.task.name] if t in accuracy})
             self.world.barrier()
             bar.update(1)
         bar.close()
