@@ -110,7 +110,7 @@ def second_moment(features: torch.Tensor) -> torch.Tensor:
 
 class GainLoRA(InfLoRA):
     name = "gainlora"
-    paper_name = "GainLoRA"
+    paper_name = "GainLoRA (InfLoRA)"  # the paper's row for the InfLoRA-based variant, this one
     table_rank = 8.5
     max_zero_stage = 0  # `after_step` rewrites the gate in place; ZeRO keeps its own master copy
     search_space = {"gate_eps_lo": (0.9, 0.999)}  # the gate memories' threshold

@@ -124,6 +124,20 @@ def test_table_entries_come_from_each_plugin_class_itself(monkeypatch):
         registry.table_entry.cache_clear()
 
 
+@pytest.mark.parametrize("method", ["seqft", "seqlora", "inclora", "replay", "ewc", "lwf", "l2p",
+                                    "lfpt5", "progprompt", "olora", "nlora", "pertask", "mtl",
+                                    "inflora", "gainlora", "osft", "migu"])
+def test_each_published_method_finds_its_numbers_under_its_paper_name(method):
+    """The name a method's class gives its paper's rows is the one baselines/ records them under
+    (GainLoRA's InfLoRA-based row, MIGU's row with full fine-tuning), on the papers' T5-large."""
+    from harness_methods import registry
+
+    published = table.load_published()
+    paper_name = registry.table_entry(method)[1]
+    assert ((published["method"] == paper_name) & (published["model"] == "t5-large")
+            & (published["metric"] == "AA")).any(), paper_name
+
+
 def test_compare_with_published_gives_kendalls_tau_of_the_ranking(tmp_path):
     """tau-b and its p-value as scipy computes them, over the methods that have a published
     number (a method with two published numbers counts once, at their mean)."""
