@@ -143,8 +143,8 @@ def tune_method(runner, name: str, sequences: list[tuple[int | None, tuple[str, 
 
     def objective(trial) -> float:
         settings = {k: suggest(trial, k, low, high) for k, (low, high) in space.items()}
-        runner.options = dataclasses.replace(options, results=trial_folder(out, name, trial),
-                                             tuned={name: settings})
+        folder = trial_folder(out, name, trial)
+        runner.options = dataclasses.replace(options, results=folder, tuned={name: settings})
         start = time.perf_counter()
         try:
             summaries = [runner.run(RunSpec(method=name, tasks=seq, seed=setup["seed"],
@@ -156,8 +156,9 @@ def tune_method(runner, name: str, sequences: list[tuple[int | None, tuple[str, 
         score = math.nan if None in values else sum(values) / len(values)
         shown = "  ".join(f"{k} {v:.3g}" for k, v in settings.items())
         own = "  (config file)" if trial.user_attrs.get("config_file") else ""
-        print(f"{name:10s} trial {trial.number + 1:3d}/{setup['trials']}  {shown}  "
-              f"held-out AA {score:.2f}  ({time.perf_counter() - start:.1f}s){own}", flush=True)
+        count = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) + 1
+        print(f"{name:10s} {count:3d}/{setup['trials']} ({folder.name})  {shown}  held-out AA "
+              f"{score:.2f}  ({time.perf_counter() - start:.1f}s){own}", flush=True)
         return score
 
     done = optuna.trial.TrialState.COMPLETE
