@@ -171,7 +171,20 @@ def tune_method(runner, name: str, sequences: list[tuple[int | None, tuple[str, 
             seed=setup["seed"] * 10007 + len(study.trials),
             n_startup_trials=max(1, setup["trials"] // 2))
         study.optimize(objective, n_trials=1)
+        write_trials(out / "trials" / f"{name}.csv", study)
     return _best_of_budget(study, setup["trials"], name)
+
+
+def write_trials(path: Path, study) -> None:
+    """Every trial of a method's study, one row each (its number, state, settings, held-out AA,
+    times, whether it was the config file's): Optuna's own table, for pandas."""
+    frame = study.trials_dataframe(attrs=("number", "state", "params", "value", "datetime_start",
+                                          "duration", "user_attrs"))
+    frame["duration"] = frame["duration"].dt.total_seconds()
+    own = frame.pop("user_attrs_config_file") if "user_attrs_config_file" in frame else None
+    frame["config_file"] = own.eq(True) if own is not None else False
+    frame = frame.rename(columns={"value": "heldout_AA", "duration": "seconds"})
+    write_atomic(path, frame.to_csv(index=False))
 
 
 def trial_folder(out: Path, name: str, trial) -> Path:

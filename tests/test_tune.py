@@ -6,6 +6,7 @@ import json
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from harness import data, table
@@ -43,13 +44,18 @@ def test_each_method_gets_the_same_trials_and_keeps_its_best(tuned):
         assert chosen["trials"] == 2 and set(chosen["settings"]) == keys
         assert 3e-3 <= chosen["settings"]["lr"] <= 3e-2
         trials = {}
-        for folder in (tuned / "trials" / method).iterdir():
+        for folder in (tuned / "trials" / method).iterdir():  # the trials' run folders
             [s] = read_summaries(folder)
             assert s.benchmark["split"] == "heldout"
             # AA alone is scored: the rows between the base row and the last are not evaluated
             assert s.metrics["LA"] is None and not np.isnan(s.accuracy_matrix[-1]).any()
             trials[folder.name] = (s.metrics["AA"], s.tuned)
         assert len(trials) == 2
+        listed = pd.read_csv(tuned / "trials" / f"{method}.csv")  # every trial, for pandas
+        assert listed["state"].tolist() == ["COMPLETE"] * 2
+        assert sorted(listed["heldout_AA"]) == pytest.approx(sorted(aa for aa, _ in trials.values()))
+        assert listed["config_file"].tolist() == [method == "olora", False]  # seqlora's own lr
+        # lies outside the searched range
         best_AA = max(aa for aa, _ in trials.values())
         assert chosen["heldout_AA"] == pytest.approx(best_AA)
         assert trials[f"trial{chosen['trial']:03d}"] == (pytest.approx(best_AA), chosen["settings"])
