@@ -190,18 +190,22 @@ def write_trials(path: Path, study) -> None:
 def trial_folder(out: Path, name: str, trial) -> Path:
     """Where a trial's runs go: a rerun of a killed trial goes on in the first attempt's folder,
     so that its runs resume from their checkpoints instead of starting over."""
+    frozen = trial.study.get_trials(deepcopy=False)[trial.number]  # numbered from 0 in order
+    return out / "trials" / name / f"trial{first_attempt(frozen):03d}"
+
+
+def first_attempt(trial) -> int:
+    """The number of a (frozen) trial's first attempt: its own, unless it reruns a killed one."""
     import optuna
 
-    frozen = trial.study.get_trials(deepcopy=False)[trial.number]  # numbered from 0 in order
     with _stable(optuna):
-        first = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
-    first = trial.number if first is None else first
-    return out / "trials" / name / f"trial{first:03d}"
+        first = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+    return trial.number if first is None else first
 
 
 def _best_of_budget(study, trials: int, name: str) -> dict[str, Any]:
     """The best of the study's first `trials` complete trials (by number): its settings, held-out
-    AA and trial, and how many were compared."""
+    AA and trial (its folder's number), and how many were compared."""
     import optuna
 
     done = optuna.trial.TrialState.COMPLETE
@@ -210,8 +214,8 @@ def _best_of_budget(study, trials: int, name: str) -> dict[str, Any]:
     if not scored:
         raise HarnessError(f"tune: every trial of {name} ended without an AA")
     best = max(scored, key=lambda t: t.value)
-    return {"settings": best.params, "heldout_AA": round(best.value, 4), "trial": best.number,
-            "trials": len(first)}
+    return {"settings": best.params, "heldout_AA": round(best.value, 4),
+            "trial": first_attempt(best), "trials": len(first)}
 
 
 def _check_setup(study, setup: dict[str, Any], url: str) -> None:

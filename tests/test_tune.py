@@ -238,9 +238,9 @@ def test_a_killed_trial_is_run_again_with_its_settings_in_its_own_folder(tmp_pat
     time.sleep(2 * tune.GRACE_S)  # its last heartbeat is now older than the grace period
 
     own = registry.method_config("olora", "default")
-    runner = ScoredRuns(lambda s: s["lr"])
+    runner = ScoredRuns(lambda s: -abs(s["lr"] - own["lr"]))  # the config file's trial is best
     result = tune.tune_method(runner, "olora", [(1, ("a", "b"))], setup, tune.open_storage(url),
                               tmp_path)
     assert runner.seen[0] == {"lr": own["lr"], "lambda1": own["lambda1"]}
     assert runner.folders == ["trial000", "trial002"]  # trial 1 was the killed one's rerun
-    assert result["trials"] == 2
+    assert result["trials"] == 2 and result["trial"] == 0  # named by its folder, not its rerun
