@@ -25,6 +25,7 @@ from harness.errors import HarnessError
 from harness.store import RunSpec, write_atomic
 
 TUNED_FILE = "tuned.json"
+CHOICES_FILE = "tuned.md"
 STORAGE_ATTEMPTS = 3
 HEARTBEAT_S, GRACE_S = 60, 600  # a paused process's trial is given up only after 10 minutes
 
@@ -214,8 +215,39 @@ def _best_of_budget(study, trials: int, name: str) -> dict[str, Any]:
     if not scored:
         raise HarnessError(f"tune: every trial of {name} ended without an AA")
     best = max(scored, key=lambda t: t.value)
-    return {"settings": best.params, "heldout_AA": round(best.value, 4),
-            "trial": first_attempt(best), "trials": len(first)}
+    result = {"settings": best.params, "heldout_AA": round(best.value, 4),
+              "trial": first_attempt(best), "trials": len(first)}
+    own = [t for t in scored if t.user_attrs.get("config_file")]
+    if own:  # what not tuning would have scored, beside the choice
+        result["config_file"] = {"settings": own[0].params, "heldout_AA": round(own[0].value, 4)}
+    return result
+
+
+def choices_table(path: Path) -> str:
+    """What the tuning in `path` (a tuned.json) chose for each method, beside the config file's
+    settings (the study's first trial) and the held-out AA of both, as Markdown."""
+    import pandas as pd
+
+    from harness.table import render
+
+    data = read_tuned_file(path)
+
+    def shown(settings: dict | None) -> str:
+        return " / ".join(f"{k} {v:.3g}" for k, v in sorted(settings.items())) if settings else \
+            "outside the searched ranges"
+
+    rows = {name: {"config file": shown(r.get("config_file", {}).get("settings")),
+                   "held-out AA (config file)": r.get("config_file", {}).get("heldout_AA"),
+                   "chosen": shown(r["settings"]), "held-out AA (chosen)": r["heldout_AA"],
+                   "chosen trial": f"{r['trial'] + 1} of {r['trials']}"}
+            for name, r in sorted(data["methods"].items())}
+    setup = data["setup"]
+    title = (f"What `harness tune` chose ({setup['profile']}; {setup['trials']} trials per method, "
+             f"scored on the held-out split; learning rate in {setup['lr_range']})")
+    return render(pd.DataFrame.from_dict(rows, orient="index").rename_axis("method"), "github",
+                  title, "config file: trial 1, the config file's settings (one outside its "
+                  "searched range drawn instead); a choice equal to them: no trial beat them.") \
+        + "\n"
 
 
 def _check_setup(study, setup: dict[str, Any], url: str) -> None:

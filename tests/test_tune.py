@@ -61,6 +61,22 @@ def test_each_method_gets_the_same_trials_and_keeps_its_best(tuned):
         assert trials[f"trial{chosen['trial']:03d}"] == (pytest.approx(best_AA), chosen["settings"])
 
 
+def test_the_choices_table_sets_each_choice_beside_the_config_files_settings(tuned):
+    """tuned.md: per method the config file's settings (trial 1, when inside the ranges) and the
+    chosen ones, each with its held-out AA, as tuned.json records them."""
+    result = json.loads((tuned / "tuned.json").read_text())
+    olora = result["methods"]["olora"]
+    assert olora["config_file"]["settings"]["lambda1"] == 0.5  # its config file's, trial 1
+    assert "config_file" not in result["methods"]["seqlora"]  # its own lr lies outside the range
+    text = (tuned / "tuned.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows["seqlora"][0] == "outside the searched ranges"
+    assert rows["olora"][1] == f"{olora['config_file']['heldout_AA']:.2f}"
+    assert rows["olora"][3] == f"{olora['heldout_AA']:.2f}"
+    assert rows["olora"][4] == f"{olora['trial'] + 1} of 2"
+
+
 def test_a_shared_study_is_continued_not_repeated_and_another_setup_is_refused(tuned, synthetic_dir,
                                                                               capsys):
     before = (tuned / "tuned.json").read_text()
