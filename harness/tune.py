@@ -223,14 +223,12 @@ def _best_of_budget(study, trials: int, name: str) -> dict[str, Any]:
     return result
 
 
-def choices_table(path: Path) -> str:
-    """What the tuning in `path` (a tuned.json) chose for each method, beside the config file's
+def choices_table(data: dict[str, Any]) -> str:
+    """What a tuning (tuned.json's content) chose for each method, beside the config file's
     settings (the study's first trial) and the held-out AA of both, as Markdown."""
     import pandas as pd
 
     from harness.table import render
-
-    data = read_tuned_file(path)
 
     def shown(settings: dict | None) -> str:
         return " / ".join(f"{k} {v:.3g}" for k, v in sorted(settings.items())) if settings else \
@@ -262,12 +260,18 @@ def _check_setup(study, setup: dict[str, Any], url: str) -> None:
 
 
 def write_tuned(path: Path, setup: dict[str, Any], method: str, result: dict[str, Any]) -> None:
-    """Add one method's result to `path`, which holds one setup's results for every method."""
-    data = read_tuned_file(path) if path.exists() else {"setup": setup, "methods": {}}
-    if data["setup"] != setup:
-        raise HarnessError(f"{path}: holds a tuning with other settings; use another --out")
-    data["methods"][method] = result
-    write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+    """Add one method's result to `path`, which holds one setup's results for every method, and
+    rewrite the table of them beside it (CHOICES_FILE). Processes sharing the folder take turns:
+    each reads what the others wrote."""
+    from filelock import FileLock
+
+    with FileLock(path.with_name(f".{path.name}.lock")):
+        data = read_tuned_file(path) if path.exists() else {"setup": setup, "methods": {}}
+        if data["setup"] != setup:
+            raise HarnessError(f"{path}: holds a tuning with other settings; use another --out")
+        data["methods"][method] = result
+        write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+        write_atomic(path.with_name(CHOICES_FILE), choices_table(data))
 
 
 def read_tuned_file(path: Path, name: str = "") -> dict[str, Any]:

@@ -260,3 +260,29 @@ def test_a_killed_trial_is_run_again_with_its_settings_in_its_own_folder(tmp_pat
     assert runner.seen[0] == {"lr": own["lr"], "lambda1": own["lambda1"]}
     assert runner.folders == ["trial000", "trial002"]  # trial 1 was the killed one's rerun
     assert result["trials"] == 2 and result["trial"] == 0  # named by its folder, not its rerun
+
+
+def _write_results(path, setup, names):
+    from harness import tune
+
+    for name in names:
+        tune.write_tuned(path, setup, name, {"settings": {"lr": 1e-3}, "heldout_AA": 50.0,
+                                             "trial": 0, "trials": 1})
+
+
+def test_processes_sharing_a_folder_keep_each_others_results(tmp_path):
+    """Two processes adding methods to one tuned.json at once: every method is kept (each reads
+    what the other wrote), in the table beside it too."""
+    import multiprocessing
+
+    setup = {"profile": "default", "seed": 0, "trials": 1, "lr_range": [1e-5, 1e-2]}
+    path = tmp_path / "tuned.json"
+    forked = multiprocessing.get_context("fork")
+    names = [[f"m{k}{i}" for i in range(40)] for k in range(2)]
+    processes = [forked.Process(target=_write_results, args=(path, setup, n)) for n in names]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join()
+    assert sorted(json.loads(path.read_text())["methods"]) == sorted(names[0] + names[1])
+    assert all(f"| {n} " in (tmp_path / "tuned.md").read_text() for n in names[0] + names[1])

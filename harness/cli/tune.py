@@ -37,7 +37,6 @@ def handle(args) -> None:
     from harness.benchmark import load_benchmark
     from harness.distributed import SINGLE
     from harness.runner import runner_for
-    from harness.store import write_atomic
 
     bench = load_benchmark()
     sequences = task_sequences(bench, args.tasks, args.orders)
@@ -66,7 +65,6 @@ def handle(args) -> None:
     for name in args.methods:
         result = tune.tune_method(runner, name, sequences, setup, storage, args.out)
         tune.write_tuned(path, setup, name, result)
-        write_atomic(args.out / tune.CHOICES_FILE, tune.choices_table(path))
         chosen = "  ".join(f"{k} {v:.3g}" for k, v in result["settings"].items())
         print(f"{name}: {chosen}  (held-out AA {result['heldout_AA']:.2f}, trial "
               f"{result['trial'] + 1})", flush=True)
