@@ -172,7 +172,8 @@ def tune_method(runner, name: str, sequences: list[tuple[int | None, tuple[str, 
             seed=setup["seed"] * 10007 + len(study.trials),
             n_startup_trials=max(1, setup["trials"] // 2))
         study.optimize(objective, n_trials=1)
-        write_trials(out / "trials" / f"{name}.csv", study)
+        write_trials(out / "trials" / f"{name}.csv", study)  # as it goes, for long tunings
+    write_trials(out / "trials" / f"{name}.csv", study)  # also when nothing was left to run
     return _best_of_budget(study, setup["trials"], name)
 
 

@@ -82,8 +82,10 @@ def test_a_shared_study_is_continued_not_repeated_and_another_setup_is_refused(t
     before = (tuned / "tuned.json").read_text()
     argv = ["tune", "--methods", "seqlora", "--trials", "2", "--lr-range", "3e-3,3e-2",
             "--data-dir", str(synthetic_dir), "--out", str(tuned), *BUDGET]
+    (tuned / "trials" / "seqlora.csv").unlink()
     assert main(argv) == 0  # its 2 trials are complete: nothing runs again
     assert len(list((tuned / "trials" / "seqlora").iterdir())) == 2
+    assert len(pd.read_csv(tuned / "trials" / "seqlora.csv")) == 2  # listed again all the same
     assert json.loads((tuned / "tuned.json").read_text()) == json.loads(before)
     capsys.readouterr()
     assert main([*argv[:4], "3", *argv[5:]]) == 2
