@@ -26,7 +26,8 @@ def add_arguments(sub) -> None:
                       metavar="KEY=LOW,HIGH", help="another range for one searched setting "
                       "(lambda1=1e-5,1e-1; lr=3e-4,3e-4 pins it); repeatable")
     tune.add_argument("--out", type=Path, default=Path("results/tune"),
-                      help="where the trials' runs, the study and tuned.json go")
+                      help="where the trials' runs (and per method a CSV of them), the study, "
+                      "tuned.json and its table tuned.md go")
     tune.add_argument("--storage", help="an Optuna storage URL that several processes or "
                       "machines share (default: sqlite:///OUT/study.db)")
     setup_arguments(tune)
