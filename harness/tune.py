@@ -86,7 +86,7 @@ def config_trial(name: str, profile: str, space: dict[str, tuple[float, float]],
 
 
 @contextmanager
-def _stable(optuna):
+def _quiet_experimental(optuna):
     """Optuna's retry of killed trials is marked experimental (since 2.8): not a user's concern."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -108,7 +108,7 @@ def open_storage(url: str):
             # Live trials beat every HEARTBEAT_S; one silent for GRACE_S (its process killed, its
             # job ended) is marked failed and queued again with its settings, and its rerun
             # resumes the killed run from its folder (`trial_folder`).
-            with _stable(optuna):
+            with _quiet_experimental(optuna):
                 storage = optuna.storages.get_storage(optuna.storages.RDBStorage(
                     url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback()))
@@ -200,7 +200,7 @@ def first_attempt(trial) -> int:
     """The number of a (frozen) trial's first attempt: its own, unless it reruns a killed one."""
     import optuna
 
-    with _stable(optuna):
+    with _quiet_experimental(optuna):
         first = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
     return trial.number if first is None else first
 
