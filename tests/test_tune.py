@@ -3,6 +3,7 @@ of train.json (never the test split), the best trial's settings are what `tuned.
 `run --tuned` applies them, records them and keeps such runs apart in the tables."""
 
 import json
+import multiprocessing
 import time
 
 import numpy as np
@@ -185,6 +186,20 @@ def test_a_method_coefficient_is_searched_with_its_type():
     assert suggest(trial, "pinned", *pinned["memory_size"]) == 100
 
 
+FORK = multiprocessing.get_context("fork")  # no imports to repeat: the processes start at once
+
+
+def in_processes(target, *args_each):
+    """`target(*args)` in one forked process per args tuple, all started together; the processes,
+    ended."""
+    processes = [FORK.Process(target=target, args=args) for args in args_each]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join()
+    return processes
+
+
 def _open_together(barrier, url, answers):
     from harness import tune
     from harness.errors import HarnessError
@@ -200,20 +215,12 @@ def _open_together(barrier, url, answers):
 def test_processes_starting_together_on_a_new_storage_all_open_it(tmp_path):
     """Four processes released at once on a database none has made: every one opens it (the
     losers of the race to create its tables, 2-3 of 4 here without the retry, try again)."""
-    import multiprocessing
-
     import optuna  # noqa: F401  (imported before the fork: the processes start at once)
 
-    forked = multiprocessing.get_context("fork")
-    barrier, answers = forked.Barrier(4), forked.Queue()
+    barrier, answers = FORK.Barrier(4), FORK.Queue()
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    processes = [forked.Process(target=_open_together, args=(barrier, url, answers))
-                 for _ in range(4)]
-    for p in processes:
-        p.start()
-    for p in processes:
-        p.join()
-    assert [answers.get() for _ in processes] == ["ok"] * 4
+    in_processes(_open_together, *[(barrier, url, answers)] * 4)
+    assert [answers.get() for _ in range(4)] == ["ok"] * 4
 
 
 class KilledRuns(ScoredRuns):
@@ -239,8 +246,6 @@ def test_a_killed_trial_is_run_again_with_its_settings_in_its_own_folder(tmp_pat
     """A process killed in the middle of a trial (the config file's, here): once its heartbeat
     is older than the grace period, the next process runs that trial's settings again in that
     trial's folder (where its runs resume from their checkpoints), then draws the others."""
-    import multiprocessing
-
     from harness import tune
     from harness_methods import registry
 
@@ -248,10 +253,7 @@ def test_a_killed_trial_is_run_again_with_its_settings_in_its_own_folder(tmp_pat
     monkeypatch.setattr(tune, "GRACE_S", 1)
     url = f"sqlite:///{tmp_path / 'study.db'}"
     setup = {"profile": "default", "seed": 0, "trials": 2, "lr_range": [1e-5, 1e-2]}
-    killed = multiprocessing.get_context("fork").Process(target=_tune_and_die,
-                                                         args=(url, setup, tmp_path))
-    killed.start()
-    killed.join()
+    [killed] = in_processes(_tune_and_die, (url, setup, tmp_path))
     assert killed.exitcode == -9
     time.sleep(2 * tune.GRACE_S)  # its last heartbeat is now older than the grace period
 
@@ -275,16 +277,9 @@ def _write_results(path, setup, names):
 def test_processes_sharing_a_folder_keep_each_others_results(tmp_path):
     """Two processes adding methods to one tuned.json at once: every method is kept (each reads
     what the other wrote), in the table beside it too."""
-    import multiprocessing
-
     setup = {"profile": "default", "seed": 0, "trials": 1, "lr_range": [1e-5, 1e-2]}
     path = tmp_path / "tuned.json"
-    forked = multiprocessing.get_context("fork")
     names = [[f"m{k}{i}" for i in range(40)] for k in range(2)]
-    processes = [forked.Process(target=_write_results, args=(path, setup, n)) for n in names]
-    for p in processes:
-        p.start()
-    for p in processes:
-        p.join()
+    in_processes(_write_results, *[(path, setup, n) for n in names])
     assert sorted(json.loads(path.read_text())["methods"]) == sorted(names[0] + names[1])
     assert all(f"| {n} " in (tmp_path / "tuned.md").read_text() for n in names[0] + names[1])
