@@ -268,11 +268,18 @@ def check_determinism(trial: Trial) -> str:
     """Two runs with the same seed and threads, the second in a process of its own under another
     hash seed (state kept on a class, or an order that follows `hash`, then differs): the same
     records, predictions and bitwise the same tensors."""
-    hash_seed = str(int(os.environ.get("PYTHONHASHSEED", "0") or 0) + 1)
-    again = launch(trial, "again", TASKS, TRAIN, ("--set", EVERY_STEP[0]),
-                   {"PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    (again,) = runs_in_another_process([trial.name], trial.workdir / "again", trial.data_dir)
     assert_same(outcome(again), outcome(trial.reference), "a second run, same seed, another process")
     return "same records, predictions and tensors, in another process"
+
+
+def runs_in_another_process(names: list[str], results: Path, data_dir: Path) -> list[RunDir]:
+    """The determinism check's second runs of `names` (as `Trial.run` makes them), one after
+    another in one process under another hash seed: a process start costs seconds, so a suite
+    that checks many methods starts one."""
+    hash_seed = str(int(os.environ.get("PYTHONHASHSEED", "0") or 0) + 1)
+    return launch(names, results, data_dir, TASKS, TRAIN, ("--set", EVERY_STEP[0]),
+                  {"PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": str(torch.get_num_threads())})
 
 
 def check_resume_between_stages(trial: Trial) -> str:
@@ -344,28 +351,30 @@ def check_two_ranks(trial: Trial) -> str | None:
     # 40 training examples, so that each epoch ends with a smaller step; one thread, as every
     # DeepSpeed rank has
     tasks, one_thread = TASKS[:2], {"OMP_NUM_THREADS": "1"}
-    two = launch(trial, "two-ranks", tasks, 40, ("--launcher", "deepspeed", "--num-gpus", "2",
-                                                 "--deepspeed-config", f"zero{zero}"), one_thread)
-    one = launch(trial, "one-process", tasks, 40, ("--set", "train.grad_accum=2"), one_thread)
+    (two,) = launch([trial.name], trial.workdir / "two-ranks", trial.data_dir, tasks, 40,
+                    ("--launcher", "deepspeed", "--num-gpus", "2", "--deepspeed-config", f"zero{zero}"),
+                    one_thread)
+    (one,) = launch([trial.name], trial.workdir / "one-process", trial.data_dir, tasks, 40,
+                    ("--set", "train.grad_accum=2"), one_thread)
     found, expected = outcome(two), outcome(one)
     assert_same({k: found[k] for k in ("matrix", "model")},
                 {k: expected[k] for k in ("matrix", "model")}, f"two ranks under ZeRO-{zero}")
     return f"ZeRO-{zero}: same accuracy matrix and bitwise the same tensors"
 
 
-def launch(trial: Trial, label: str, tasks: tuple[str, ...], train: int, extra: tuple[str, ...],
-           env: dict[str, str], timeout: float = 600) -> RunDir:
-    """`harness run` of the method in a process of its own (`env` added to this one's)."""
-    results = trial.workdir / label
+def launch(names: list[str], results: Path, data_dir: Path, tasks: tuple[str, ...], train: int,
+           extra: tuple[str, ...], env: dict[str, str], timeout: float = 600) -> list[RunDir]:
+    """`harness run` of the methods `names`, one after another in a process of its own (`env`
+    added to this one's); their run folders, in order."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **env}
     done = subprocess.run(
-        [sys.executable, "-m", "harness", "run", "--method", trial.name, "--tasks", ",".join(tasks),
-         "--data-dir", str(trial.data_dir), "--results", str(results), "--train-per-task", str(train),
-         "--test-per-task", str(TEST), "--no-progress", *extra],
-        env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True)
+        [sys.executable, "-m", "harness", "run", "--all", "--jobs", "1", "--methods", ",".join(names),
+         "--tasks", ",".join(tasks), "--data-dir", str(data_dir), "--results", str(results),
+         "--train-per-task", str(train), "--test-per-task", str(TEST), "--no-progress", *extra],
+        env=env, capture_output=True, text=True, timeout=timeout * len(names), start_new_session=True)
     if done.returncode != 0:
-        raise ContractError(f"{label}: harness run failed:\n{done.stderr[-2000:]}")
-    return RunDir(RunSpec(trial.name, tasks, 0, "default").folder(results))
+        raise ContractError(f"{results.name}: harness run failed:\n{done.stderr[-2000:]}")
+    return [RunDir(RunSpec(name, tasks, 0, "default").folder(results)) for name in names]
 
 
 CHECKS: dict[str, Callable[[Trial], str | None]] = {
