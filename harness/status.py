@@ -59,13 +59,19 @@ def run_status(results: Path, folder: Path) -> RunStatus:
     return RunStatus(name, "partial", stages)
 
 
+def run_folders(results: Path) -> list[Path]:
+    """The run folders (`<profile>/<method>/<tasks>/seed*`) at any depth below `results`: a
+    results root's, and those of `harness tune`'s trials (`OUT/trials/<method>/trialNNN/...`)."""
+    return sorted(p for p in results.rglob("seed*")
+                  if p.is_dir() and len(p.relative_to(results).parts) >= 4)
+
+
 def sweep_status(results: Path) -> list[RunStatus]:
     """Every run folder under `results`, and every run a recorded sweep planned."""
     results = Path(results)
     if not results.is_dir():
         raise HarnessError(f"--results {results}: no such directory")
-    folders = {str(p.relative_to(results)): p for p in sorted(results.glob("*/*/*/seed*"))
-               if p.is_dir()}
+    folders = {str(p.relative_to(results)): p for p in run_folders(results)}
     slurm_states: dict[str, str] = {}
     for record_path in sorted((results / SWEEPS).glob("*.json")):
         record = read_json(record_path)

@@ -66,3 +66,13 @@ def test_a_sweep_lists_its_runs_before_any_has_started(synthetic_dir, tmp_path, 
     assert [r["run"] for r in runs] == [f"default/{m}/order1/seed{s}" for m in ("olora", "seqlora")
                                         for s in (0, 1)]
     assert {r["state"] for r in runs} == {"not started"}
+
+
+def test_the_runs_of_a_tuning_folder_are_found_below_its_trials(tmp_path):
+    """`harness tune --out OUT` keeps each trial's run in OUT/trials/<method>/trialNNN/."""
+    out = tmp_path / "tune"
+    started(out / "trials" / "olora" / "trial000", "olora", 4)
+    started(out / "trials" / "olora" / "trial001", "olora", 1)
+    assert {(s.run, s.state, s.stages) for s in sweep_status(out)} == {
+        ("trials/olora/trial000/default/olora/order1/seed0", "partial", "4 of 4"),
+        ("trials/olora/trial001/default/olora/order1/seed0", "partial", "1 of 4")}
