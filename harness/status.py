@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +63,13 @@ def run_status(results: Path, folder: Path) -> RunStatus:
 def run_folders(results: Path) -> list[Path]:
     """The run folders (`<profile>/<method>/<tasks>/seed*`) at any depth below `results`: a
     results root's, and those of `harness tune`'s trials (`OUT/trials/<method>/trialNNN/...`)."""
-    return sorted(p for p in results.rglob("seed*")
-                  if p.is_dir() and len(p.relative_to(results).parts) >= 4)
+    found = []
+    for root, folders, _ in os.walk(results):
+        depth = len(Path(root).relative_to(results).parts) + 1
+        runs = {f for f in folders if f.startswith("seed") and depth >= 4}
+        found += [Path(root) / f for f in runs]
+        folders[:] = [f for f in folders if f not in runs]  # not into a run's stages and checkpoints
+    return sorted(found)
 
 
 def sweep_status(results: Path) -> list[RunStatus]:
