@@ -163,6 +163,8 @@ def tune_method(runner, name: str, sequences: list[tuple[int | None, tuple[str, 
         return score
 
     done = optuna.trial.TrialState.COMPLETE
+    table = out / "trials" / f"{name}.csv"
+    write_trials(table, study)  # what there is already, also when nothing is left to run
     while len(study.get_trials(states=(done,))) < setup["trials"]:  # others may share the study
         # A sampler seeded per trial: one process repeats itself exactly, and processes sharing
         # the study do not all draw the same first (random) trials, as one seed each would.
@@ -172,17 +174,21 @@ def tune_method(runner, name: str, sequences: list[tuple[int | None, tuple[str, 
             seed=setup["seed"] * 10007 + len(study.trials),
             n_startup_trials=max(1, setup["trials"] // 2))
         study.optimize(objective, n_trials=1)
-        write_trials(out / "trials" / f"{name}.csv", study)  # as it goes, for long tunings
-    write_trials(out / "trials" / f"{name}.csv", study)  # also when nothing was left to run
+        write_trials(table, study)  # as it goes, for long tunings
     return _best_of_budget(study, setup["trials"], name)
 
 
 def write_trials(path: Path, study) -> None:
     """Every trial of a method's study, one row each (its number, state, settings, held-out AA,
-    times, whether it was the config file's): Optuna's own table, for pandas."""
+    times, whether it was the config file's): Optuna's own table, for pandas. None before the
+    first trial."""
+    import pandas as pd
+
+    if not study.trials:
+        return
     frame = study.trials_dataframe(attrs=("number", "state", "params", "value", "datetime_start",
                                           "duration", "user_attrs"))
-    frame["duration"] = frame["duration"].dt.total_seconds()
+    frame["duration"] = pd.to_timedelta(frame["duration"]).dt.total_seconds()  # None: not run yet
     own = frame.pop("user_attrs_config_file") if "user_attrs_config_file" in frame else None
     frame["config_file"] = own.eq(True) if own is not None else False
     frame = frame.rename(columns={"value": "heldout_AA", "duration": "seconds"})
