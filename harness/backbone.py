@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,7 +176,7 @@ def pretrain(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerBa
     model.eval()
 
 
-def embedded_backbone_dir(corpus: list[str], spec: EmbeddedSpec,
+def embedded_backbone_dir(corpus: Sequence[str], spec: EmbeddedSpec,
                           phrases: tuple[str, ...] = ()) -> Path:
     """Build (once) and return the folder of the embedded default for this corpus, spec and the
     phrases its tokenizer keeps whole (`_train_tokenizer`).

@@ -170,9 +170,8 @@ def tune_method(runner, name: str, sequences: list[tuple[int | None, tuple[str, 
         # the study do not all draw the same first (random) trials, as one seed each would.
         # Half the trials explore at random (the config file's first), the rest follow TPE (its
         # default waits for 10).
-        study.sampler = optuna.samplers.TPESampler(
-            seed=setup["seed"] * 10007 + len(study.trials),
-            n_startup_trials=max(1, setup["trials"] // 2))
+        study.sampler = optuna.samplers.TPESampler(seed=setup["seed"] * 10007 + len(study.trials),
+                                                   n_startup_trials=max(1, setup["trials"] // 2))
         study.optimize(objective, n_trials=1)
         write_trials(table, study)  # as it goes, for long tunings
     return _best_of_budget(study, setup["trials"], name)
