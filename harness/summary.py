@@ -232,7 +232,8 @@ def run_efficiency(stages: list[dict]) -> dict[str, Any] | None:
 def finish_run(run_dir: RunDir, spec: RunSpec, names: list[str], config: dict) -> Summary:
     """Write accuracy_matrix.csv and summary.json from the run's complete stage folders (also used
     for runs imported from other codebases). A stage that is missing leaves NaN cells."""
-    folders = run_dir.stage_folders()
+    # Checked when the run resumed or written by it since: not read through a second time.
+    folders = run_dir.stage_folders(verify=False)
     rows = [read_json(d / "metrics.json") for d in folders]
     R, labels, missing = _accuracy_matrix(rows, names)
     O = _format_matrix(folders, rows, names, R.shape)

@@ -76,3 +76,18 @@ def test_the_runs_of_a_tuning_folder_are_found_below_its_trials(tmp_path):
     assert {(s.run, s.state, s.stages) for s in sweep_status(out)} == {
         ("trials/olora/trial000/default/olora/order1/seed0", "partial", "4 of 4"),
         ("trials/olora/trial001/default/olora/order1/seed0", "partial", "1 of 4")}
+
+
+def test_status_reads_the_records_and_never_checksums_a_file(tmp_path, monkeypatch):
+    """A stage of a large model holds gigabytes: status counts the stages whose recorded files are
+    there without reading them through (a resuming run verifies their checksums)."""
+    results = tmp_path / "results"
+    folder = started(results, "seqlora", 2)
+
+    def unread(path):
+        raise AssertionError(f"status read {path} through")
+    monkeypatch.setattr("harness.store.sha256", unread)
+    assert [(s.state, s.stages) for s in sweep_status(results)] == [("partial", "2 of 4")]
+    recorded = json.loads((folder / "stage_02-b" / "metrics.json").read_text())["files"]
+    (folder / "stage_02-b" / sorted(recorded)[0]).unlink()  # a recorded file gone: not counted
+    assert [(s.state, s.stages) for s in sweep_status(results)] == [("partial", "1 of 4")]
