@@ -21,13 +21,13 @@ import tempfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from harness import faults
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written: `status`, `table` and
+    import torch   # `report` read none
 
 STAGE_FILES = ("metrics.json", "predictions.jsonl")
 
@@ -38,6 +38,8 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     a computed tensor's memory: on some CPUs (AVX2) InfLoRA's SVDs of a reloaded memory differed
     bitwise, and a resumed run with them. A method's state is read with this; model weights are
     copied into the parameters anyway."""
+    from safetensors.torch import load_file
+
     return {name: tensor.clone() for name, tensor in load_file(str(path)).items()}
 
 
@@ -204,6 +206,9 @@ class RunDir:
         """Build the stage folder under a temporary name, then rename it into place. `deltas`
         (the stage's weight updates, methods.deltas) stay with the stage; the checkpoint does
         not outlive the next stage."""
+        import torch
+        from safetensors.torch import save_file
+
         final = self.path / name
         tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=f".{name}."))
         try:
@@ -237,6 +242,8 @@ class RunDir:
 
     @staticmethod
     def load_checkpoint(stage_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        from safetensors.torch import load_file
+
         model = load_file(str(stage_dir / "model.safetensors"))
         state: dict[str, Any] = json.loads((stage_dir / "method_state.json").read_text())
         if (stage_dir / "method_state.safetensors").exists():

@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: complete stages are kept; run the same command again to resume",
               file=sys.stderr)
         code = 130
-    from harness.distributed import launched
-
-    if launched() and "torch.distributed" in sys.modules:
+    if "torch.distributed" in sys.modules and _launched():
         # A rank leaves without tearing down the process group: gloo's teardown at interpreter
         # exit aborts a rank whose peer already left ("terminate called without an active
         # exception"), which the launcher would report as a failure of a finished run.
@@ -65,3 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _launched() -> bool:
+    from harness.distributed import launched  # imports torch: only once a command has
+
+    return launched()
