@@ -149,3 +149,31 @@ def test_two_ranks_stopped_inside_a_stage_resume_bitwise(synthetic_dir, tmp_path
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming stage 2 after step 2" in resumed.stderr
     assert_same(outcome(tmp_path, "seqlora"), outcome(two_ranks, "seqlora"))
+
+
+def test_the_contracts_two_rank_check_asks_for_these_launches_and_compares_their_results(
+        two_ranks, one_process, tmp_path, monkeypatch):
+    """`harness check-method NAME` (check_two_ranks) for a plugin: the same two launches as this
+    module's (two ranks at the method's highest ZeRO stage up to 2, one process with accumulation
+    2, one thread each), compared on the accuracy matrix and the final tensors; given this module's
+    runs instead of launching again, it passes, and fails where the one process's run differs."""
+    from harness.store import RunDir
+    from harness.testing import contract
+
+    asked, one_method = [], ["seqlora"]
+
+    def launch(names, results, data_dir, tasks, train, extra, env):
+        asked.append((names, tasks, train, extra, env))
+        two = "--launcher" in extra
+        return [RunDir(summary(two_ranks if two else one_process, names[0] if two else
+                               one_method[0])[1])]
+    monkeypatch.setattr(contract, "launch", launch)
+    trial = contract.Trial("seqlora", tmp_path, tmp_path / "unused")
+    assert contract.check_two_ranks(trial) == "ZeRO-2: same accuracy matrix and bitwise the same tensors"
+    tasks, one_thread = ("agnews", "SST-2"), {"OMP_NUM_THREADS": "1"}
+    assert asked == [
+        (["seqlora"], tasks, 40, (*TWO_RANKS, "--deepspeed-config", "zero2"), one_thread),
+        (["seqlora"], tasks, 40, ("--set", "train.grad_accum=2"), one_thread)]
+    one_method[0] = "replay"  # another method's result in place of the one process's
+    with pytest.raises(contract.ContractError, match="two ranks under ZeRO-2"):
+        contract.check_two_ranks(trial)
