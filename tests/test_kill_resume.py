@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from harness.store import RunDir, stage_is_intact
+from harness.testing.kit import run_method
 from tests.helpers import inside_stage_2, steps_per_stage
 
 TASKS = "agnews,SST-2"
@@ -32,7 +33,10 @@ KILL_POINTS = {
 
 
 def harness_run(data_dir, results, method, kill_at=None, extra=()):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    """`harness run` in a process of its own, with this process's thread count (the arithmetic of
+    `uninterrupted`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
+           "TOKENIZERS_PARALLELISM": "false"}
     env.pop("HARNESS_KILL_AT", None)
     if kill_at:
         env["HARNESS_KILL_AT"] = kill_at
@@ -40,6 +44,14 @@ def harness_run(data_dir, results, method, kill_at=None, extra=()):
         [sys.executable, "-m", "harness", "run", "--method", method, "--tasks", TASKS,
          "--data-dir", str(data_dir), "--results", str(results), "--train-per-task", "32",
          "--test-per-task", "8", "--no-progress", *extra], env=env, capture_output=True, text=True)
+
+
+def uninterrupted(data_dir, results, method, settings=()):
+    """The run `harness_run` makes when nothing stops it, made in this process (`settings`: its
+    `--set` arguments): a process start is seconds, and the resumed runs are compared with a
+    run of another process."""
+    return run_method(method, data_dir, results, tasks=tuple(TASKS.split(",")), train_per_task=32,
+                      test_per_task=8, settings=settings)
 
 
 def run_dir(results, method):
@@ -54,12 +66,11 @@ def final_state(results, method):
 
 @pytest.fixture(scope="module")
 def reference(synthetic_dir, tmp_path_factory):
-    """The uninterrupted runs, made the same way (a process of their own, one thread)."""
+    """The uninterrupted runs."""
     results = tmp_path_factory.mktemp("reference")
     states = {}
     for method in KILL_POINTS:
-        done = harness_run(synthetic_dir, results, method)
-        assert done.returncode == 0, done.stderr
+        uninterrupted(synthetic_dir, results, method)
         states[method] = final_state(results, method)
     return states
 

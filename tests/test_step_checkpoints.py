@@ -1,8 +1,8 @@
 """Step checkpoints: a run stopped inside a stage (a preemption signal, or a kill after a periodic
 checkpoint) resumes at the step it reached, and ends bitwise as the uninterrupted run: the
 accuracy matrix, every stage's training record and the final tensors; the summary but its timings.
-Here with real signals, each run a process of its own, for a modifier that draws from its own
-generator every step and A-GEM, whose memory batches do too; every method's step checkpoint
+Here with real signals, each interrupted run a process of its own, for a modifier that draws from
+its own generator every step and A-GEM, whose memory batches do too; every method's step checkpoint
 (the LoRA growth methods' included) is resumed in the plugin contract (tests/test_contract.py), in
 one process."""
 
@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from harness import efficiency
 from harness.checkpoints import Preemption, decode, encode, is_intact
-from tests.test_kill_resume import PER_STAGE, harness_run, run_dir
+from tests.test_kill_resume import PER_STAGE, harness_run, run_dir, uninterrupted
 
 # 32 examples a task: PER_STAGE optimizer steps per stage, twice that in the run. The kill steps are
 # drawn once (seeded), each inside a stage (never its last step, after which nothing of the stage
@@ -24,6 +24,7 @@ METHODS = ["seqlora+rwp", "agem"]
 _draw = random.Random(22)
 KILLS = {m: sorted(_draw.sample([s for s in range(1, 2 * PER_STAGE) if s != PER_STAGE], 2))
          for m in METHODS}
+EVERY_2 = "train.checkpoint_every=2"
 # Not results: timings, and whether the base row was evaluated by this run or shared in a sweep.
 TIMINGS = {"seconds", "train_seconds", "eval_seconds", "train_eval_seconds", "prepare_seconds",
            "consolidate_seconds", "reused", *efficiency.RECORDED}
@@ -67,9 +68,8 @@ def assert_same(found, expected):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_run_stopped_inside_a_stage_resumes_at_its_step(synthetic_dir, tmp_path, method):
-    every = ("--set", "train.checkpoint_every=2")
-    reference = harness_run(synthetic_dir, tmp_path / "whole", method, extra=every)
-    assert reference.returncode == 0, reference.stderr[-2000:]
+    every = ("--set", EVERY_2)
+    uninterrupted(synthetic_dir, tmp_path / "whole", method, (EVERY_2,))
     first, second = KILLS[method]
     results = tmp_path / "stopped"
     # SIGTERM (Slurm's preemption): a checkpoint at the next step boundary, then the process ends.
@@ -92,9 +92,8 @@ def test_a_run_stopped_inside_a_stage_resumes_at_its_step(synthetic_dir, tmp_pat
 def test_a_damaged_step_checkpoint_is_passed_over(synthetic_dir, tmp_path):
     """A checkpoint whose files no longer match their checksums is never resumed from: the stage
     starts again (here from its start, the only other place there is)."""
-    every = ("--set", "train.checkpoint_every=2")
-    reference = harness_run(synthetic_dir, tmp_path / "whole", "seqlora", extra=every)
-    assert reference.returncode == 0
+    every = ("--set", EVERY_2)
+    uninterrupted(synthetic_dir, tmp_path / "whole", "seqlora", (EVERY_2,))
     results = tmp_path / "damaged"
     assert harness_run(synthetic_dir, results, "seqlora", "train_step:3", extra=every).returncode == -9
     (checkpoint,) = (run_dir(results, "seqlora").path / "checkpoints").iterdir()
