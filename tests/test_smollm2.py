@@ -4,20 +4,18 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness import models
+from harness import faults, models
 from harness.backbone import load_backbone
 from harness.benchmark import load_benchmark
 from harness.data import load_instructions, load_task
 from harness.evaluator import evaluate_task
 from harness.store import sha256
+from harness.testing.kit import run_method
 from harness.textio import Batcher
 from tests.conftest import SHARED_DATA
 from tests.tolerance import assert_close, network_ops
@@ -144,27 +142,22 @@ def test_lora_lands_on_the_real_projection_names(smol):
         ctx.model.unload()
 
 
-def harness_run(data_dir, results, kill_at=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("HARNESS_KILL_AT", None)
-    if kill_at:
-        env["HARNESS_KILL_AT"] = kill_at
-    return subprocess.run(
-        [sys.executable, "-m", "harness", "run", "--method", "olora", "--tasks", "SST-2,COPA",
-         "--profile", "smollm2", "--data-dir", str(data_dir), "--results", str(results),
-         "--train-per-task", "8", "--test-per-task", "2", "--set", "train.batch_size=4",
-         "--set", "eval.max_new_tokens=3", "--no-progress"],
-        env=env, capture_output=True, text=True)
+def olora_run(data_dir, results):
+    """O-LoRA on SST-2 then COPA, 8 examples each (2 steps at batch 4), in this process."""
+    return run_method("olora", data_dir, results, tasks=("SST-2", "COPA"), train_per_task=8,
+                      test_per_task=2, settings=("train.batch_size=4", "eval.max_new_tokens=3"),
+                      profile="smollm2")
 
 
 def test_a_two_task_run_passes_every_hook_and_resumes_after_a_kill(data_dir, tmp_path, smol):
     """O-LoRA (a branch per task, a penalty, method state) for 2 steps per task; killed in the
-    second task's training and resumed, it ends bitwise where the uninterrupted run ends."""
+    second task's training (where `harness.faults` would SIGKILL the process: the real signal is
+    tested on the embedded default) and resumed, it ends bitwise where the uninterrupted run ends."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert harness_run(data_dir, whole).returncode == 0
-    assert harness_run(data_dir, killed, kill_at="train_step:3").returncode == -9
-    resumed = harness_run(data_dir, killed)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    olora_run(data_dir, whole)
+    with faults.kill_at("train_step:3:RAISE"), pytest.raises(faults.Killed):
+        olora_run(data_dir, killed)
+    olora_run(data_dir, killed)
     runs = [r / "smollm2" / "olora" / "tasks-SST-2+COPA" / "seed0" for r in (whole, killed)]
     summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
     assert summaries[0]["accuracy_matrix"] == summaries[1]["accuracy_matrix"]
