@@ -129,10 +129,12 @@ def test_two_cpu_ranks_compute_what_one_process_computes(two_ranks, one_process,
 
 
 def test_two_ranks_stopped_inside_a_stage_resume_bitwise(synthetic_dir, tmp_path, two_ranks):
-    """SIGTERM reaches both ranks at step 3 of stage 1 (of 4: EPOCHS x 2 steps): both write their
-    part of one step checkpoint (each its ZeRO-2 optimizer partition and fp32 master copy), and the
-    resumed run ends bitwise as the uninterrupted one. A SIGKILL at the resumed run's 4th step
-    (stage 2, step 3) then resumes from the periodic checkpoint after step 2."""
+    """SIGTERM reaches both ranks at step 3 of stage 1 (of 4: EPOCHS x 2 steps), after the
+    periodic checkpoint of step 2: both write their part of one step checkpoint (each its ZeRO-2
+    optimizer partition and fp32 master copy) in its place, and the resumed run goes on after step
+    3 and ends bitwise as the uninterrupted one. (A SIGKILL after a periodic checkpoint resumes
+    through the same files; it is tested in one process, test_step_checkpoints.py: a two-rank
+    launch costs 38 s of CPU.)"""
     from tests.test_step_checkpoints import assert_same, outcome
 
     every = ("--set", "train.checkpoint_every=2")
@@ -141,13 +143,12 @@ def test_two_ranks_stopped_inside_a_stage_resume_bitwise(synthetic_dir, tmp_path
     assert stopped.returncode != 0
     (checkpoint,) = (tmp_path / "default" / "seqlora" / "tasks-agnews+SST-2" / "seed0" /
                      "checkpoints").iterdir()
+    assert checkpoint.name.endswith("-step000003")
     assert {f.name for f in checkpoint.iterdir()} >= {
         "optimizer.rank0.safetensors", "optimizer.rank1.safetensors", "tensors.safetensors"}
-    killed = harness(synthetic_dir, tmp_path, *zero2, *every, kill_at="train_step:4")
-    assert killed.returncode != 0
     resumed = harness(synthetic_dir, tmp_path, *zero2, *every)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming stage 2 after step 2" in resumed.stderr
+    assert "resuming stage 1 after step 3" in resumed.stderr
     assert_same(outcome(tmp_path, "seqlora"), outcome(two_ranks, "seqlora"))
 
 
