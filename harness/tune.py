@@ -212,7 +212,8 @@ def first_attempt(trial) -> int:
 
 def _best_of_budget(study, trials: int, name: str) -> dict[str, Any]:
     """The best of the study's first `trials` complete trials (by number): its settings, held-out
-    AA and trial (its folder's number), and how many were compared."""
+    AA, trial (its folder's number; a killed and rerun trial keeps its first folder), rank among
+    the complete trials (1 is the config file's), and how many were compared."""
     import optuna
 
     done = optuna.trial.TrialState.COMPLETE
@@ -222,7 +223,7 @@ def _best_of_budget(study, trials: int, name: str) -> dict[str, Any]:
         raise HarnessError(f"tune: every trial of {name} ended without an AA")
     best = max(scored, key=lambda t: t.value)
     result = {"settings": best.params, "heldout_AA": round(best.value, 4),
-              "trial": first_attempt(best), "trials": len(first)}
+              "trial": first_attempt(best), "rank": first.index(best) + 1, "trials": len(first)}
     own = [t for t in scored if t.user_attrs.get("config_file")]
     if own:  # what not tuning would have scored, beside the choice
         result["config_file"] = {"settings": own[0].params, "heldout_AA": round(own[0].value, 4)}
@@ -243,7 +244,7 @@ def choices_table(data: dict[str, Any]) -> str:
     rows = {name: {"config file": shown(r.get("config_file", {}).get("settings")),
                    "held-out AA (config file)": r.get("config_file", {}).get("heldout_AA"),
                    "chosen": shown(r["settings"]), "held-out AA (chosen)": r["heldout_AA"],
-                   "chosen trial": f"{r['trial'] + 1} of {r['trials']}"}
+                   "chosen trial": _chosen_trial(r)}
             for name, r in sorted(data["methods"].items())}
     setup = data["setup"]
     title = (f"What `harness tune` chose ({setup['profile']}; {setup['trials']} trials per method, "
@@ -252,6 +253,14 @@ def choices_table(data: dict[str, Any]) -> str:
                   title, "config file: trial 1, the config file's settings (one outside its "
                   "searched range drawn instead); a choice equal to them: no trial beat them.") \
         + "\n"
+
+
+def _chosen_trial(result: dict[str, Any]) -> str:
+    """Which complete trial was chosen ("3 of 4"), and its folder where a killed trial's rerun
+    makes the two differ (files from before ranks were recorded: the folder's number)."""
+    rank = result.get("rank", result["trial"] + 1)
+    folder = f" (trial{result['trial']:03d})" if rank != result["trial"] + 1 else ""
+    return f"{rank} of {result['trials']}{folder}"
 
 
 def _check_setup(study, setup: dict[str, Any], url: str) -> None:
