@@ -10,15 +10,14 @@ Needs root to mount a tmpfs (CI runs as root); skipped elsewhere, failed under C
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-import torch
 
 from harness.checkpoints import is_intact
 from harness.store import stage_is_intact
-from tests.test_kill_resume import PER_STAGE, harness_run, run_dir, uninterrupted
+from tests.test_kill_resume import (PER_STAGE, harness_command, harness_env, harness_run, run_dir,
+                                    uninterrupted)
 from tests.test_step_checkpoints import assert_same, outcome
 
 EVERY = ("--set", "train.checkpoint_every=2")
@@ -49,13 +48,9 @@ def fill(disk, leave: int):
 
 def stopped_at(data_dir, results, stop_at):
     """A run that stops itself at `stop_at` (a fault point): its process, once stopped."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
-           "TOKENIZERS_PARALLELISM": "false", "HARNESS_KILL_AT": f"{stop_at}:STOP"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "harness", "run", "--method", "seqlora", "--tasks", "agnews,SST-2",
-         "--data-dir", str(data_dir), "--results", str(results), "--train-per-task", "32",
-         "--test-per-task", "8", "--no-progress", *EVERY],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(harness_command(data_dir, results, "seqlora", EVERY),
+                               env=harness_env(f"{stop_at}:STOP"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while open(f"/proc/{process.pid}/stat").read().split()[2] != "T":
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()

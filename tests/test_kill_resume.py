@@ -35,15 +35,24 @@ KILL_POINTS = {
 def harness_run(data_dir, results, method, kill_at=None, extra=()):
     """`harness run` in a process of its own, with this process's thread count (the arithmetic of
     `uninterrupted`)."""
+    return subprocess.run(harness_command(data_dir, results, method, extra),
+                          env=harness_env(kill_at), capture_output=True, text=True)
+
+
+def harness_command(data_dir, results, method, extra=()):
+    return [sys.executable, "-m", "harness", "run", "--method", method, "--tasks", TASKS,
+            "--data-dir", str(data_dir), "--results", str(results), "--train-per-task", "32",
+            "--test-per-task", "8", "--no-progress", *extra]
+
+
+def harness_env(kill_at=None):
+    """This process's environment with its thread count, and a fault point (`kill_at`) or none."""
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
            "TOKENIZERS_PARALLELISM": "false"}
     env.pop("HARNESS_KILL_AT", None)
     if kill_at:
         env["HARNESS_KILL_AT"] = kill_at
-    return subprocess.run(
-        [sys.executable, "-m", "harness", "run", "--method", method, "--tasks", TASKS,
-         "--data-dir", str(data_dir), "--results", str(results), "--train-per-task", "32",
-         "--test-per-task", "8", "--no-progress", *extra], env=env, capture_output=True, text=True)
+    return env
 
 
 def uninterrupted(data_dir, results, method, settings=()):
