@@ -78,6 +78,21 @@ def test_the_choices_table_sets_each_choice_beside_the_config_files_settings(tun
     assert rows["olora"][4] == f"{olora['trial'] + 1} of 2"
 
 
+def test_the_trials_table_shows_a_queued_trials_settings(tmp_path):
+    """Before the config file's trial has run, its row names its settings (Optuna keeps a queued
+    trial's settings apart from the params of a trial that ran)."""
+    import optuna
+
+    from harness import tune
+
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"lr": 3e-4, "lambda1": 0.5}, user_attrs={"config_file": True})
+    tune.write_trials(tmp_path / "olora.csv", study)
+    [row] = pd.read_csv(tmp_path / "olora.csv").to_dict("records")
+    assert (row["state"], row["params_lr"], row["params_lambda1"]) == ("WAITING", 3e-4, 0.5)
+    assert row["config_file"] and np.isnan(row["heldout_AA"])
+
+
 def test_a_shared_study_is_continued_not_repeated_and_another_setup_is_refused(tuned, synthetic_dir,
                                                                               capsys):
     before = (tuned / "tuned.json").read_text()
