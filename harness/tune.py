@@ -249,7 +249,7 @@ def choices_table(data: dict[str, Any]) -> str:
     rows = {name: {"config file": shown(r.get("config_file", {}).get("settings")),
                    "held-out AA (config file)": r.get("config_file", {}).get("heldout_AA"),
                    "chosen": shown(r["settings"]), "held-out AA (chosen)": r["heldout_AA"],
-                   "chosen trial": _chosen_trial(r)}
+                   "chosen trial": chosen_trial(r)}
             for name, r in sorted(data["methods"].items())}
     setup = data["setup"]
     title = (f"What `harness tune` chose ({setup['profile']}; {setup['trials']} trials per method, "
@@ -260,7 +260,7 @@ def choices_table(data: dict[str, Any]) -> str:
         + "\n"
 
 
-def _chosen_trial(result: dict[str, Any]) -> str:
+def chosen_trial(result: dict[str, Any]) -> str:
     """Which complete trial was chosen ("3 of 4"), and its folder where a killed trial's rerun
     makes the two differ (files from before ranks were recorded: the folder's number)."""
     rank = result.get("rank", result["trial"] + 1)

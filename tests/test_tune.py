@@ -279,17 +279,17 @@ def test_a_killed_trial_is_run_again_with_its_settings_in_its_own_folder(tmp_pat
     assert runner.seen[0] == {"lr": own["lr"], "lambda1": own["lambda1"]}
     assert runner.folders == ["trial000", "trial002"]  # trial 1 was the killed one's rerun
     assert result["trials"] == 2 and result["trial"] == 0  # named by its folder, not its rerun
-    assert tune._chosen_trial(result) == "1 of 2"
+    assert tune.chosen_trial(result) == "1 of 2"
 
 
-def test_a_chosen_trial_after_a_killed_one_is_counted_among_the_complete_ones():
+def test_achosen_trial_after_a_killed_one_is_counted_among_the_complete_ones():
     """tuned.md's "chosen trial": the rank among the complete trials, with the folder where a
     killed attempt took a number (the third complete trial ran in trial003)."""
     from harness import tune
 
-    assert tune._chosen_trial({"trial": 3, "rank": 3, "trials": 4}) == "3 of 4 (trial003)"
-    assert tune._chosen_trial({"trial": 2, "rank": 3, "trials": 4}) == "3 of 4"
-    assert tune._chosen_trial({"trial": 2, "trials": 4}) == "3 of 4"  # a file from before ranks
+    assert tune.chosen_trial({"trial": 3, "rank": 3, "trials": 4}) == "3 of 4 (trial003)"
+    assert tune.chosen_trial({"trial": 2, "rank": 3, "trials": 4}) == "3 of 4"
+    assert tune.chosen_trial({"trial": 2, "trials": 4}) == "3 of 4"  # a file from before ranks
 
 
 def _write_results(path, setup, names):

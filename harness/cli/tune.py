@@ -68,6 +68,6 @@ def handle(args) -> None:
         tune.write_tuned(path, setup, name, result)
         chosen = "  ".join(f"{k} {v:.3g}" for k, v in result["settings"].items())
         print(f"{name}: {chosen}  (held-out AA {result['heldout_AA']:.2f}, trial "
-              f"{result['trial'] + 1})", flush=True)
+              f"{tune.chosen_trial(result)})", flush=True)
     print(f"tuned settings -> {path} (a table of them: {args.out / tune.CHOICES_FILE}); apply "
           f"them with `harness run ... --tuned {path}`")
