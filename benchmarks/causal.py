@@ -254,18 +254,12 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     bench = CausalBench(args)
-    from benchmarks.run import machine
+    from benchmarks.run import machine, measure_rows
 
     where = torch.cuda.get_device_name() if bench.device.type == "cuda" else machine()
     print(f"machine: {where}", flush=True)
     start = time.perf_counter()
-    for row in args.rows.split(","):
-        getattr(bench, f"row{row.strip()}")()
-    from tabulate import tabulate
-
-    table = tabulate(bench.rows, headers=["row", "what", "harness", "baseline", "ratio"],
-                     tablefmt="github")
-    print("\n" + table)
+    table = measure_rows(bench, args.rows)
     if args.out:
         args.out.write_text(
             f"# A real causal LM ({args.model}), measured side by side\n\n"

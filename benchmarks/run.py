@@ -369,6 +369,19 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
+def measure_rows(bench, rows: str) -> str:
+    """Measure the rows named in `rows` ("1,3") with `bench`'s row<N> methods; their table,
+    printed and returned as Markdown."""
+    from tabulate import tabulate
+
+    for row in rows.split(","):
+        getattr(bench, f"row{row.strip()}")()
+    table = tabulate(bench.rows, headers=["row", "what", "harness", "baseline", "ratio"],
+                     tablefmt="github")
+    print("\n" + table)
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,2,3,4,5", help="rows to run (6: the whole sweep)")
@@ -387,13 +400,7 @@ def main() -> None:
     bench = Bench(args.train, args.test, args.repeats)
     print(f"machine: {machine()}", flush=True)
     start = time.perf_counter()
-    for row in args.rows.split(","):
-        getattr(bench, f"row{row.strip()}")()
-    from tabulate import tabulate
-
-    table = tabulate(bench.rows, headers=["row", "what", "harness", "baseline", "ratio"],
-                     tablefmt="github")
-    print("\n" + table)
+    table = measure_rows(bench, args.rows)
     if args.out:
         args.out.write_text(
             f"# Speed, measured side by side\n\n`python benchmarks/run.py --rows {args.rows}` on "
