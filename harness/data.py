@@ -9,6 +9,7 @@ file and what is wrong with it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -240,6 +241,21 @@ def note_dev_copies(data_dir: Path, tasks) -> None:
                     "on it are chosen on the test set; choose them with --eval-split heldout or "
                     "`harness tune`, which use records of train.json instead", data_dir,
                     len(copies), len(tasks), ", ".join(copies[:3]) + (", ..." if len(copies) > 3 else ""))
+
+
+def data_digest(data_dir: Path, tasks) -> str:
+    """The identity of what training and the held-out split read of `tasks` (each one's train.json
+    and labels.json, and the instructions), wherever the folder lies: machines that share a study
+    name the same data by different paths."""
+    digest = hashlib.sha256()
+    paths = [Path(data_dir) / "instruction_config.json"] + [
+        Path(data_dir) / task.folder / name for task in tasks for name in ("train.json", "labels.json")]
+    for path in paths:
+        try:
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        except OSError as exc:
+            raise HarnessError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    return digest.hexdigest()[:16]
 
 
 def resolve_data_dir(data_dir: Path | str | None) -> tuple[Path, str]:

@@ -273,10 +273,17 @@ def _check_setup(study, setup: dict[str, Any], url: str) -> None:
     recorded = study.user_attrs.get("setup")
     if recorded is None:
         study.set_user_attr("setup", setup)
-    elif recorded != setup:
-        changed = sorted(k for k in {*recorded, *setup} if recorded.get(k) != setup.get(k))
+    elif changed := setup_changes(recorded, setup):
         raise HarnessError(f"--storage {url}: study {study.study_name!r} was tuned with other "
                            f"settings ({', '.join(changed)}); use another --out or --storage")
+
+
+def setup_changes(recorded: dict[str, Any], setup: dict[str, Any]) -> list[str]:
+    """What differs between two tunings' setups. The data is compared by its digest where both
+    have one (the folder may lie elsewhere on another machine), else by its folder (a setup
+    recorded before digests were)."""
+    ignored = {"data_dir"} if "data" in recorded and "data" in setup else {"data"}
+    return sorted(k for k in {*recorded, *setup} - ignored if recorded.get(k) != setup.get(k))
 
 
 def write_tuned(path: Path, setup: dict[str, Any], method: str, result: dict[str, Any]) -> None:
@@ -287,7 +294,7 @@ def write_tuned(path: Path, setup: dict[str, Any], method: str, result: dict[str
 
     with FileLock(path.with_name(f".{path.name}.lock")):
         data = read_tuned_file(path) if path.exists() else {"setup": setup, "methods": {}}
-        if data["setup"] != setup:
+        if setup_changes(data["setup"], setup):
             raise HarnessError(f"{path}: holds a tuning with other settings; use another --out")
         data["methods"][method] = result
         write_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")

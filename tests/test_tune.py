@@ -108,6 +108,34 @@ def test_a_shared_study_is_continued_not_repeated_and_another_setup_is_refused(t
     assert "tuned with other settings (trials)" in capsys.readouterr().err
 
 
+def test_a_study_continues_from_the_same_data_in_another_folder_not_from_other_data(
+        tuned, synthetic_dir, tmp_path, capsys):
+    """Machines sharing a study name one data by different paths: the study records the data's
+    digest and continues from a copy elsewhere; a copy with one task's train.json changed is
+    refused, before anything is written."""
+    import shutil
+
+    before = (tuned / "tuned.json").read_text()
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(synthetic_dir, copy)
+    argv = ["tune", "--methods", "seqlora", "--trials", "2", "--lr-range", "3e-3,3e-2",
+            "--data-dir", str(copy), "--out", str(tuned), *BUDGET]
+    assert main(argv) == 0
+    assert len(list((tuned / "trials" / "seqlora").iterdir())) == 2  # nothing ran again
+    assert (tuned / "tuned.json").read_text() == before
+    train = copy / "TC" / "agnews" / "train.json"
+    train.write_text(train.read_text().replace("}", " }", 1))  # one record, one space more
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "tuned with other settings (data)" in capsys.readouterr().err
+    assert (tuned / "tuned.json").read_text() == before
+    from harness.tune import setup_changes
+
+    old = {"data_dir": "/a", "trials": 2}  # recorded before digests: compared by folder
+    assert setup_changes(old, {**old, "data": "f00d"}) == []
+    assert setup_changes(old, {"data_dir": "/b", "trials": 2, "data": "f00d"}) == ["data_dir"]
+
+
 def test_run_tuned_applies_and_records_the_settings_and_the_table_marks_them(tuned, synthetic_dir,
                                                                             tmp_path):
     chosen = json.loads((tuned / "tuned.json").read_text())["methods"]["olora"]["settings"]

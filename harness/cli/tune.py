@@ -50,13 +50,7 @@ def handle(args) -> None:
     for name in args.methods:
         runner.create_method(name)  # unknown names and bad settings fail first
         tune.search_space(name, args.profile, args.lr_range, dict(args.ranges))
-    setup = {"profile": args.profile, "sequences": [list(seq) for _, seq in sequences],
-             "seed": args.seed, "trials": args.trials, "lr_range": list(args.lr_range),
-             **({"ranges": {k: list(v) for k, v in args.ranges}} if args.ranges else {}),
-             "train_per_task": args.train_per_task or runner.profile.train_per_task,
-             "test_per_task": args.test_per_task or runner.profile.test_per_task,
-             "data_dir": str(runner.data_dir), "model": args.model or runner.profile.model,
-             "overrides": list(args.overrides), "split": "heldout"}
+    setup = tuning_setup(args, runner, sequences)
     storage = tune.open_storage(args.storage) if args.storage else None
     args.out.mkdir(parents=True, exist_ok=True)
     storage = storage or tune.open_storage(f"sqlite:///{(args.out / 'study.db').resolve()}")
@@ -71,3 +65,19 @@ def handle(args) -> None:
               f"{tune.chosen_trial(result)})", flush=True)
     print(f"tuned settings -> {path} (a table of them: {args.out / tune.CHOICES_FILE}); apply "
           f"them with `harness run ... --tuned {path}`")
+
+
+def tuning_setup(args, runner, sequences) -> dict:
+    """What a study records and only continues: budget, search, data (its digest: the folder may
+    lie elsewhere on another machine sharing the study), model and settings."""
+    from harness.data import data_digest
+
+    tasks = [runner.benchmark.tasks[t] for t in sorted({t for _, seq in sequences for t in seq})]
+    return {"profile": args.profile, "sequences": [list(seq) for _, seq in sequences],
+            "seed": args.seed, "trials": args.trials, "lr_range": list(args.lr_range),
+            **({"ranges": {k: list(v) for k, v in args.ranges}} if args.ranges else {}),
+            "train_per_task": args.train_per_task or runner.profile.train_per_task,
+            "test_per_task": args.test_per_task or runner.profile.test_per_task,
+            "data_dir": str(runner.data_dir), "data": data_digest(runner.data_dir, tasks),
+            "model": args.model or runner.profile.model,
+            "overrides": list(args.overrides), "split": "heldout"}
