@@ -310,7 +310,7 @@ def test_a_killed_trial_is_run_again_with_its_settings_in_its_own_folder(tmp_pat
     assert tune.chosen_trial(result) == "1 of 2"
 
 
-def test_achosen_trial_after_a_killed_one_is_counted_among_the_complete_ones():
+def test_the_chosen_trial_after_a_killed_one_is_counted_among_the_complete_ones():
     """tuned.md's "chosen trial": the rank among the complete trials, with the folder where a
     killed attempt took a number (the third complete trial ran in trial003)."""
     from harness import tune
