@@ -189,10 +189,10 @@ def write_trials(path: Path, study) -> None:
     frame = study.trials_dataframe(attrs=("number", "state", "params", "value", "datetime_start",
                                           "duration", "user_attrs"))
     frame["duration"] = pd.to_timedelta(frame["duration"]).dt.total_seconds()  # None: not run yet
-    for trial in study.trials:  # a queued trial (the config file's) has its settings, not params
+    # A queued trial (the config file's) holds its settings apart from the params of one that ran.
+    for trial in study.get_trials(states=(optuna.trial.TrialState.WAITING,)):
         for key, value in trial.system_attrs.get("fixed_params", {}).items():
-            if trial.state == optuna.trial.TrialState.WAITING:
-                frame.loc[trial.number, f"params_{key}"] = value
+            frame.loc[trial.number, f"params_{key}"] = value
     own = frame.pop("user_attrs_config_file") if "user_attrs_config_file" in frame else None
     frame["config_file"] = own.eq(True) if own is not None else False
     frame = frame.rename(columns={"value": "heldout_AA", "duration": "seconds"})
