@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import logging
 import math
 import platform
@@ -26,7 +25,7 @@ from harness import faults
 from harness.backbone import EmbeddedSpec, embedded_backbone_dir, load_backbone
 from harness.benchmark import Task, load_benchmark
 from harness.checkpoints import StepCheckpoints
-from harness.data import (TaskData, load_instructions, load_task, note_dev_copies,
+from harness.data import (TaskData, data_digest, load_instructions, load_task, note_dev_copies,
                           resolve_data_dir)
 from harness.distributed import SINGLE, World, device_for
 from harness.efficiency import device_peak, stage_efficiency
@@ -35,8 +34,8 @@ from harness.evaluator import evaluate_task
 from harness.models import resolve_model
 from harness.profiles import Profile, load_profile
 from harness.runlog import QUIET, RunLog
-from harness.store import (FAILED, LOCK, STAGES, RunDir, RunSpec, out_of_space, read_json,
-                           record_failure, stage_name, write_json)
+from harness.store import (FAILED, LOCK, STAGES, RunDir, RunSpec, config_fingerprint, out_of_space,
+                           read_json, record_failure, stage_name, write_json)
 from harness.summary import Summary, finish_run, read_summary, stage_predictions
 from harness.synthetic import tokenizer_corpus, tokenizer_phrases
 from harness.textio import Batcher
@@ -103,6 +102,7 @@ class Runner:
         note_dev_copies(self.data_dir, self.benchmark.tasks.values())
         self.instructions = load_instructions(self.data_dir)
         self._data: dict[str, TaskData] = {}
+        self._digests: dict[tuple[str, ...], str] = {}
         self._model_path: str | None = None
         # The untrained backbone's accuracy and predictions per task: the base row every run of
         # the sweep shares (same backbone, data and evaluation settings), computed once.
@@ -166,6 +166,7 @@ class Runner:
             "method_config": method_config,
             "model": self.options.model or self.profile.model,
             "benchmark": {"kind": self.data_kind, "data_dir": str(self.data_dir),
+                          "data": self.data_identity(tuple(spec.tasks)),
                           # Only when not the test split, so earlier runs keep their fingerprint.
                           **({"split": self.options.eval_split}
                              if self.options.eval_split != "test" else {})},
@@ -182,11 +183,27 @@ class Runner:
             "deepspeed": None if self.engine_config is None else {
                 "ranks": self.world.size, "config": self.engine_config},
         }
-        config["fingerprint"] = hashlib.sha256(
-            json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        config["fingerprint"] = self._fingerprint(spec, config)
         config["versions"] = {p: version(p) for p in ("torch", "transformers", "peft", "datasets")}
         config["versions"]["python"] = platform.python_version()
         return config
+
+    def data_identity(self, tasks: tuple[str, ...]) -> str:
+        """The digest of the files a run of `tasks` reads (the instructions, and each task's
+        training records, labels and, unless the held-out split is evaluated, test records)."""
+        if tasks not in self._digests:
+            evaluated = ("test.json",) if self.options.eval_split == "test" else ()
+            files = ("train.json", "labels.json", *evaluated)
+            self._digests[tasks] = data_digest(self.data_dir, self.benchmark.sequence(list(tasks)), files)
+        return self._digests[tasks]
+
+    def _fingerprint(self, spec: RunSpec, config: dict) -> str:
+        """By the data's content; a run folder recorded before that (its data named by folder)
+        keeps its fingerprint, so that it resumes or is skipped as before."""
+        by_folder = config_fingerprint(config, by_folder=True)
+        if self.run_dir(spec).recorded_fingerprint() == by_folder:
+            return by_folder
+        return config_fingerprint(config)
 
     def run_dir(self, spec: RunSpec) -> RunDir:
         return RunDir(spec.folder(self.options.results, tuned=bool(self.tuned_settings(spec.method))))

@@ -102,6 +102,17 @@ def read_json(path: Path) -> Any:
         raise HarnessError(f"{path}: unreadable result file: {exc}") from exc
 
 
+def config_fingerprint(config: dict[str, Any], by_folder: bool = False) -> str:
+    """The hash that names a run's configuration (`fingerprint` and `versions` aside). Its data is
+    named by content (the benchmark's `data` digest), so that a run folder moved to a machine
+    that mounts the data elsewhere resumes there; `by_folder` names it by `data_dir` instead, as
+    runs recorded before the digest did."""
+    left_out = "data" if by_folder else "data_dir"
+    named = {key: value for key, value in config.items() if key not in ("fingerprint", "versions")}
+    named["benchmark"] = {k: v for k, v in config["benchmark"].items() if k != left_out}
+    return hashlib.sha256(json.dumps(named, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 DELTAS = "deltas.safetensors"
 LOCK = ".lock"
 
@@ -147,6 +158,9 @@ class RunDir:
 
     def is_complete(self) -> bool:
         return self.summary_path.exists()
+
+    def recorded_fingerprint(self) -> str | None:
+        return read_json(self.config_path).get("fingerprint") if self.config_path.exists() else None
 
     def locked(self) -> bool:
         """Whether a process holds the folder's lock, as a runner does while it works on the run

@@ -6,7 +6,8 @@ Fields (percentages are exact-match accuracies, 0-100; null where a cell or metr
 
 - `method`, `sequence` (`order<k>` or `tasks-a+b+...`), `order` (null for a custom sequence),
   `tasks` (in training order), `seed`, `profile`, `model` (as given: a path, a name or a hub id);
-- `benchmark`: `kind` ("synthetic" or "real"), `data_dir`, and `split` when not "test";
+- `benchmark`: `kind` ("synthetic" or "real"), `data_dir`, `data` (a digest of the files the run
+  read; absent in runs recorded before it), and `split` when not "test";
 - `tuned`: the settings `harness tune` chose and `run --tuned` applied, or null (the method's
   config file);
 - `metrics`: AA, LA, BWT, FWT, forgetting (harness.metrics), over `accuracy_matrix`, and BWT and
@@ -28,8 +29,9 @@ Fields (percentages are exact-match accuracies, 0-100; null where a cell or metr
 - `warnings`: what the method or the engine warned of while training, one object per warning:
   `stage` (1-based), `task` (the stage's), `message` (the stage folders' `metrics.json` keep their
   own; the whole log of every process that worked on the run is `run.log` in its folder);
-- `fingerprint`: the hash of the run's configuration (config.json), which decides whether a later
-  command may resume or skip the run.
+- `fingerprint`: the hash of the run's configuration (config.json) with its data named by the
+  digest rather than its folder, which decides whether a later command may resume or skip the
+  run (on another machine too, wherever the same data lies).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """End to end through the CLI: results layout, determinism, resume, skip, bad arguments."""
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -164,6 +166,44 @@ def test_other_configuration_is_refused_and_force_keeps_results_on_bad_input(fir
     assert run(synthetic_dir, first_run, "--method", "seqlora", "--tasks", "agnews,SST-2", "--force",
                "--model", "/no/such/model") == 2
     assert summary.read_text() == before
+
+
+def test_moved_data_and_results_resume_where_they_lie_and_changed_data_is_refused(
+        first_run, synthetic_dir, tmp_path, capsys):
+    # Another machine: the results and the data copied, each to another folder. The run is
+    # found complete there (skipped, not refused as another configuration).
+    data, results = tmp_path / "data", tmp_path / "results"
+    shutil.copytree(synthetic_dir, data)
+    shutil.copytree(first_run, results)
+    args = ("--method", "seqlora", "--tasks", "agnews,SST-2")
+    summary = results / "default" / "seqlora" / "tasks-agnews+SST-2" / "seed0" / "summary.json"
+    before = summary.read_text()
+    assert run(data, results, *args) == 0 and summary.read_text() == before
+    # One changed test record is other data: refused, nothing changed.
+    test_json = next(data.rglob("SST-2/test.json"))
+    test_json.write_text(test_json.read_text().replace("a", "b", 1))
+    assert run(data, results, *args) == 2
+    assert "another configuration" in capsys.readouterr().err and summary.read_text() == before
+
+
+def test_runs_recorded_before_the_data_digest_keep_their_fingerprint(first_run, synthetic_dir,
+                                                                      tmp_path):
+    # As such a run was recorded: no digest, the fingerprint over the data folder instead.
+    results = tmp_path / "results"
+    shutil.copytree(first_run, results)
+    run_dir = results / "default" / "seqlora" / "tasks-agnews+SST-2" / "seed0"
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["benchmark"]["data"]
+    named = {k: v for k, v in config.items() if k not in ("fingerprint", "versions")}
+    config["fingerprint"] = hashlib.sha256(
+        json.dumps(named, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["fingerprint"] = config["fingerprint"]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    before = (run_dir / "summary.json").read_text()
+    assert run(synthetic_dir, results, "--method", "seqlora", "--tasks", "agnews,SST-2") == 0
+    assert (run_dir / "summary.json").read_text() == before  # skipped as complete
 
 
 def test_damaged_stage_and_leftovers_are_redone(synthetic_dir, tmp_path):
