@@ -56,6 +56,12 @@ def order_group(sequence: str) -> str:
     return sequence
 
 
+def _folder_name(benchmark: dict) -> str:
+    """The data folder by its name alone: runs of one sweep made or resumed on machines that mount
+    the benchmark at different paths share its tables (their fingerprints name the data by content)."""
+    return Path(str(benchmark.get("data_dir") or "-")).name
+
+
 def load_summaries(results: Path, profile: str | None = None) -> pd.DataFrame:
     """One row per complete run: identity, metrics and parameter metrics."""
     root = Path(results)
@@ -69,7 +75,7 @@ def load_summaries(results: Path, profile: str | None = None) -> pd.DataFrame:
         rows.append({"profile": s.profile, "method": s.label,
                      "sequence": s.sequence,
                      "order": s.order, "seed": s.seed, "model": s.model or "",
-                     "kind": bench["kind"], "benchmark": f"{bench['kind']} ({bench.get('data_dir')}){split}",
+                     "kind": bench["kind"], "benchmark": f"{bench['kind']} ({_folder_name(bench)}){split}",
                      **s.metrics,
                      **{k: params.get(k) for k in PARAMETER_METRICS + COMPARED_PARAMETERS},
                      "path": str(s.folder)})

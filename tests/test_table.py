@@ -10,14 +10,15 @@ from harness import table
 from harness.cli import main
 
 
-def write_summary(root, method, order, seed, AA, BWT=-5.0, profile="default", kind="synthetic"):
+def write_summary(root, method, order, seed, AA, BWT=-5.0, profile="default", kind="synthetic",
+                  data_dir="/data"):
     folder = root / profile / method / f"order{order}" / f"seed{seed}"
     folder.mkdir(parents=True)
     R = [[0.0] * 4] + [[AA] * 4 for _ in range(4)]
     (folder / "summary.json").write_text(json.dumps({
         "method": method, "sequence": f"order{order}", "order": order, "seed": seed,
         "profile": profile, "model": "embedded", "tasks": ["a", "b", "c", "d"],
-        "benchmark": {"kind": kind, "data_dir": "/data"},
+        "benchmark": {"kind": kind, "data_dir": data_dir},
         "metrics": {"AA": AA, "BWT": BWT, "FWT": 0.0, "forgetting": -BWT, "LA": AA},
         "parameter_metrics": {"ACR": 0.5, "GSR_hoyer": 0.7, "OO": 1e-3},
         "accuracy_matrix": R, "row_labels": ["base", "a", "b", "c", "d"]}))
@@ -56,6 +57,18 @@ def test_paper_layout_cells_and_group_averages(tree):
     assert olora[3] == pytest.approx((71.1 + 72.1 + 73.1) / 3)
     assert list(lines) == ["seqlora", "inclora", "olora"]  # the papers' row order
     assert "seeds per cell 3-3" in text.splitlines()[0]
+
+
+def test_runs_of_one_benchmark_at_two_paths_share_a_table(tmp_path):
+    # Two machines mounting the benchmark at different paths: one table, titled by its folder's
+    # name; another folder name is another benchmark.
+    root = tmp_path / "results"
+    write_summary(root, "olora", 1, 0, AA=70, data_dir="/scratch/user/CL_Benchmark")
+    write_summary(root, "seqlora", 1, 0, AA=40, data_dir="/home/user/data/CL_Benchmark")
+    write_summary(root, "inclora", 1, 0, AA=50, data_dir="/home/user/data/CL_Benchmark-v2")
+    titles = [l for l in table.paper_table(table.load_summaries(root)).splitlines() if "(%)" in l]
+    assert len(titles) == 2 and "benchmark synthetic (CL_Benchmark);" in titles[0]
+    assert "/" not in titles[0].split("benchmark")[1]
 
 
 def test_full_table_marks_best_and_ties(tree):
