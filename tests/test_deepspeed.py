@@ -1,9 +1,11 @@
 """Two CPU ranks through DeepSpeed compute bitwise what one process computes with the same global
 batch, for every built-in method: among them LoRA growth, regularisers, replay, full fine-tuning
 and plain LoRA under ZeRO-2, gradient projection (gorp) and the gradient-memory methods (agem, with
-its extra pass on a memory batch, and ogd) and LFPT5 (its pseudo-examples generated on every rank,
-rank 0's kept) and the modifiers (two passes per step) under ZeRO-0, soft prompts (progprompt,
-and l2p's per-example selection) under ZeRO-2.
+its extra pass on a memory batch, and ogd), LFPT5 (its pseudo-examples generated on every rank,
+rank 0's kept), the modifiers (two passes per step), GainLoRA (its gate corrected after each
+step), OSFT (its singular subspaces) and MIGU (its output magnitudes summed over the ranks, so
+every rank masks the same rows) under ZeRO-0, soft prompts (progprompt, and l2p's per-example
+selection) under ZeRO-2.
 
 One process with batch 16 x accumulation 2 and two ranks with batch 16 x accumulation 1 both average
 the gradient over the same two micro-batches of every step (rank r takes micro-batch r, with the
@@ -36,11 +38,14 @@ TWO_RANKS = ("--launcher", "deepspeed", "--num-gpus", "2")
 # One built-in method of each kind, at the highest ZeRO stage it declares: one adapter (seqlora),
 # full fine-tuning (seqft), growing branches with state (olora), a regulariser's state (ewc), a
 # memory of data (replay), gradient memory (agem), full-rank projection (gorp), prompts (progprompt,
-# lfpt5 with its generation), statistics (inflora), mixed tasks (mtl) and a modifier. The methods
+# lfpt5 with its generation), statistics (inflora), mixed tasks (mtl), a modifier, a gate rewritten
+# after each step (gainlora), per-matrix singular subspaces (osft) and row masks from output
+# magnitudes summed over the ranks (migu). The methods
 # left out (inclora, nlora, lwf, pertask, ogd, l2p, seqlora+sam) share these kinds' code paths;
 # `harness check-method NAME` runs the same two-rank check for any of them.
 ZERO = {"olora": 2, "ewc": 2, "replay": 2, "seqft": 2, "seqlora": 2, "gorp": 0, "agem": 0,
-        "lfpt5": 0, "progprompt": 2, "mtl": 2, "inflora": 2, "seqlora+rwp": 0}
+        "lfpt5": 0, "progprompt": 2, "mtl": 2, "inflora": 2, "seqlora+rwp": 0, "gainlora": 0,
+        "osft": 0, "migu": 0}
 
 
 def harness(data_dir, results, *args, kill_at=None):
