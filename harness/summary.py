@@ -43,13 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from safetensors.torch import load_file
 
 from harness import faults, metrics
-from harness.efficiency import Peak, stage_efficiency
 from harness.errors import HarnessError
-from harness.param_metrics import parameter_metrics
 from harness.store import DELTAS, RunDir, RunSpec, read_json, write_atomic, write_json
 
 # The label of a run made with `run --tuned` (settings chosen by `harness tune` on held-out data),
@@ -170,6 +166,10 @@ def final_outcomes(folder: Path) -> dict[tuple[str, int], bool]:
 
 def run_parameter_metrics(folders: list[Path], n_trained: int) -> dict | None:
     """Parameter metrics from the trained stages' stored deltas; None unless every stage has them."""
+    from safetensors.torch import load_file
+
+    from harness.param_metrics import parameter_metrics
+
     paths = [d / DELTAS for d in folders if not d.name.startswith("stage_00-")]
     if len(paths) != n_trained or not all(p.exists() for p in paths):
         return None
@@ -223,6 +223,8 @@ def _cells(M: np.ndarray) -> list[list[float | None]]:
 def run_efficiency(stages: list[dict]) -> dict[str, Any] | None:
     """The run's training FLOPs over its training time, against the peak its stages recorded
     (harness.efficiency); None when a stage recorded none (an imported or older run)."""
+    from harness.efficiency import Peak, stage_efficiency
+
     if not stages or any("flops" not in t or "peak_flops" not in t for t in stages):
         return None
     run = stage_efficiency(sum(t["flops"] for t in stages), sum(t["seconds"] for t in stages),
@@ -234,6 +236,8 @@ def run_efficiency(stages: list[dict]) -> dict[str, Any] | None:
 def finish_run(run_dir: RunDir, spec: RunSpec, names: list[str], config: dict) -> Summary:
     """Write accuracy_matrix.csv and summary.json from the run's complete stage folders (also used
     for runs imported from other codebases). A stage that is missing leaves NaN cells."""
+    import torch  # here, not above: what reads summaries (tables, report, status) needs no torch
+
     # Checked when the run resumed or written by it since: not read through a second time.
     folders = run_dir.stage_folders(verify=False)
     rows = [read_json(d / "metrics.json") for d in folders]

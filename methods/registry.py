@@ -6,18 +6,24 @@ package registers its own, so `pip install some-package` adds methods without ed
 
 from __future__ import annotations
 
+import ast
 import difflib
+import importlib.util
 import math
 import sys
 import tomllib
 from functools import lru_cache
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.errors import HarnessError
 from harness.overrides import parse_override
-from harness_methods.base import Method, SettingError
+
+if TYPE_CHECKING:  # imported where a method is: the tables read this module without torch
+    from harness_methods.base import Method
+
+TABLE_KEYS = ("table_rank", "paper_name")
 
 GROUP = "harness.methods"
 
@@ -34,6 +40,8 @@ def available() -> dict[str, Any]:
 
 
 def method_class(name: str) -> type[Method]:
+    from harness_methods.base import Method
+
     methods = available()
     if name not in methods:
         close = difflib.get_close_matches(name, methods, n=3)
@@ -50,12 +58,42 @@ def table_entry(name: str) -> tuple[tuple[float, str], str]:
     """(sort key in the tables, name in the published tables) as the method's own class declares
     them (`table_rank`, `paper_name`); a name that is no installed method (a combination, an
     imported run under another name) sorts after the ranked ones under its own name."""
-    try:
-        own = vars(method_class(name))
-    except (HarnessError, ImportError):
-        own = {}
+    own = _stated_in_source(name)
+    if own is None:
+        try:
+            own = vars(method_class(name))
+        except (HarnessError, ImportError):
+            own = {}
     rank = own.get("table_rank")
     return (math.inf if rank is None else rank, name), own.get("paper_name") or name
+
+
+def _stated_in_source(name: str) -> dict[str, Any] | None:
+    """The class's own `table_rank` and `paper_name` as literals in its class body, read from its
+    module's source without running it (a method's import brings torch and peft: seconds for a
+    table); None where the source does not settle them (no such class there, or a value that is
+    no literal), and the class is imported instead."""
+    entry = available().get(name)
+    module, _, qualname = entry.value.partition(":") if entry else ("", "", "")
+    try:
+        tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text(encoding="utf-8"))
+    except (ImportError, ValueError, AttributeError, TypeError, OSError, SyntaxError):
+        return None
+    body = next((node.body for node in tree.body
+                 if isinstance(node, ast.ClassDef) and node.name == qualname), None)
+    if body is None:
+        return None
+    stated = {}
+    for node in body:
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, ast.AnnAssign) and node.value is not None else []
+        for target in targets:
+            if isinstance(target, ast.Name) and target.id in TABLE_KEYS:
+                try:
+                    stated[target.id] = ast.literal_eval(node.value)
+                except ValueError:
+                    return None
+    return stated
 
 
 def config_path(name: str, cls: type[Method]) -> Path:
@@ -122,6 +160,8 @@ def apply_overrides(name: str, config: dict[str, Any], overrides: list[str]) -> 
 def build(name: str, profile: str, cls: type[Method], make, overrides: list[str] = ()) -> Method:
     """`make(config)`, the method with its settings read and checked; a bad one is reported as
     the argument or config file that gave it."""
+    from harness_methods.base import SettingError
+
     config = method_config(name, profile, cls)
     given = apply_overrides(name, config, list(overrides))
     try:

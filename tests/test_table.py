@@ -2,6 +2,9 @@
 table's marks, the comparison with published numbers, and the files `table --out` writes."""
 
 import json
+import subprocess
+import sys
+from importlib.metadata import EntryPoint
 
 import pandas as pd
 import pytest
@@ -133,6 +136,43 @@ def test_table_entries_come_from_each_plugin_class_itself(monkeypatch):
         names = ["zeta+sam", "myolora", "mtl", "seqft", "olora"]
         assert sorted(names, key=lambda n: registry.table_entry(n)[0]) == \
             ["seqft", "olora", "mtl", "myolora", "zeta+sam"]
+    finally:
+        registry.table_entry.cache_clear()
+
+
+def test_the_tables_read_each_plugin_class_from_its_source_without_importing_torch(tree):
+    """What the source states is what the class holds, for every built-in method; and a table
+    is made without torch (a method's import brings it and peft: seconds)."""
+    from harness_methods import registry
+
+    for name, entry in registry.available().items():
+        if entry.value.startswith("harness_methods."):
+            own = vars(registry.method_class(name))
+            assert registry._stated_in_source(name) == \
+                {key: own[key] for key in registry.TABLE_KEYS if key in own}, name
+    code = ("import sys; from harness.cli import main; "
+            f"assert main(['table', '--results', {str(tree)!r}]) == 0; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    made = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr[-2000:]
+
+
+def test_a_rank_the_source_does_not_state_as_a_literal_is_read_from_the_class(tmp_path,
+                                                                               monkeypatch):
+    from harness_methods import registry
+    from harness_methods.seqlora import SeqLoRA
+
+    (tmp_path / "computed_rank.py").write_text(
+        "from harness_methods.seqlora import SeqLoRA\n\n\n"
+        "class Computed(SeqLoRA):\n    table_rank = SeqLoRA.table_rank + 0.5\n"
+        "    paper_name = 'Computed'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entry = EntryPoint("computed", "computed_rank:Computed", registry.GROUP)
+    monkeypatch.setattr(registry, "available", lambda: {"computed": entry})
+    registry.table_entry.cache_clear()
+    try:
+        assert registry._stated_in_source("computed") is None
+        assert registry.table_entry("computed") == ((SeqLoRA.table_rank + 0.5, "computed"), "Computed")
     finally:
         registry.table_entry.cache_clear()
 
