@@ -58,42 +58,47 @@ def table_entry(name: str) -> tuple[tuple[float, str], str]:
     """(sort key in the tables, name in the published tables) as the method's own class declares
     them (`table_rank`, `paper_name`); a name that is no installed method (a combination, an
     imported run under another name) sorts after the ranked ones under its own name."""
-    own = _stated_in_source(name)
-    if own is None:
-        try:
+    try:
+        own = _stated_in_source(name)
+        if own is None:
             own = vars(method_class(name))
-        except (HarnessError, ImportError):
-            own = {}
+    except (HarnessError, ImportError):
+        own = {}
     rank = own.get("table_rank")
     return (math.inf if rank is None else rank, name), own.get("paper_name") or name
 
 
 def _stated_in_source(name: str) -> dict[str, Any] | None:
-    """The class's own `table_rank` and `paper_name` as literals in its class body, read from its
+    """The class's own `table_rank` and `paper_name` as its class body states them, read from its
     module's source without running it (a method's import brings torch and peft: seconds for a
-    table); None where the source does not settle them (no such class there, or a value that is
-    no literal), and the class is imported instead."""
+    table). None where the source does not settle them, and the class is imported instead: no
+    such class there, a decorated class, a value that is no literal, or one set elsewhere than by
+    a plain assignment in the class body."""
     entry = available().get(name)
-    module, _, qualname = entry.value.partition(":") if entry else ("", "", "")
+    if entry is None:
+        return None
+    module, _, qualname = entry.value.partition(":")
     try:
         tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text(encoding="utf-8"))
     except (ImportError, ValueError, AttributeError, TypeError, OSError, SyntaxError):
         return None
-    body = next((node.body for node in tree.body
-                 if isinstance(node, ast.ClassDef) and node.name == qualname), None)
-    if body is None:
+    cls = next((node for node in tree.body
+                if isinstance(node, ast.ClassDef) and node.name == qualname), None)
+    if cls is None or cls.decorator_list:
         return None
-    stated = {}
-    for node in body:
+    stated, assigned = {}, 0
+    for node in cls.body:
         targets = node.targets if isinstance(node, ast.Assign) else \
             [node.target] if isinstance(node, ast.AnnAssign) and node.value is not None else []
         for target in targets:
             if isinstance(target, ast.Name) and target.id in TABLE_KEYS:
                 try:
-                    stated[target.id] = ast.literal_eval(node.value)
-                except ValueError:
+                    stated[target.id], assigned = ast.literal_eval(node.value), assigned + 1
+                except (ValueError, TypeError, SyntaxError):
                     return None
-    return stated
+    stores = sum(isinstance(node, ast.Name) and node.id in TABLE_KEYS and isinstance(node.ctx, ast.Store)
+                 for node in ast.walk(cls))
+    return stated if stores == assigned else None
 
 
 def config_path(name: str, cls: type[Method]) -> Path:

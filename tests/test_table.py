@@ -157,22 +157,24 @@ def test_the_tables_read_each_plugin_class_from_its_source_without_importing_tor
     assert made.returncode == 0, made.stderr[-2000:]
 
 
-def test_a_rank_the_source_does_not_state_as_a_literal_is_read_from_the_class(tmp_path,
-                                                                               monkeypatch):
+@pytest.mark.parametrize("body", [
+    "table_rank = SeqLoRA.table_rank + 0.5",               # no literal
+    "table_rank = 2.5\n    if True:\n        table_rank = 1.5",  # set again in a block
+])
+def test_a_rank_the_source_does_not_settle_is_read_from_the_class(body, tmp_path, monkeypatch):
     from harness_methods import registry
-    from harness_methods.seqlora import SeqLoRA
 
-    (tmp_path / "computed_rank.py").write_text(
+    (tmp_path / "unsettled.py").write_text(
         "from harness_methods.seqlora import SeqLoRA\n\n\n"
-        "class Computed(SeqLoRA):\n    table_rank = SeqLoRA.table_rank + 0.5\n"
-        "    paper_name = 'Computed'\n")
+        f"class Unsettled(SeqLoRA):\n    {body}\n    paper_name = 'Unsettled'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    entry = EntryPoint("computed", "computed_rank:Computed", registry.GROUP)
-    monkeypatch.setattr(registry, "available", lambda: {"computed": entry})
+    monkeypatch.delitem(sys.modules, "unsettled", raising=False)
+    entry = EntryPoint("unsettled", "unsettled:Unsettled", registry.GROUP)
+    monkeypatch.setattr(registry, "available", lambda: {"unsettled": entry})
     registry.table_entry.cache_clear()
     try:
-        assert registry._stated_in_source("computed") is None
-        assert registry.table_entry("computed") == ((SeqLoRA.table_rank + 0.5, "computed"), "Computed")
+        assert registry._stated_in_source("unsettled") is None
+        assert registry.table_entry("unsettled") == ((1.5, "unsettled"), "Unsettled")
     finally:
         registry.table_entry.cache_clear()
 
