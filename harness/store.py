@@ -160,7 +160,13 @@ class RunDir:
         return self.summary_path.exists()
 
     def recorded_fingerprint(self) -> str | None:
-        return read_json(self.config_path).get("fingerprint") if self.config_path.exists() else None
+        """The fingerprint config.json records; None without a readable one (`check_config`
+        refuses a torn one unless --force replaces the run)."""
+        try:
+            found = read_json(self.config_path) if self.config_path.exists() else None
+        except HarnessError:
+            return None
+        return found.get("fingerprint") if isinstance(found, dict) else None
 
     def locked(self) -> bool:
         """Whether a process holds the folder's lock, as a runner does while it works on the run

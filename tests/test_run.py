@@ -206,6 +206,20 @@ def test_runs_recorded_before_the_data_digest_keep_their_fingerprint(first_run, 
     assert (run_dir / "summary.json").read_text() == before  # skipped as complete
 
 
+def test_a_torn_config_is_refused_until_force_runs_again(first_run, synthetic_dir, tmp_path, capsys):
+    results = tmp_path / "results"
+    shutil.copytree(first_run, results)
+    run_dir = results / "default" / "seqlora" / "tasks-agnews+SST-2" / "seed0"
+    (run_dir / "config.json").write_text('{"fingerprint": ')
+    args = ("--method", "seqlora", "--tasks", "agnews,SST-2")
+    assert run(synthetic_dir, results, *args) == 0  # complete: skipped, as its summary says
+    (run_dir / "summary.json").unlink()
+    assert run(synthetic_dir, results, *args) == 2
+    assert "config.json: unreadable result file" in capsys.readouterr().err
+    assert run(synthetic_dir, results, *args, "--force") == 0
+    assert matrix(results) == matrix(first_run)
+
+
 def test_damaged_stage_and_leftovers_are_redone(synthetic_dir, tmp_path):
     args = ("--method", "seqft", "--tasks", "agnews,SST-2")
     assert run(synthetic_dir, tmp_path, *args) == 0
