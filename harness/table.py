@@ -56,6 +56,14 @@ def order_group(sequence: str) -> str:
     return sequence
 
 
+def _group_title(group_name: str, group: pd.DataFrame) -> str:
+    """An order group as its runs cover it: "orders 1-3", or "order 1" where only order 1 ran."""
+    orders = sorted(int(order) for order in group["order"].dropna().unique())
+    if not group_name.startswith("orders ") or len(orders) == 3:
+        return group_name
+    return ("order " if len(orders) == 1 else "orders ") + ", ".join(map(str, orders))
+
+
 def _folder_name(benchmark: dict) -> str:
     """The data folder by its name alone: runs of one sweep made or resumed on machines that mount
     the benchmark at different paths share its tables (their fingerprints name the data by content)."""
@@ -172,7 +180,7 @@ def full_tables(df: pd.DataFrame, fmt: str = "github", reference: str | None = N
                             for n in comparison.get(f"vs_{label}_note", pd.Series()).dropna()
                             if n})
             best = comparison.index[0]
-            title = (f"{group_name}; {where}; runs per method {int(comparison['n'].min())}-"
+            title = (f"{_group_title(group_name, group)}; {where}; runs per method {int(comparison['n'].min())}-"
                      f"{int(comparison['n'].max())} (orders x seeds); best: {best}"
                      + (f"; reference: {reference}" if reference else ""))
             per_example = per_example_tests(group, best)

@@ -74,6 +74,16 @@ def test_runs_of_one_benchmark_at_two_paths_share_a_table(tmp_path):
     assert "/" not in titles[0].split("benchmark")[1]
 
 
+def test_a_full_tables_title_names_the_orders_its_runs_cover(tree, tmp_path):
+    titles = [l for l in table.full_tables(table.load_summaries(tree)).splitlines() if "best:" in l]
+    assert [t.split(";")[0] for t in titles] == ["orders 1-3", "orders 4-6"]
+    root = tmp_path / "partial"
+    for order in (1, 4, 6):
+        write_summary(root, "olora", order, 0, AA=70)
+    titles = [l for l in table.full_tables(table.load_summaries(root)).splitlines() if "best:" in l]
+    assert [t.split(";")[0] for t in titles] == ["order 1", "orders 4, 6"]
+
+
 def test_full_table_marks_best_and_ties(tree):
     text = table.full_tables(table.load_summaries(tree), fmt="github", reference="seqlora")
     block = text.split("orders 4-6")[0]
