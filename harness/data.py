@@ -243,10 +243,9 @@ def note_dev_copies(data_dir: Path, tasks) -> None:
                     len(copies), len(tasks), ", ".join(copies[:3]) + (", ..." if len(copies) > 3 else ""))
 
 
-def data_digest(data_dir: Path, tasks, files=("train.json", "labels.json")) -> str:
-    """The identity of the data of `tasks` (each one's `files` and the instructions; by default
-    what training and the held-out split read), wherever the folder lies: machines that share a
-    study or a run name the same data by different paths."""
+def data_digest(data_dir: Path, tasks, files: tuple[str, ...]) -> str:
+    """The identity of the data of `tasks` (each one's `files` and the instructions), wherever the
+    folder lies: machines that share a study or a run name the same data by different paths."""
     digest = hashlib.sha256()
     paths = [Path(data_dir) / "instruction_config.json"] + [
         Path(data_dir) / task.folder / name for task in tasks for name in files]

@@ -190,7 +190,8 @@ class Runner:
 
     def data_identity(self, tasks: tuple[str, ...]) -> str:
         """The digest of the files a run of `tasks` reads (the instructions, and each task's
-        training records, labels and, unless the held-out split is evaluated, test records)."""
+        training records, labels and, unless the held-out split is evaluated, test records): a
+        run's fingerprint and a tuning's setup name their data by it."""
         if tasks not in self._digests:
             evaluated = ("test.json",) if self.options.eval_split == "test" else ()
             files = ("train.json", "labels.json", *evaluated)

@@ -93,9 +93,10 @@ def _stated_in_source(name: str) -> dict[str, Any] | None:
         for target in targets:
             if isinstance(target, ast.Name) and target.id in TABLE_KEYS:
                 try:
-                    stated[target.id], assigned = ast.literal_eval(node.value), assigned + 1
+                    stated[target.id] = ast.literal_eval(node.value)
                 except (ValueError, TypeError, SyntaxError):
                     return None
+                assigned += 1
     stores = sum(isinstance(node, ast.Name) and node.id in TABLE_KEYS and isinstance(node.ctx, ast.Store)
                  for node in ast.walk(cls))
     return stated if stores == assigned else None

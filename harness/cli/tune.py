@@ -70,14 +70,12 @@ def handle(args) -> None:
 def tuning_setup(args, runner, sequences) -> dict:
     """What a study records and only continues: budget, search, data (its digest: the folder may
     lie elsewhere on another machine sharing the study), model and settings."""
-    from harness.data import data_digest
-
-    tasks = [runner.benchmark.tasks[t] for t in sorted({t for _, seq in sequences for t in seq})]
+    tasks = tuple(sorted({t for _, seq in sequences for t in seq}))
     return {"profile": args.profile, "sequences": [list(seq) for _, seq in sequences],
             "seed": args.seed, "trials": args.trials, "lr_range": list(args.lr_range),
             **({"ranges": {k: list(v) for k, v in args.ranges}} if args.ranges else {}),
             "train_per_task": args.train_per_task or runner.profile.train_per_task,
             "test_per_task": args.test_per_task or runner.profile.test_per_task,
-            "data_dir": str(runner.data_dir), "data": data_digest(runner.data_dir, tasks),
+            "data_dir": str(runner.data_dir), "data": runner.data_identity(tasks),
             "model": args.model or runner.profile.model,
             "overrides": list(args.overrides), "split": "heldout"}
